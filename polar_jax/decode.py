@@ -1,0 +1,261 @@
+"""Batched generation: dense prefill, jitted decode step with a donated cache, on-device token loop.
+
+The hot path is a pure jitted function over `nnx.split(model)` state (no per-call NNX graph traversal).
+`generate` runs prefill and the whole token loop inside one jit (`lax.while_loop`, stopping early when every
+sequence has emitted EOS), so there is no host round trip per token. `generate_stream` yields tokens step
+by step for interactive use, through the same jitted decode step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from polar_jax.cache import KVCache
+from polar_jax.errors import InputError
+from polar_jax.models import CausalLM
+
+PROMPT_BUCKET = 16  # prompts are right-padded to a multiple of this, so lengths share compiled programs
+CACHE_BUCKET = 64
+
+
+def split_model(model: CausalLM) -> tuple[Any, Any]:
+    return nnx.split(model)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def prefill(graphdef, state, tokens: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Dense prefill of right-padded prompts [B, T] with true lengths [B]."""
+    return nnx.merge(graphdef, state).prefill(tokens, lengths, cache)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "attn_impl", "mlp_impl"), donate_argnames=("cache",)
+)
+def decode_step(
+    graphdef,
+    state,
+    cache: KVCache,
+    tokens: jax.Array,
+    selector: Any = None,
+    attn_impl: str = "xla",
+    mlp_impl: str = "auto",
+) -> tuple[jax.Array, KVCache]:
+    """One decode step for tokens [B]; the cache is donated and updated in place.
+
+    `selector` (a pytree with the DecodeSelector methods, e.g. trained routers) makes the step sparse."""
+    model = nnx.merge(graphdef, state)
+    return model.decode(tokens, cache, selector=selector, attn_impl=attn_impl, mlp_impl=mlp_impl)
+
+
+# ---- sampling -----------------------------------------------------------------------------------------
+def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, greedy: bool) -> jax.Array:
+    """Greedy argmax, or temperature + nucleus (top-p) sampling; logits [B, V] -> tokens [B]."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+    choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+# ---- input checks -------------------------------------------------------------------------------------
+def _as_prompt_list(prompts: Any) -> list[list[int]]:
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        arr = np.asarray(prompts)
+        if arr.ndim != 2:
+            raise InputError(f"prompts array must be [batch, tokens], got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"prompts must be integer token ids, got dtype {arr.dtype}")
+        return [list(map(int, row)) for row in arr]
+    if isinstance(prompts, str):
+        raise InputError("prompts must be token ids; encode text with the tokenizer first (tokenizer.encode)")
+    try:
+        out = [list(map(int, p)) for p in prompts]
+    except (TypeError, ValueError):
+        raise InputError("prompts must be an int array [B, T] or a list of token-id lists") from None
+    return out
+
+
+def validate_generation(
+    model: CausalLM, prompts: Any, max_new_tokens: int, temperature: float, top_p: float, cache_size: int | None
+) -> tuple[list[list[int]], int]:
+    """Checks everything a user can get wrong; returns the prompts and the cache capacity to use."""
+    cfg = model.config
+    plist = _as_prompt_list(prompts)
+    if not plist:
+        raise InputError("empty prompt list: give at least one prompt")
+    for i, p in enumerate(plist):
+        if not p:
+            raise InputError(f"prompt {i} is empty: every prompt needs at least one token")
+        bad = [t for t in p if t < 0 or t >= cfg.vocab_size]
+        if bad:
+            raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    longest = max(len(p) for p in plist)
+    needed = longest + int(max_new_tokens)
+    if cfg.family == "opt" and needed > cfg.max_position_embeddings:
+        raise InputError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"{cfg.max_position_embeddings} positions"
+        )
+    if cache_size is not None:
+        if longest > cache_size:
+            raise InputError(f"prompt of {longest} tokens is longer than the cache ({cache_size} positions)")
+        if needed > cache_size:
+            raise InputError(
+                f"prompt of {longest} tokens + {max_new_tokens} new tokens needs {needed} cache positions, "
+                f"the cache has {cache_size}"
+            )
+        return plist, int(cache_size)
+    return plist, _round_up(max(needed, _round_up(longest, PROMPT_BUCKET)), CACHE_BUCKET)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def pad_prompts(plist: list[list[int]], pad_id: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.array([len(p) for p in plist], np.int32)
+    t = min(_round_up(int(lengths.max()), PROMPT_BUCKET), capacity)
+    tokens = np.full((len(plist), t), pad_id, np.int32)
+    for i, p in enumerate(plist):
+        tokens[i, : len(p)] = p
+    return tokens, lengths
+
+
+def _eos_ids(model: CausalLM, eos_token_id) -> np.ndarray:
+    if eos_token_id is None:
+        ids = model.config.eos_token_ids
+    elif isinstance(eos_token_id, (int, np.integer)):
+        ids = (int(eos_token_id),)
+    else:
+        ids = tuple(int(i) for i in eos_token_id)
+    # -1 never matches a token: a fixed-size array keeps one compiled program for "no EOS" too.
+    return np.array(ids or (-1,), np.int32)
+
+
+# ---- generation ---------------------------------------------------------------------------------------
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "greedy", "cache_dtype", "attn_impl", "mlp_impl")
+)
+def _generate_on_device(
+    graphdef, state, tokens, lengths, key, temperature, top_p, eos_ids, pad_id, selector,
+    *, max_new_tokens: int, capacity: int, greedy: bool, cache_dtype: str, attn_impl: str, mlp_impl: str,
+):
+    model = nnx.merge(graphdef, state)
+    b = tokens.shape[0]
+    cache = KVCache.create(model.config, b, capacity, jnp.dtype(cache_dtype))
+    logits, cache = model.prefill(tokens, lengths, cache)
+    key, sub = jax.random.split(key)
+    tok = sample_tokens(logits, sub, temperature, top_p, greedy)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, eos_ids)
+
+    def cond(carry):
+        i, _, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, cache, out, done, key = carry
+        logits, cache = model.decode(tok, cache, selector=selector, attn_impl=attn_impl, mlp_impl=mlp_impl)
+        key, sub = jax.random.split(key)
+        new = sample_tokens(logits, sub, temperature, top_p, greedy)
+        new = jnp.where(done, pad_id, new)  # after EOS a sequence only emits padding
+        out = out.at[:, i].set(new)
+        return i + 1, new, cache, out, done | jnp.isin(new, eos_ids), key
+
+    carry = (jnp.int32(1), tok, cache, out, done, key)
+    _, _, _, out, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out
+
+
+def generate(
+    model: CausalLM,
+    prompts: Any,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    cache_size: int | None = None,
+    selector: Any = None,
+    attn_impl: str = "xla",
+    mlp_impl: str = "auto",
+) -> np.ndarray:
+    """Generates `max_new_tokens` for each prompt; returns int32 [B, max_new_tokens].
+
+    prompts: int array [B, T] or a list of token-id lists (ragged lengths allowed). temperature 0 is greedy.
+    After a sequence emits EOS (`eos_token_id`, default the model's), its remaining slots hold the pad id.
+    """
+    plist, capacity = validate_generation(model, prompts, max_new_tokens, temperature, top_p, cache_size)
+    pad_id = model.config.pad_id
+    tokens, lengths = pad_prompts(plist, pad_id, capacity)
+    graphdef, state = split_model(model)
+    out = _generate_on_device(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
+        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.asarray(_eos_ids(model, eos_token_id)),
+        jnp.int32(pad_id), selector,
+        max_new_tokens=int(max_new_tokens), capacity=capacity, greedy=temperature == 0.0,
+        cache_dtype=str(model.dtype), attn_impl=attn_impl, mlp_impl=mlp_impl,
+    )
+    return np.asarray(out)
+
+
+@functools.partial(jax.jit, static_argnames=("greedy",))
+def _sample_jit(logits, key, temperature, top_p, greedy):
+    return sample_tokens(logits, key, temperature, top_p, greedy)
+
+
+def generate_stream(
+    model: CausalLM,
+    prompts: Any,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    cache_size: int | None = None,
+    selector: Any = None,
+    attn_impl: str = "xla",
+    mlp_impl: str = "auto",
+) -> Iterator[np.ndarray]:
+    """Like `generate`, but yields each step's tokens [B] as soon as they exist (stops when all sequences
+    have emitted EOS). The same tokens as `generate` for the same arguments."""
+    plist, capacity = validate_generation(model, prompts, max_new_tokens, temperature, top_p, cache_size)
+    pad_id = model.config.pad_id
+    tokens, lengths = pad_prompts(plist, pad_id, capacity)
+    graphdef, state = split_model(model)
+    eos = _eos_ids(model, eos_token_id)
+    greedy = temperature == 0.0
+    temp, tp = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
+    cache = KVCache.create(model.config, len(plist), capacity, model.dtype)
+    logits, cache = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+    key = jax.random.key(seed)
+    done = np.zeros(len(plist), bool)
+    for i in range(int(max_new_tokens)):
+        if i > 0:
+            logits, cache = decode_step(graphdef, state, cache, jnp.asarray(tok), selector, attn_impl, mlp_impl)
+        key, sub = jax.random.split(key)
+        tok = np.asarray(_sample_jit(logits, sub, temp, tp, greedy))
+        tok = np.where(done, pad_id, tok).astype(np.int32)
+        yield tok
+        done |= np.isin(tok, eos)
+        if done.all():
+            return
