@@ -119,7 +119,8 @@ def convert_checkpoint(
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         for f in TOKENIZER_FILES:
             if (Path(hf_dir) / f).is_file():
-                shutil.copy2(Path(hf_dir) / f, tmp / f)
+                shutil.copyfile(Path(hf_dir) / f, tmp / f)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should be readable like any folder
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -1,0 +1,161 @@
+"""The `polar-jax` command line.
+
+Verbs: demo, convert, generate, bench, and (from polar_jax.routers.cli) collect, train-routers, calibrate,
+eval. A user mistake prints one line `error: ...` and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEMO_PROMPTS = (
+    "The history of the city",
+    "In the early years of the war ,",
+    "KING RICHARD :",
+    "The album was released",
+)
+
+
+def _load_any(path: str, dtype: str | None = None):
+    """A converted checkpoint, "default", or an HF folder (converted on the fly)."""
+    from polar_jax.checkpoint import is_polar_checkpoint, load, load_hf
+
+    if path == "default" or is_polar_checkpoint(path):
+        return load(path, dtype)
+    return load_hf(path, dtype)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import jax
+
+    import polar_jax
+
+    t0 = time.perf_counter()
+    model, tok = _load_any(args.model, args.dtype)
+    prompts = [tok.encode(p) for p in DEMO_PROMPTS]
+    print(f"model: {args.model} ({model.config.model_type}, {model.config.num_layers} layers, "
+          f"d={model.config.hidden_size}) on {jax.default_backend()}, loaded in {time.perf_counter() - t0:.1f}s")
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    t0 = time.perf_counter()
+    out = polar_jax.generate(model, prompts, **kw)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = polar_jax.generate(model, prompts, **kw)  # compiled now: this run measures decoding speed
+    dt = time.perf_counter() - t0
+    n_tokens = int(sum(_generated_count(row, model.config.eos_token_ids) for row in out))
+    print()
+    for p, row in zip(DEMO_PROMPTS, out):
+        print(f"[{p}] -> {tok.decode(row)}")
+        print()
+    print(f"batch {len(prompts)} x {args.max_new_tokens} new tokens: first call {first:.2f}s (compile + run), "
+          f"second call {dt:.3f}s = {n_tokens / dt:.1f} tokens/s")
+    return 0
+
+
+def _generated_count(row, eos_ids) -> int:
+    for i, t in enumerate(row):
+        if int(t) in eos_ids:
+            return i + 1
+    return len(row)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from convert import convert_checkpoint
+
+    out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import polar_jax
+
+    model, tok = _load_any(args.model, args.dtype)
+    if tok is None:
+        from polar_jax.errors import CheckpointError
+
+        raise CheckpointError(f"{args.model} has no tokenizer files; generate needs text prompts")
+    prompts = [tok.encode(p) for p in args.prompt]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if args.stream:
+        for step in polar_jax.generate_stream(model, prompts, **kw):
+            print(" | ".join(tok.decode([t]) for t in step), flush=True)
+        return 0
+    out = polar_jax.generate(model, prompts, **kw)
+    for p, row in zip(args.prompt, out):
+        print(p + tok.decode(row))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from polar_jax.bench.decode_bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polar-jax", description="Polar Sparsity decoding in JAX/Pallas")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="generate a batch of texts with the embedded default model")
+    d.add_argument("--model", default="default", help="checkpoint folder, HF folder, or 'default'")
+    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--temperature", type=float, default=0.8)
+    d.add_argument("--top-p", type=float, default=0.95)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dtype", default=None)
+    d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("convert", help="convert an HF safetensors folder to a polar-jax checkpoint")
+    c.add_argument("hf_dir")
+    c.add_argument("out_dir")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_convert)
+
+    g = sub.add_parser("generate", help="generate continuations of text prompts")
+    g.add_argument("prompt", nargs="+")
+    g.add_argument("--model", default="default")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default=None)
+    g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="decode-step benchmark (see polar_jax/bench/decode_bench.py --help)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=cmd_bench)
+
+    try:
+        from polar_jax.routers.cli import register
+    except ImportError:
+        register = None
+    if register is not None:
+        register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from polar_jax.errors import PolarError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except PolarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (dense and sparse), agreement with dense decoding."""

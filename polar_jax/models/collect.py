@@ -1,0 +1,39 @@
+"""Router training data from a full-sequence pass, through the same model code (NNX `sow`)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from polar_jax.models.base import CausalLM
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _forward_collect(graphdef, state, tokens):
+    model = nnx.merge(graphdef, state)
+    logits = model(tokens, collect=True)
+    inter = nnx.pop(model, nnx.Intermediate)
+    per_layer: dict[str, list] = {}
+    for path, var in sorted(nnx.to_flat_state(inter), key=lambda pv: (pv[0][1], pv[0][2])):
+        per_layer.setdefault(path[2], []).append(var.get_value()[0])
+    return logits, {k: jnp.stack(v) for k, v in per_layer.items()}
+
+
+def forward_with_stats(model: CausalLM, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits [B,T,V] and, stacked over layers:
+    - `router_input` [L,B,T,d]: the pre-attention norm output (what both routers read),
+    - `head_norm` [L,B,T,Hq]: L2 norm of each query head's attention output before the output projection,
+    - `mlp_active` [L,B,T,N] bool: ReLU activation > 0 (ReLU-MLP models only).
+    """
+    graphdef, state = nnx.split(model)
+    return _forward_collect(graphdef, state, jnp.asarray(tokens, jnp.int32))
+
+
+def group_norms(head_norm: jax.Array, num_kv_heads: int) -> jax.Array:
+    """Per-KV-group norm (GQA): L2 norm of the concatenated outputs of the group's query heads."""
+    *lead, hq = head_norm.shape
+    g = head_norm.reshape(*lead, num_kv_heads, hq // num_kv_heads)
+    return jnp.sqrt(jnp.sum(jnp.square(g), axis=-1))
