@@ -1,0 +1,285 @@
+"""Pallas (Triton backend) selective GEMMs: gathered up/gate projection and gathered down projection.
+
+Both kernels are memory bound for decode-sized M: the cost is the active weight rows, so each
+program streams contiguous weight rows (`w[idx[j], k0:k0+bk]`, neuron-major layout) with wide
+loads, and small M is compensated by splitting the reduction (K for the up projection, the active
+neurons for the down projection) over more programs, with float32 partials summed by a fused
+XLA epilogue. Grids are static (sized for the slot capacity A); the live count `n_active` is read
+inside the kernel, so one compiled kernel serves every density.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .activations import get_activation
+
+NUM_SMS = 132  # H100 SXM; only used to size grids (a different count changes speed, not results)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(x: int, lo: int = 1) -> int:
+    p = lo
+    while p < x:
+        p *= 2
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class UpConfig:
+    block_m: int
+    block_a: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DownConfig:
+    block_m: int
+    block_j: int
+    block_d: int
+    split_j: int
+    num_warps: int
+    num_stages: int
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    best = 1
+    for d in range(1, n + 1):
+        if n % d == 0 and d <= cap:
+            best = d
+    return best
+
+
+def choose_up_config(M: int, K: int, A: int, gated: bool = False) -> UpConfig:
+    """Static tiling for gather_up from the shapes (A is the slot capacity)."""
+    block_m = min(_pow2_at_least(M, 16), 64)
+    block_a = 64 if M > 64 else 32
+    if gated:
+        block_a = min(block_a, 32)
+    block_k = 128 if K <= 128 else 256
+    n_kb = _cdiv(K, block_k)
+    n_blocks = _cdiv(M, block_m) * _cdiv(A, block_a)
+    # Two waves of programs over the SMs keeps enough loads in flight for HBM; split K only as
+    # much as needed, and only into whole k-blocks (no ragged split to mask).
+    want = _cdiv(2 * NUM_SMS, n_blocks)
+    split_k = _largest_divisor_at_most(n_kb, max(1, min(want, n_kb // 2 if n_kb >= 4 else 1)))
+    return UpConfig(block_m, block_a, block_k, split_k, num_warps=4, num_stages=3)
+
+
+def choose_down_config(M: int, D: int, A: int) -> DownConfig:
+    """Static tiling for gather_down from the shapes (A is the slot capacity)."""
+    block_m = min(_pow2_at_least(M, 16), 64)
+    block_d = 128 if M > 16 else 256
+    block_d = min(block_d, _pow2_at_least(D, 16))
+    block_j = 32
+    n_blocks = _cdiv(M, block_m) * _cdiv(D, block_d)
+    n_chunks = _cdiv(A, block_j)
+    split_j = max(1, min(_cdiv(2 * NUM_SMS, n_blocks), max(1, n_chunks // 2)))
+    return DownConfig(block_m, block_j, block_d, split_j, num_warps=4, num_stages=3)
+
+
+# --------------------------------------------------------------------------------------------
+# gather_up (plain and gated)
+# --------------------------------------------------------------------------------------------
+def _up_kernel(*refs, M, K, N, A, cfg: UpConfig, activation, gated, has_bias, direct):
+    if gated:
+        x_ref, wg_ref, wu_ref, idx_ref, n_ref, *rest = refs
+    else:
+        x_ref, wg_ref, idx_ref, n_ref, *rest = refs
+        wu_ref = None
+    b_ref = rest.pop(0) if has_bias else None
+    o_refs = rest  # one output, or (gate, up) f32 partials in the gated split-K form
+    o_ref = o_refs[0]
+    bm, ba, bk, sk = cfg.block_m, cfg.block_a, cfg.block_k, cfg.split_k
+    im, ia, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n = n_ref[0]
+    a0 = ia * ba
+    m0 = im * bm
+    slots = a0 + jnp.arange(ba, dtype=jnp.int32)
+    m_idx = m0 + jnp.arange(bm, dtype=jnp.int32)
+    m_ok = m_idx < M
+    kb_per_split = _cdiv(K, bk) // sk
+    k_ragged = K % bk != 0
+
+    @pl.when(a0 < n)
+    def _compute():
+        live = slots < n
+        rows = plgpu.load(idx_ref.at[pl.ds(a0, ba)], mask=slots < A, other=0)
+        rows = jnp.clip(rows, 0, N - 1)
+
+        def body(kb, accs):
+            k0 = (s * kb_per_split + kb) * bk
+            cols = k0 + jnp.arange(bk, dtype=jnp.int32)
+            x_mask = m_ok[:, None]
+            w_mask = live[:, None]
+            if k_ragged:
+                x_mask = x_mask & (cols < K)[None, :]
+                w_mask = w_mask & (cols < K)[None, :]
+            x_mask = jnp.broadcast_to(x_mask, (bm, bk))
+            w_mask = jnp.broadcast_to(w_mask, (ba, bk))
+            xt = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=x_mask, other=0.0)
+            wt = plgpu.load(wg_ref.at[rows[:, None], cols[None, :]], mask=w_mask, other=0.0)
+            out = [accs[0] + plgpu.dot(xt, wt, trans_b=True)]
+            if gated:
+                wu = plgpu.load(wu_ref.at[rows[:, None], cols[None, :]], mask=w_mask, other=0.0)
+                out.append(accs[1] + plgpu.dot(xt, wu, trans_b=True))
+            return tuple(out)
+
+        init = tuple(jnp.zeros((bm, ba), jnp.float32) for _ in range(2 if gated else 1))
+        accs = jax.lax.fori_loop(0, kb_per_split, body, init)
+        store_mask = m_ok[:, None] & (slots < A)[None, :]
+        if direct:
+            y = accs[0]
+            if has_bias:
+                bias = plgpu.load(b_ref.at[rows], mask=live, other=0.0).astype(jnp.float32)
+                y = y + bias[None, :]
+            if gated:
+                y = get_activation("silu")(y) * accs[1]
+            else:
+                y = get_activation(activation)(y)
+            y = jnp.where(live[None, :], y, 0.0)
+            plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(a0, ba)], y.astype(o_ref.dtype), mask=store_mask)
+        else:
+            for acc, ref in zip(accs, o_refs):
+                plgpu.store(ref.at[s, pl.ds(m0, bm), pl.ds(a0, ba)], acc, mask=store_mask)
+
+    if direct:
+        # Whole blocks past n_active: the contract wants exact zeros there.
+        @pl.when(a0 >= n)
+        def _zeros():
+            store_mask = m_ok[:, None] & (slots < A)[None, :]
+            plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(a0, ba)],
+                        jnp.zeros((bm, ba), o_ref.dtype), mask=store_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "cfg", "interpret"))
+def gather_up_triton(x, w_gate, w_up, idx, n_active, bias, *, activation, cfg: UpConfig, interpret):
+    """Pallas gather_up; `w_up` is None for the plain variant (then `activation` applies)."""
+    M, K = x.shape
+    N = w_gate.shape[0]
+    A = idx.shape[0]
+    gated = w_up is not None
+    has_bias = bias is not None
+    direct = cfg.split_k == 1
+    n_arr = jnp.reshape(jnp.asarray(n_active, jnp.int32), (1,))
+    grid = (_cdiv(M, cfg.block_m), _cdiv(A, cfg.block_a), cfg.split_k)
+    n_acc = 2 if gated else 1
+    if direct:
+        out_shape = jax.ShapeDtypeStruct((M, A), x.dtype)
+    else:
+        out_shape = tuple(jax.ShapeDtypeStruct((cfg.split_k, M, A), jnp.float32)
+                          for _ in range(n_acc))
+    kernel = functools.partial(_up_kernel, M=M, K=K, N=N, A=A, cfg=cfg, activation=activation,
+                               gated=gated, has_bias=has_bias, direct=direct)
+    args = [x, w_gate] + ([w_up] if gated else []) + [idx.astype(jnp.int32), n_arr]
+    if has_bias:
+        args.append(bias)
+    out = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        name="gather_up_gated" if gated else "gather_up",
+    )(*args)
+    if direct:
+        return out
+    # Split-K epilogue (one fused XLA kernel): sum the f32 partials, bias, activation, mask.
+    live = jnp.arange(A, dtype=jnp.int32) < n_arr[0]
+    sel = jnp.clip(idx.astype(jnp.int32), 0, N - 1)
+    y = jnp.sum(out[0], axis=0)  # out is a tuple of partials here
+    if has_bias:
+        y = y + jnp.take(bias, sel).astype(jnp.float32)[None, :]
+    if gated:
+        y = get_activation("silu")(y) * jnp.sum(out[1], axis=0)
+    else:
+        y = get_activation(activation)(y)
+    return jnp.where(live[None, :], y, 0.0).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# gather_down
+# --------------------------------------------------------------------------------------------
+def _down_kernel(*refs, M, D, N, A, cfg: DownConfig, has_bias, direct):
+    h_ref, w_ref, idx_ref, n_ref, *rest = refs
+    b_ref = rest.pop(0) if has_bias else None
+    (o_ref,) = rest
+    bm, bj, bd, sj = cfg.block_m, cfg.block_j, cfg.block_d, cfg.split_j
+    im, idb, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n = n_ref[0]
+    m0 = im * bm
+    d0 = idb * bd
+    m_idx = m0 + jnp.arange(bm, dtype=jnp.int32)
+    d_idx = d0 + jnp.arange(bd, dtype=jnp.int32)
+    m_ok = m_idx < M
+    d_ok = d_idx < D
+    d_ragged = D % bd != 0
+    # The active neurons are cut into chunks of bj; split s takes a contiguous run of chunks,
+    # sized from the live count so that every density spreads over all splits.
+    n_chunks = (n + bj - 1) // bj
+    per_split = (n_chunks + sj - 1) // sj
+    c_lo = jnp.minimum(s * per_split, n_chunks)
+    c_hi = jnp.minimum(c_lo + per_split, n_chunks)
+
+    def body(c, acc):
+        j0 = c * bj
+        slots = j0 + jnp.arange(bj, dtype=jnp.int32)
+        live = slots < n
+        rows = plgpu.load(idx_ref.at[pl.ds(j0, bj)], mask=live, other=0)
+        rows = jnp.clip(rows, 0, N - 1)
+        h_mask = jnp.broadcast_to(m_ok[:, None] & live[None, :], (bm, bj))
+        ht = plgpu.load(h_ref.at[pl.ds(m0, bm), pl.ds(j0, bj)], mask=h_mask, other=0.0)
+        w_mask = live[:, None]
+        if d_ragged:
+            w_mask = w_mask & d_ok[None, :]
+        w_mask = jnp.broadcast_to(w_mask, (bj, bd))
+        wt = plgpu.load(w_ref.at[rows[:, None], d_idx[None, :]], mask=w_mask, other=0.0)
+        return acc + plgpu.dot(ht, wt)
+
+    acc = jax.lax.fori_loop(c_lo, c_hi, body, jnp.zeros((bm, bd), jnp.float32))
+    store_mask = m_ok[:, None] & d_ok[None, :]
+    if direct:
+        if has_bias:
+            bias = plgpu.load(b_ref.at[pl.ds(d0, bd)], mask=d_ok, other=0.0).astype(jnp.float32)
+            acc = acc + bias[None, :]
+        plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(d0, bd)], acc.astype(o_ref.dtype), mask=store_mask)
+    else:
+        # Every split writes (zeros when it has no chunk) so the epilogue sum needs no mask.
+        plgpu.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(d0, bd)], acc, mask=store_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
+def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret):
+    """Pallas gather_down: sum_{j<n} h[:, j] w[idx[j]] (+ bias)."""
+    M, A = h.shape
+    N, D = w.shape
+    has_bias = bias is not None
+    direct = cfg.split_j == 1
+    n_arr = jnp.reshape(jnp.asarray(n_active, jnp.int32), (1,))
+    grid = (_cdiv(M, cfg.block_m), _cdiv(D, cfg.block_d), cfg.split_j)
+    if direct:
+        out_shape = jax.ShapeDtypeStruct((M, D), h.dtype)
+    else:
+        out_shape = jax.ShapeDtypeStruct((cfg.split_j, M, D), jnp.float32)
+    kernel = functools.partial(_down_kernel, M=M, D=D, N=N, A=A, cfg=cfg, has_bias=has_bias,
+                               direct=direct)
+    args = [h, w, idx.astype(jnp.int32), n_arr] + ([bias] if has_bias else [])
+    out = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        name="gather_down",
+    )(*args)
+    if direct:
+        return out
+    y = jnp.sum(out, axis=0)
+    if has_bias:
+        y = y + bias.astype(jnp.float32)[None, :]
+    return y.astype(h.dtype)

@@ -1,0 +1,78 @@
+"""Float64 NumPy references for the selective kernels (independent of JAX)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf)(x)
+
+
+ACTS = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "gelu": lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    None: lambda x: x,
+}
+
+
+def f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def gather_up_ref(x, w, idx, n, bias=None, activation="relu"):
+    x, w = f64(x), f64(w)
+    idx = np.asarray(idx)
+    out = np.zeros((x.shape[0], idx.shape[0]))
+    for j in range(int(n)):
+        col = x @ w[idx[j]]
+        if bias is not None:
+            col = col + f64(bias)[idx[j]]
+        out[:, j] = ACTS[activation](col)
+    return out
+
+
+def gather_up_gated_ref(x, wg, wu, idx, n):
+    g = gather_up_ref(x, wg, idx, n, None, None)
+    u = gather_up_ref(x, wu, idx, n, None, None)
+    return ACTS["silu"](g) * u
+
+
+def gather_down_ref(h, w, idx, n, bias=None):
+    h, w = f64(h), f64(w)
+    out = np.zeros((h.shape[0], w.shape[1]))
+    for j in range(int(n)):
+        out += np.outer(h[:, j], w[int(idx[j])])
+    if bias is not None:
+        out += f64(bias)[None, :]
+    return out
+
+
+def select_decode_ref(q, k, v, lengths, groups, n_active, sm_scale=None, window=None):
+    q, k, v = f64(q), f64(k), f64(v)
+    B, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    out = np.zeros_like(q)
+    for b in range(B):
+        L = int(lengths[b])
+        lo = max(0, L - window) if window is not None else 0
+        for g in sorted({int(groups[b, j]) for j in range(int(n_active[b]))}):
+            if L - lo <= 0:
+                continue
+            for h in range(g * G, (g + 1) * G):
+                s = k[b, lo:L, g] @ q[b, h] * scale
+                p = np.exp(s - s.max())
+                out[b, h] = (p / p.sum()) @ v[b, lo:L, g]
+    return out
+
+
+def rel_err(out, ref) -> float:
+    out, ref = f64(out), f64(ref)
+    assert np.all(np.isfinite(out)), "non-finite output"
+    den = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (den if den > 0 else 1.0))

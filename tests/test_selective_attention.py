@@ -1,0 +1,151 @@
+"""select_decode: Pallas kernel (interpret mode on CPU) vs the XLA reference vs float64 NumPy."""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels.selective_attention_triton import choose_attn_config
+from pallas_kernels.selective_attention_xla import dense_decode_xla
+from tests import kernel_reference as npref
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+TOL = {jnp.bfloat16: 1.5e-2, jnp.float16: 3e-3, jnp.float32: 1e-4}
+
+
+def _rng() -> np.random.Generator:
+    seed = np.random.SeedSequence().entropy % (2**32)
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def _inputs(rng, B, Hq, Hkv, S, D, A, dtype):
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), dtype)
+    k = jnp.asarray(rng.standard_normal((B, S, Hkv, D)), dtype)
+    v = jnp.asarray(rng.standard_normal((B, S, Hkv, D)), dtype)
+    groups = jnp.asarray(np.stack([rng.permutation(max(Hkv, A))[:A] % Hkv for _ in range(B)]),
+                         jnp.int32)
+    return q, k, v, groups
+
+
+def _check(out, ref, dtype):
+    err = npref.rel_err(out, ref)
+    assert err < TOL[dtype], err
+
+
+def _zero_heads(out, groups, n_active, Hkv):
+    """Heads of groups not selected in sequence b must be exactly zero."""
+    B, Hq, _ = out.shape
+    G = Hq // Hkv
+    for b in range(B):
+        sel = {int(g) for g in np.asarray(groups[b, : int(n_active[b])])}
+        for g in set(range(Hkv)) - sel:
+            assert not np.asarray(out[b, g * G:(g + 1) * G]).any()
+
+
+# (B, Hq, Hkv, S, D, A, dtype, window, splits): GQA group sizes 1 (MHA), 4 and 8; odd S and D.
+CASES = [
+    (3, 4, 4, 150, 64, 2, jnp.bfloat16, None, 2),
+    (2, 8, 2, 300, 128, 2, jnp.float16, None, 3),
+    (2, 8, 1, 97, 96, 1, jnp.bfloat16, 40, 2),
+    (3, 16, 2, 70, 32, 2, jnp.float32, None, 1),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,S,D,A,dtype,window,splits", CASES)
+def test_select_decode_matches_references(B, Hq, Hkv, S, D, A, dtype, window, splits):
+    rng = _rng()
+    q, k, v, groups = _inputs(rng, B, Hq, Hkv, S, D, A, dtype)
+    # min_chunk 64 keeps several live splits at these small lengths.
+    cfg = dataclasses.replace(choose_attn_config(B, S, A, D), num_splits=splits, min_chunk=64)
+    f = jax.jit(lambda *a: pk.select_decode(*a, window=window, impl="pallas", config=cfg))
+    # Lengths 1, shorter than a tile, full capacity; counts none / one / all, varied per sequence.
+    for lengths, n_active in (([1, S, 37][:B], [A, 1, 0][:B]), ([S, 63, 1][:B], [0, A, 1][:B]),
+                              (list(rng.integers(1, S + 1, B)), [A] * B)):
+        lengths = jnp.asarray(lengths, jnp.int32)
+        n_active = jnp.asarray(n_active, jnp.int32)
+        out = f(q, k, v, lengths, groups, n_active)
+        assert out.shape == q.shape and out.dtype == dtype
+        ref = npref.select_decode_ref(q, k, v, lengths, groups, n_active, window=window)
+        _check(out, ref, dtype)
+        xla = pk.select_decode(q, k, v, lengths, groups, n_active, window=window, impl="xla")
+        _check(xla, ref, dtype)
+        _zero_heads(out, groups, n_active, Hkv)
+    assert f._cache_size() == 1
+
+
+def test_duplicates_zero_length_scale_and_dense_equivalence():
+    rng = _rng()
+    B, Hq, Hkv, S, D = 3, 8, 4, 130, 64
+    q, k, v, _ = _inputs(rng, B, Hq, Hkv, S, D, 4, jnp.bfloat16)
+    lengths = jnp.asarray([0, 130, 65], jnp.int32)
+    # Slot values past n_active are garbage (out of range) and must be ignored.
+    groups = jnp.asarray([[1, 1, 77, -5], [2, 2, 0, 2], [3, 0, 1, 2]], jnp.int32)
+    n_active = jnp.asarray([2, 3, 4], jnp.int32)
+    cfg = dataclasses.replace(choose_attn_config(B, S, 4, D), num_splits=2, min_chunk=64)
+    out = pk.select_decode(q, k, v, lengths, groups, n_active, sm_scale=0.3, impl="pallas",
+                           config=cfg)
+    ref = npref.select_decode_ref(q, k, v, lengths, groups, n_active, sm_scale=0.3)
+    _check(out, ref, jnp.bfloat16)
+    assert not np.asarray(out[0]).any()  # length 0 gives zeros
+    # Sequence 2 selects every group: equals dense decoding.
+    dense = dense_decode_xla(q, k, v, lengths, 0.3)
+    _check(out[2], np.asarray(dense[2], np.float64), jnp.bfloat16)
+    _check(dense, npref.select_decode_ref(q, k, v, lengths, jnp.tile(jnp.arange(Hkv), (B, 1)),
+                                          jnp.full((B,), Hkv), sm_scale=0.3), jnp.bfloat16)
+
+
+def test_under_scan_with_traced_groups():
+    rng = _rng()
+    B, Hq, Hkv, S, D, A, Ly = 2, 8, 8, 64, 32, 3, 2
+    q, _, _, groups = _inputs(rng, B, Hq, Hkv, S, D, A, jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((Ly, B, S, Hkv, D)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((Ly, B, S, Hkv, D)), jnp.bfloat16)
+    lengths = jnp.asarray([5, 64], jnp.int32)
+    n_active = jnp.asarray([3, 2], jnp.int32)
+
+    def run(impl):
+        def step(x, kv):
+            return x + pk.select_decode(x, kv[0], kv[1], lengths, groups, n_active, impl=impl), None
+        return jax.jit(lambda x: jax.lax.scan(step, x, (k, v))[0])(q)
+
+    want = np.asarray(q, np.float64)
+    for l in range(Ly):
+        want = want + npref.select_decode_ref(want.astype(jnp.bfloat16), k[l], v[l], lengths,
+                                              groups, n_active)
+    _check(run("pallas"), want, jnp.bfloat16)
+    _check(run("xla"), want, jnp.bfloat16)
+
+
+def test_validation_errors():
+    q = jnp.ones((2, 8, 16), jnp.bfloat16)
+    k = jnp.ones((2, 32, 4, 16), jnp.bfloat16)
+    L = jnp.asarray([3, 4], jnp.int32)
+    g = jnp.asarray([[0, 1], [2, 3]], jnp.int32)
+    n = jnp.asarray([2, 1], jnp.int32)
+    with pytest.raises(ValueError, match="multiple"):
+        pk.select_decode(jnp.ones((2, 6, 16), jnp.bfloat16), k, k, L, g, n)
+    with pytest.raises(TypeError, match="dtype mismatch"):
+        pk.select_decode(q, k.astype(jnp.float16), k, L, g, n)
+    with pytest.raises(ValueError, match="n_active"):
+        pk.select_decode(q, k, k, L, g, jnp.asarray([3, 1], jnp.int32))
+    with pytest.raises(ValueError, match="out of range"):
+        pk.select_decode(q, k, k, L, g.at[0, 1].set(4), n)
+    pk.select_decode(q, k, k, L, g.at[1, 1].set(4), n, impl="xla")  # inactive slot: ignored
+    with pytest.raises(ValueError, match="lengths"):
+        pk.select_decode(q, k, k, jnp.asarray([3, 33], jnp.int32), g, n)
+    with pytest.raises(ValueError, match="k/v"):
+        pk.select_decode(q, k[:, :, :, :8], k[:, :, :, :8], L, g, n)
+    with pytest.raises(ValueError, match="window"):
+        pk.select_decode(q, k, k, L, g, n, window=0)
+    with pytest.raises(TypeError, match="integer"):
+        pk.select_decode(q, k, k, L.astype(jnp.float32), g, n)
+    # Traced out-of-range groups are clamped inside the kernel, never a crash.
+    jax.jit(lambda gg: pk.select_decode(q, k, k, L, gg, n, impl="pallas"))(g.at[0, 0].set(99))
