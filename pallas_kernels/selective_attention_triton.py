@@ -26,6 +26,7 @@ from jax.experimental.pallas import triton as plgpu
 from .slots import scatter_slots
 
 NUM_SMS = 132
+TARGET_PROGRAMS = 8 * NUM_SMS  # live programs wanted per call (several per SM for balance)
 LOG2E = 1.4426950408889634
 
 
@@ -50,41 +51,53 @@ class AttnConfig:
 
 
 def choose_attn_config(B: int, S: int, A: int, D: int) -> AttnConfig:
-    """Split count sized so that B*A*splits programs cover the SMs a few times over.
+    """Static bounds of the grid: `num_splits` is the most KV splits any (sequence, slot) may use.
 
-    A (slot capacity) and S (cache capacity) only bound the grid; the per-program key ranges
-    come from the live lengths at run time (a split never gets fewer than `min_chunk` keys, so
-    short sequences use fewer splits and the rest of the grid exits at once)."""
+    It is sized for the sparsest case (one live slot per sequence) and capped by the cache
+    capacity; the kernel picks the split count it actually uses at run time from the live slot
+    count (sum of n_active) and the live lengths, and programs beyond it exit at once."""
+    del A, D
     block_s = 64
     min_chunk = 256
     max_splits = max(1, _cdiv(S, min_chunk))
-    want = _cdiv(4 * NUM_SMS, max(1, B * A))
-    num_splits = max(1, min(want, max_splits, 64))
+    num_splits = max(1, min(max_splits, 64, _cdiv(TARGET_PROGRAMS, max(1, B))))
     return AttnConfig(block_s=block_s, num_splits=num_splits, min_chunk=min_chunk,
                       num_warps=4, num_stages=2)
 
 
-def _split_range(L, num_splits: int, block_s: int, min_chunk: int, window: int | None, sp):
-    """Key range [lo, hi) of split `sp` for a sequence of live length L (traced scalars)."""
+def runtime_splits(total_active, num_splits: int):
+    """Splits used at run time: enough (sequence, slot, split) programs to fill the GPU."""
+    want = (TARGET_PROGRAMS + jnp.maximum(total_active, 1) - 1) // jnp.maximum(total_active, 1)
+    return jnp.clip(want, 1, num_splits)
+
+
+def _split_range(L, splits, block_s: int, min_chunk: int, window: int | None, sp):
+    """Key range [lo, hi) of split `sp` out of `splits` for live length L (traced scalars)."""
     start = jnp.maximum(L - window, 0) if window is not None else jnp.int32(0)
     live = L - start
-    chunk = (live + num_splits - 1) // num_splits
+    chunk = (live + splits - 1) // splits
     chunk = jnp.maximum(chunk, min_chunk)
     chunk = ((chunk + block_s - 1) // block_s) * block_s
     lo = start + sp * chunk
     hi = jnp.minimum(lo + chunk, L)
+    hi = jnp.where(sp < splits, hi, lo)  # splits past the run-time count are empty
     return lo, hi
 
 
 def _attn_kernel(q_ref, k_ref, v_ref, len_ref, grp_ref, nact_ref, o_ref, lse_ref, *,
-                 S, Hkv, G, D, cfg: AttnConfig, window, scale_log2):
+                 S, Hkv, G, D, A, B, cfg: AttnConfig, window, scale_log2):
     bs = cfg.block_s
     gp = _pow2_at_least(G, 16)
     dp = _pow2_at_least(D, 16)
     b, j, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = nact_ref[b]
     L = jnp.clip(len_ref[b], 0, S)
-    lo, hi = _split_range(L, cfg.num_splits, bs, cfg.min_chunk, window, sp)
+    bp = _pow2_at_least(B)
+    b_all = jnp.arange(bp, dtype=jnp.int32)
+    n_all = plgpu.load(nact_ref.at[pl.ds(0, bp)], mask=b_all < B, other=0)
+    total = jnp.sum(jnp.clip(n_all, 0, A))
+    splits = runtime_splits(total, cfg.num_splits)
+    lo, hi = _split_range(L, splits, bs, cfg.min_chunk, window, sp)
     valid = (j < n) & (lo < hi)
     rows = jnp.arange(gp, dtype=jnp.int32)
     r_ok = rows < G
@@ -156,7 +169,8 @@ def select_decode_triton(q, k, v, lengths, groups, n_active, *, sm_scale: float,
     A = groups.shape[1]
     G = Hq // Hkv
     ns = cfg.num_splits
-    kernel = functools.partial(_attn_kernel, S=S, Hkv=Hkv, G=G, D=D, cfg=cfg, window=window,
+    kernel = functools.partial(_attn_kernel, S=S, Hkv=Hkv, G=G, D=D, A=A, B=B, cfg=cfg,
+                               window=window,
                                scale_log2=float(sm_scale) * LOG2E)
     o_part, lse = pl.pallas_call(
         kernel,

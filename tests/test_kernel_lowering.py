@@ -1,0 +1,110 @@
+"""Cross-lower every kernel configuration used on the GPU to CUDA (abstract H100) on CPU.
+
+Catches Triton-backend errors (non power-of-two blocks, unsupported primitives) in CPU CI. The
+configurations come from pallas_kernels.gpu_configs, which the GPU benchmark also uses.
+"""
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import gpu_configs as gc
+from pallas_kernels.lowering import count_triton_calls, lower_for_cuda
+from pallas_kernels.selective_attention_triton import choose_attn_config, select_decode_triton
+from pallas_kernels.selective_gemm_triton import (choose_down_config, choose_up_config,
+                                                  gather_down_triton, gather_up_triton)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+SDS = jax.ShapeDtypeStruct
+I32 = jnp.int32
+
+
+def _lower_up(M, K, N, A, gated, cfg, dtype, bias=False):
+    def f(x, wg, wu, i, n, b):
+        return gather_up_triton(x, wg, wu, i, n, b, activation=None if gated else "relu",
+                                cfg=cfg, interpret=False)
+    wu = SDS((N, K), dtype) if gated else None
+    b = SDS((N,), dtype) if bias else None
+    return lower_for_cuda(f, SDS((M, K), dtype), SDS((N, K), dtype), wu, SDS((A,), I32),
+                          SDS((), I32), b)
+
+
+def _lower_down(M, N, D, A, cfg, dtype, bias=False):
+    def f(h, w, i, n, b):
+        return gather_down_triton(h, w, i, n, b, cfg=cfg, interpret=False)
+    b = SDS((D,), dtype) if bias else None
+    return lower_for_cuda(f, SDS((M, A), dtype), SDS((N, D), dtype), SDS((A,), I32),
+                          SDS((), I32), b)
+
+
+def _lower_attn(B, S, Hq, Hkv, D, A, cfg, dtype, window=None):
+    def f(q, k, v, l, g, n):
+        return select_decode_triton(q, k, v, l, g, n, sm_scale=D**-0.5, window=window, cfg=cfg,
+                                    interpret=False)
+    kv = SDS((B, S, Hkv, D), dtype)
+    return lower_for_cuda(f, SDS((B, Hq, D), dtype), kv, kv, SDS((B,), I32), SDS((B, A), I32),
+                          SDS((B,), I32))
+
+
+def _gemm_calls():
+    """Unique (op, shape-class, config) of the sweep and of the tuning variants."""
+    seen, calls = set(), []
+    for model, M, dens, K, N, A, gated in gc.gemm_sweep():
+        ups = [choose_up_config(M, K, A, gated)]
+        downs = [choose_down_config(M, K, A)]
+        if (model, M, dens) in gc.TUNE_GEMM:
+            ups, downs = gc.up_variants(M, K, A, gated), gc.down_variants(M, K, A)
+        for cfg in ups:
+            key = ("up", gated, K, cfg)
+            if key not in seen:
+                seen.add(key)
+                calls.append(("up", M, K, N, A, gated, cfg))
+        for cfg in downs:
+            key = ("down", K, cfg)
+            if key not in seen:
+                seen.add(key)
+                calls.append(("down", M, K, N, A, gated, cfg))
+    return calls
+
+
+GEMM_CALLS = _gemm_calls()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["f16", "bf16"])
+def test_gemm_configs_lower_to_triton(dtype):
+    assert len(GEMM_CALLS) > 10
+    for op, M, K, N, A, gated, cfg in GEMM_CALLS:
+        if op == "up":
+            text = _lower_up(M, K, N, A, gated, cfg, dtype)
+        else:
+            text = _lower_down(M, N, K, A, cfg, dtype)
+        assert count_triton_calls(text) == 1, (op, M, K, N, A, cfg)
+
+
+def test_attention_configs_lower_to_triton():
+    for heads, B, L, Hq, Hkv, D in gc.attn_sweep():
+        cfgs = [choose_attn_config(B, L, Hkv, D)]
+        if (heads, B, L) in gc.TUNE_ATTN:
+            cfgs = gc.attn_variants(B, L, Hkv, D)
+        for cfg in cfgs:
+            text = _lower_attn(B, L, Hq, Hkv, D, Hkv, cfg, jnp.float16)
+            assert count_triton_calls(text) == 1, (heads, B, L, cfg)
+
+
+def test_options_and_odd_shapes_lower():
+    """bf16, bias, window, odd dims (real models: d=5120, head dim 96) also lower."""
+    bf = jnp.bfloat16
+    for M, K, N, A in ((1, 5120, 13824, 700), (64, 9216, 36864, 3000), (16, 1000, 300, 77)):
+        assert count_triton_calls(_lower_up(M, K, N, A, False, choose_up_config(M, K, A), bf,
+                                            bias=True)) == 1
+        assert count_triton_calls(_lower_up(M, K, N, A, True,
+                                            choose_up_config(M, K, A, True), bf)) == 1
+        assert count_triton_calls(_lower_down(M, N, K, A, choose_down_config(M, K, A), bf,
+                                              bias=True)) == 1
+    for B, S, Hq, Hkv, D in ((4, 1000, 28, 4, 128), (2, 4096, 40, 40, 96), (8, 300, 32, 8, 64)):
+        cfg = choose_attn_config(B, S, Hkv, D)
+        assert count_triton_calls(_lower_attn(B, S, Hq, Hkv, D, Hkv, cfg, bf, window=256)) == 1
