@@ -1,0 +1,55 @@
+"""Shared fixtures. Real checkpoints and text live in ../shared beside the checkout (CI clones the
+repository with shared/ next to it); POLAR_SHARED overrides. A missing fixture is a failure, not a skip."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("POLAR_SHARED", REPO.parent / "shared"))
+FIXTURES = REPO / "tests" / "fixtures"
+GOLDEN = REPO / "tests" / "golden"
+
+REAL_MODELS = ("tiny-llama", "tiny-opt", "polar-tiny-opt")
+RANDOM_MODELS = ("llama2-mha", "llama31-gqa", "mistral-swa", "qwen2-bias")
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"missing test fixture {path} (see tests/conftest.py)")
+    return path
+
+
+def model_dir(name: str) -> Path:
+    if name in REAL_MODELS:
+        return require(SHARED / "models" / name)
+    return require(FIXTURES / "hf" / name)
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return require(SHARED)
+
+
+@pytest.fixture(scope="session")
+def wikitext_test() -> Path:
+    return require(SHARED / "data" / "wikitext-2" / "test.txt")
+
+
+_MODEL_CACHE: dict = {}
+
+
+def load_cached(name: str, dtype: str = "float32"):
+    """Loads an HF model once per session (fp32, as the golden files were made)."""
+    import polar_jax
+
+    key = (name, dtype)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = polar_jax.load_hf(model_dir(name), dtype=dtype)
+    return _MODEL_CACHE[key]

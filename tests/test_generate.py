@@ -1,0 +1,142 @@
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import polar_jax
+from polar_jax.cache import KVCache
+from polar_jax.decode import decode_step, prefill, split_model
+from polar_jax.errors import InputError
+from conftest import load_cached
+
+
+@pytest.fixture(scope="module")
+def default():
+    return polar_jax.load("default")
+
+
+def greedy_by_full_forward(model, prompt, n):
+    """Reference: re-run the whole sequence for every token (no cache)."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(jnp.argmax(model(jnp.array([seq]))[0, -1])))
+    return seq[len(prompt):]
+
+
+def test_cached_generation_equals_full_forward(default):
+    model, tok = default
+    prompt = tok.encode("In the early years of the war , the army")
+    out = polar_jax.generate(model, [prompt], 12, eos_token_id=())
+    assert out.shape == (1, 12) and out.dtype == np.int32
+    assert out[0].tolist() == greedy_by_full_forward(model, prompt, 12)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_ragged_batch_equals_each_prompt_alone(name):
+    model, tok = load_cached(name)
+    texts = ["The history of the city", "KING RICHARD : I will not stay here", "It was", "The album was released in 2004 by the band"]
+    prompts = [tok.encode(t) for t in texts]
+    assert len({len(p) for p in prompts}) == 4
+    batch = polar_jax.generate(model, prompts, 16, eos_token_id=())
+    for p, row in zip(prompts, batch):
+        np.testing.assert_array_equal(row, polar_jax.generate(model, [p], 16, eos_token_id=())[0])
+
+
+def test_array_and_list_prompts_agree(default):
+    model, _ = default
+    arr = np.random.default_rng(0).integers(3, 4000, size=(3, 7)).astype(np.int32)
+    np.testing.assert_array_equal(polar_jax.generate(model, arr, 5), polar_jax.generate(model, arr.tolist(), 5))
+
+
+def test_eos_then_padding(default):
+    model, tok = default
+    prompt = tok.encode("The history of the city")
+    free = polar_jax.generate(model, [prompt], 10, eos_token_id=())[0]
+    stop = int(free[3])  # pretend the 4th generated token is EOS
+    first = int(np.argmax(free == stop))
+    out = polar_jax.generate(model, [prompt, prompt[:2]], 10, eos_token_id=stop)
+    assert out[0, : first + 1].tolist() == free[: first + 1].tolist()
+    assert (out[0, first + 1 :] == model.config.pad_id).all()
+
+
+def test_stream_matches_generate(default):
+    model, tok = default
+    prompts = [tok.encode("KING RICHARD :"), tok.encode("The album")]
+    for kw in (dict(), dict(temperature=0.9, top_p=0.9, seed=3)):
+        full = polar_jax.generate(model, prompts, 8, eos_token_id=(), **kw)
+        steps = list(polar_jax.generate_stream(model, prompts, 8, eos_token_id=(), **kw))
+        np.testing.assert_array_equal(np.stack(steps, axis=1), full)
+
+
+def test_sampling_is_seeded_and_top_p_limits(default):
+    model, tok = default
+    prompt = [tok.encode("The history of")] * 4
+    a = polar_jax.generate(model, prompt, 12, temperature=1.0, seed=1, eos_token_id=())
+    b = polar_jax.generate(model, prompt, 12, temperature=1.0, seed=1, eos_token_id=())
+    c = polar_jax.generate(model, prompt, 12, temperature=1.0, seed=2, eos_token_id=())
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert len({tuple(r) for r in a}) > 1  # rows of one batch draw different samples
+    # A tiny nucleus keeps only the top token: sampling collapses to greedy.
+    greedy = polar_jax.generate(model, prompt, 12, eos_token_id=())
+    np.testing.assert_array_equal(polar_jax.generate(model, prompt, 12, temperature=1.0, top_p=1e-6, seed=5,
+                                                     eos_token_id=()), greedy)
+
+
+def test_decode_step_updates_cache_in_place(default):
+    model, _ = default
+    graphdef, state = split_model(model)
+    cache = KVCache.create(model.config, 2, 64, model.dtype)
+    _, cache = prefill(graphdef, state, jnp.ones((2, 16), jnp.int32), jnp.array([5, 16], jnp.int32), cache)
+    before = [x.unsafe_buffer_pointer() for x in cache.k + cache.v]
+    old = cache
+    _, cache = decode_step(graphdef, state, cache, jnp.array([7, 9], jnp.int32))
+    assert [x.unsafe_buffer_pointer() for x in cache.k + cache.v] == before
+    assert old.k[0].is_deleted()
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [6, 17])
+
+
+def test_sliding_window_model_decodes_past_its_window():
+    model, _ = load_cached("mistral-swa")
+    assert model.config.sliding_window is not None
+    prompt = list(range(3, 3 + 11))
+    n = 2 * model.config.sliding_window
+    assert polar_jax.generate(model, [prompt], n, eos_token_id=())[0].tolist() == greedy_by_full_forward(model, prompt, n)
+
+
+@pytest.mark.parametrize(
+    "prompts, kw, words",
+    [
+        ([], {}, "empty prompt list"),
+        ([[5, 6], []], {}, "prompt 1 is empty"),
+        ([[5, 4096]], {}, "outside the vocabulary"),
+        ([[-1, 3]], {}, "outside the vocabulary"),
+        ([[5]], {"max_new_tokens": 0}, "max_new_tokens"),
+        ([[5]], {"max_new_tokens": -3}, "max_new_tokens"),
+        ([[5] * 40], {"cache_size": 32}, "longer than the cache"),
+        ([[5] * 20], {"cache_size": 32, "max_new_tokens": 20}, "needs 40 cache positions"),
+        ([[5] * 500], {"max_new_tokens": 20}, "exceeds the model's 512 positions"),
+        ([[5]], {"temperature": -1.0}, "temperature"),
+        ([[5]], {"top_p": 0.0}, "top_p"),
+        ("hello", {}, "encode text"),
+        (np.zeros((2, 3, 4), np.int32), {}, r"\[batch, tokens\]"),
+    ],
+)
+def test_bad_generation_input(default, prompts, kw, words):
+    model, _ = default
+    kw = {"max_new_tokens": 4, **kw}
+    with pytest.raises(InputError, match=words):
+        polar_jax.generate(model, prompts, **kw)
+
+
+def test_cli_demo_and_generate_errors():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "polar_jax.cli", *a], capture_output=True, text=True, timeout=600)
+    demo = run("demo", "--max-new-tokens", "8")
+    assert demo.returncode == 0, demo.stderr
+    assert "tokens/s" in demo.stdout and "[KING RICHARD :]" in demo.stdout
+    bad = run("generate", "hello", "--max-new-tokens", "0")
+    assert bad.returncode == 2 and "max_new_tokens" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run("generate", "hello", "--model", "/nonexistent/model")
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
