@@ -1,0 +1,196 @@
+"""Router training with Optax (AdamW, weighted BCE), per layer, with a validation split and early stopping.
+
+- Attention router: labels are the top-k units by true output norm at the training density (k =
+  floor(rho_train * U)); metric = recall@k, the fraction of the true top-k units the router's top-k finds.
+- MLP router (ReLU models): labels are ReLU > 0; metric = recall@|active|, per token the fraction of its
+  active neurons found among the router's top-|active| scores (a ranking metric that cannot be gamed by
+  predicting everything active).
+Both losses down-weight negatives by the label density (PAPER.md method 2), so rare positives matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from polar_jax.errors import InputError
+from polar_jax.routers.bundle import SparsityBundle
+from polar_jax.routers.collect import CollectedData
+from polar_jax.routers.config import SparsityConfig, check_density, units_kept
+from polar_jax.routers.modules import AttentionRouter, MLPRouter
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 1024
+    patience: int = 2  # epochs without a better validation recall before stopping
+    seed: int = 0
+    max_val_tokens: int = 8192
+
+
+def weighted_bce(logits: jax.Array, labels: jax.Array, neg_weight: float | jax.Array) -> jax.Array:
+    """Mean BCE with negatives weighted by `neg_weight` (the positive-label density) and positives by 1."""
+    y = labels.astype(jnp.float32)
+    per = y * jax.nn.softplus(-logits) + neg_weight * (1.0 - y) * jax.nn.softplus(logits)
+    return jnp.mean(per)
+
+
+def topk_labels(norms: np.ndarray, k: int) -> np.ndarray:
+    """True for the k largest units of each row."""
+    idx = np.argpartition(-norms, k - 1, axis=-1)[..., :k]
+    out = np.zeros(norms.shape, bool)
+    np.put_along_axis(out, idx, True, axis=-1)
+    return out
+
+
+@jax.jit
+def recall_at_k(scores: jax.Array, labels: jax.Array, k: int | jax.Array) -> jax.Array:
+    """Mean over rows of |top-k(scores) ∩ labels| / |labels| with the same k for every row."""
+    thr = -jnp.sort(-scores, axis=-1)[:, k - 1]
+    hit = (scores >= thr[:, None]) & labels
+    return jnp.mean(jnp.sum(hit, -1) / jnp.maximum(jnp.sum(labels, -1), 1))
+
+
+@jax.jit
+def recall_at_count(scores: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean over rows of the fraction of positives found in the row's top-|positives| scores."""
+    cnt = jnp.sum(labels, -1)
+    srt = -jnp.sort(-scores, axis=-1)
+    thr = jnp.take_along_axis(srt, jnp.maximum(cnt - 1, 0)[:, None], axis=-1)[:, 0]
+    hit = (scores >= thr[:, None]) & labels
+    rec = jnp.where(cnt > 0, jnp.sum(hit, -1) / jnp.maximum(cnt, 1), 1.0)
+    return jnp.mean(rec)
+
+
+def fit(
+    module: nnx.Module,
+    x_tr: np.ndarray, y_tr: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+    metric: Callable[[jax.Array, jax.Array], jax.Array],
+    opts: TrainOptions, desc: str, log: Callable[[str], None] = print, progress: bool = True,
+) -> tuple[nnx.Module, dict[str, Any]]:
+    """Trains `module` (logits = module(x)) with weighted BCE + AdamW; keeps the parameters of the epoch with
+    the best validation metric; stops after `patience` epochs without improvement."""
+    if len(x_tr) == 0 or len(x_val) == 0:
+        raise InputError("no training or validation tokens: collect more text")
+    neg_weight = float(np.clip(y_tr.mean(), 1e-3, 1.0))
+    graphdef, params = nnx.split(module, nnx.Param)
+    tx = optax.adamw(opts.lr, weight_decay=opts.weight_decay)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, x, y):
+        def loss_fn(p):
+            return weighted_bce(nnx.merge(graphdef, p)(x), y, neg_weight)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def evaluate(params, x, y):
+        logits = nnx.merge(graphdef, params)(x)
+        return weighted_bce(logits, y, neg_weight), metric(logits, y)
+
+    rng = np.random.default_rng(opts.seed)
+    xv, yv = jnp.asarray(x_val[: opts.max_val_tokens]), jnp.asarray(y_val[: opts.max_val_tokens])
+    best, best_params, history, bad = -1.0, params, [], 0
+    n_steps = max(1, len(x_tr) // opts.batch_size)
+    for epoch in range(1, opts.epochs + 1):
+        perm = rng.permutation(len(x_tr))
+        losses = []
+        for s in tqdm(range(n_steps), desc=f"{desc} epoch {epoch}", leave=False, disable=not progress):
+            idx = np.sort(perm[s * opts.batch_size : (s + 1) * opts.batch_size])
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(x_tr[idx]), jnp.asarray(y_tr[idx]))
+            losses.append(loss)
+        val_loss, val_rec = (float(v) for v in evaluate(params, xv, yv))
+        train_loss = float(np.mean(np.asarray(jax.device_get(losses))))
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_recall": val_rec})
+        log(f"{desc} epoch {epoch}: train loss {train_loss:.4f}  val loss {val_loss:.4f}  val recall {val_rec:.4f}")
+        if val_rec > best + 1e-5:
+            best, best_params, bad = val_rec, params, 0
+        else:
+            bad += 1
+            if bad >= opts.patience:
+                log(f"{desc}: early stop (no better validation recall for {opts.patience} epochs)")
+                break
+    nnx.update(module, best_params)
+    return module, {"best_val_recall": best, "epochs_run": len(history), "history": history}
+
+
+def train_attention_router(x_tr, norms_tr, x_val, norms_val, k: int, opts: TrainOptions, desc: str = "attn",
+                           log=print, progress: bool = True) -> tuple[AttentionRouter, dict]:
+    units = norms_tr.shape[-1]
+    router = AttentionRouter(x_tr.shape[-1], units, nnx.Rngs(opts.seed))
+    metric = functools.partial(_recall_k_fixed, k=k)
+    return fit(router, x_tr, topk_labels(norms_tr, k), x_val, topk_labels(norms_val, k), metric, opts, desc, log, progress)
+
+
+def _recall_k_fixed(scores, labels, k):
+    return recall_at_k(scores, labels, k)
+
+
+def train_mlp_router(x_tr, act_tr, x_val, act_val, rank: int, opts: TrainOptions, desc: str = "mlp",
+                     log=print, progress: bool = True) -> tuple[MLPRouter, dict]:
+    router = MLPRouter(x_tr.shape[-1], rank, act_tr.shape[-1], nnx.Rngs(opts.seed))
+    return fit(router, x_tr, act_tr, x_val, act_val, recall_at_count, opts, desc, log, progress)
+
+
+def train_routers(
+    data: CollectedData,
+    rank: int | None = None,
+    attn_train_density: float = 0.5,
+    opts: TrainOptions = TrainOptions(),
+    mlp_opts: TrainOptions | None = None,
+    val_fraction: float = 0.1,
+    max_train_tokens: int | None = None,
+    log: Callable[[str], None] = print,
+    progress: bool = True,
+) -> SparsityBundle:
+    """Trains the attention router of every sparse layer (1..L-1) and, for ReLU models, the MLP router.
+    Returns an uncalibrated bundle (no MLP k table yet: run `calibrate`)."""
+    check_density(attn_train_density, "training density")
+    m = data.meta
+    d, units, n, layers = int(m["hidden_size"]), int(m["units"]), int(m["ffn"]), int(m["num_layers"])
+    rank = min(1024, d) if rank is None else int(rank)
+    if rank < 1:
+        raise InputError(f"router rank must be >= 1, got {rank}")
+    k = units_kept(attn_train_density, units)
+    tr, val = data.split(val_fraction, opts.seed)
+    if max_train_tokens is not None:
+        tr = tr[np.random.default_rng(opts.seed).permutation(len(tr))[:max_train_tokens]]
+        tr.sort()
+    params: dict[str, np.ndarray] = {}
+    metrics: dict[str, Any] = {}
+    for layer in range(1, layers):
+        x = data.field("router_input", layer)
+        norms = data.field("unit_norm", layer)
+        r, info = train_attention_router(x[tr], norms[tr], x[val], norms[val], k, opts, f"layer {layer} attn", log, progress)
+        params[f"attn.{layer}.w"], params[f"attn.{layer}.b"] = np.asarray(r.w[...]), np.asarray(r.b[...])
+        metrics[f"attn.{layer}"] = info
+        if m.get("mlp_active"):
+            act = data.field("mlp_active", layer)
+            r, info = train_mlp_router(x[tr], act[tr], x[val], act[val], rank, mlp_opts or opts,
+                                       f"layer {layer} mlp", log, progress)
+            params[f"mlp.{layer}.a"], params[f"mlp.{layer}.b"] = np.asarray(r.a[...]), np.asarray(r.b[...])
+            metrics[f"mlp.{layer}"] = info
+            del act
+    cfg = SparsityConfig(
+        num_layers=layers, attn_units=units, unit=m["unit"], ffn=n, mlp_router=bool(m.get("mlp_active")),
+        mlp_rank=rank if m.get("mlp_active") else 0, attn_density=attn_train_density,
+        attn_train_density=attn_train_density,
+        train={"data": str(data.path), "texts": m["texts"], "tokens": len(tr), "val_tokens": len(val),
+               "val_fraction": val_fraction, "seed": opts.seed, "options": dataclasses.asdict(opts),
+               "mlp_options": dataclasses.asdict(mlp_opts or opts), "metrics": metrics},
+    )
+    return SparsityBundle(cfg, params, m["signature"])
