@@ -58,7 +58,9 @@ def calibrate_mlp_layer(scores: np.ndarray, labels: np.ndarray, target: float, t
                         batch_sizes: Sequence[int] = CALIBRATION_BATCH_SIZES, n_batches: int = 64,
                         seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
-    return [smallest_k(union_recall_curve(scores, labels, b, n_batches, rng), target, tile) for b in batch_sizes]
+    # Small batches need more draws: the mean recall at B=1 is set by the rare hard tokens.
+    return [smallest_k(union_recall_curve(scores, labels, b, max(n_batches, 2048 // b), rng), target, tile)
+            for b in batch_sizes]
 
 
 def importance_curve(router_scores: np.ndarray, norms: np.ndarray) -> np.ndarray:
@@ -76,7 +78,8 @@ def allocate_units(curves: Sequence[Sequence[float]], total: int, units: int) ->
     ks = [1] * n
     for _ in range(total - n):
         gains = [curves[i][ks[i] + 1] - curves[i][ks[i]] if ks[i] < units else -np.inf for i in range(n)]
-        ks[int(np.argmax(gains))] += 1
+        # Equal gains go to the layer holding fewest units (then the lower layer): spreads flat curves.
+        ks[max(range(n), key=lambda i: (round(float(gains[i]), 9), -ks[i], -i))] += 1
     return ks
 
 
