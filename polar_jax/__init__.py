@@ -12,10 +12,11 @@ from polar_jax.checkpoint import load, load_hf
 from polar_jax.config import ModelConfig
 from polar_jax.decode import decode_step, generate, generate_stream, prefill
 from polar_jax.errors import CheckpointError, InputError, PolarError, UnsupportedModelError
+from polar_jax.routers.bundle import load_sparsity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KVCache", "ModelConfig", "load", "load_hf", "generate", "generate_stream", "prefill", "decode_step",
-    "PolarError", "CheckpointError", "InputError", "UnsupportedModelError",
+    "PolarError", "CheckpointError", "InputError", "UnsupportedModelError", "load_sparsity",
 ]
