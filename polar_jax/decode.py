@@ -44,7 +44,7 @@ def decode_step(
     cache: KVCache,
     tokens: jax.Array,
     selector: Any = None,
-    attn_impl: str = "xla",
+    attn_impl: str = "auto",
     mlp_impl: str = "auto",
 ) -> tuple[jax.Array, KVCache]:
     """One decode step for tokens [B]; the cache is donated and updated in place.
@@ -196,7 +196,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     cache_size: int | None = None,
     selector: Any = None,
-    attn_impl: str = "xla",
+    attn_impl: str = "auto",
     mlp_impl: str = "auto",
 ) -> np.ndarray:
     """Generates `max_new_tokens` for each prompt; returns int32 [B, max_new_tokens].
@@ -233,7 +233,7 @@ def generate_stream(
     eos_token_id: int | Sequence[int] | None = None,
     cache_size: int | None = None,
     selector: Any = None,
-    attn_impl: str = "xla",
+    attn_impl: str = "auto",
     mlp_impl: str = "auto",
 ) -> Iterator[np.ndarray]:
     """Like `generate`, but yields each step's tokens [B] as soon as they exist (stops when all sequences

@@ -204,13 +204,18 @@ class CausalLM(nnx.Module):
         tokens: jax.Array,
         cache: KVCache,
         selector: DecodeSelector | None = None,
-        attn_impl: str = "xla",
+        attn_impl: str = "auto",
         mlp_impl: str = "auto",
     ) -> tuple[jax.Array, KVCache]:
         """One new token per sequence: tokens [B] at positions `cache.lengths`. Returns logits [B, V] and
         the cache with the new K/V written and lengths + 1. With a `selector`, attention runs only over the
         selected KV groups (Pallas `select_decode`) and the MLP over the selected neurons (`gather_up` /
-        `gather_down`); layers where it returns None stay dense."""
+        `gather_down`); layers where it returns None stay dense. `attn_impl="auto"` runs dense attention
+        through the Pallas kernel on CUDA GPUs (it reads the cache near HBM bandwidth; XLA's GQA einsum
+        does not) and through the XLA einsum elsewhere."""
+        from pallas_kernels import resolve_impl
+
+        attn_impl = resolve_impl(attn_impl)
         b = tokens.shape[0]
         pos = cache.lengths.astype(jnp.int32)
         positions = pos[:, None]
@@ -240,7 +245,7 @@ class CausalLM(nnx.Module):
                         groups, n_active = choice
                     out = select_decode(
                         q[:, 0], kc, vc, new_len, groups, n_active,
-                        sm_scale=self.scale, window=window, impl=attn_impl if attn_impl != "xla" else "xla",
+                        sm_scale=self.scale, window=window, impl=attn_impl,
                     )
                 return out[:, None]
 
