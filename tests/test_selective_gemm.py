@@ -213,3 +213,40 @@ def test_crossover_decision():
     assert pk.mlp_prefers_dense(64, int(thr * N) - 1, N) is False
     traced = jax.jit(lambda n: pk.mlp_prefers_dense(64, n, N))(jnp.int32(N))
     assert bool(traced)
+
+
+def test_auto_dispatch_dense_fallback(request, monkeypatch):
+    """impl="auto" on a Triton-capable GPU: dense above the crossover density, kernel below,
+    decided on the host for a concrete count and by lax.cond for a traced one (both exact)."""
+    from pallas_kernels import selective_gemm as sg
+
+    monkeypatch.setattr(sg, "resolve_impl", lambda impl: "xla" if impl == "xla" else "pallas")
+    calls = {"dense": 0}
+    real_dense = sg.ref.dense_up_then_take
+
+    def counting_dense(*a, **k):
+        calls["dense"] += 1
+        return real_dense(*a, **k)
+
+    monkeypatch.setattr(sg.ref, "dense_up_then_take", counting_dense)
+    rng = _rng(request)
+    M, K, N = 2, 128, 64
+    A = N
+    x = _arr(rng, (M, K), jnp.bfloat16)
+    w = _arr(rng, (N, K), jnp.bfloat16, K**-0.5)
+    wd = _arr(rng, (N, K), jnp.bfloat16, N**-0.5)
+    idx = _idx(rng, N, A)
+    thr = density_threshold(M)
+    lo, hi = max(1, int(thr * N) - 2), N
+    for n in (lo, hi):
+        before = calls["dense"]
+        out = pk.gather_up(x, w, idx, n, None, "relu")
+        assert calls["dense"] - before == (1 if n > thr * N else 0)
+        _check(out, npref.gather_up_ref(x, w, idx, n, None, "relu"), jnp.bfloat16)
+        h = _arr(rng, (M, A), jnp.bfloat16)
+        _check(pk.gather_down(h, wd, idx, n), npref.gather_down_ref(h, wd, idx, n), jnp.bfloat16)
+    f = jax.jit(lambda x, w, i, n: pk.gather_up(x, w, i, n, None, "relu"))
+    for n in (lo, hi):  # traced count: both branches compiled once, chosen at run time
+        _check(f(x, w, idx, jnp.int32(n)), npref.gather_up_ref(x, w, idx, n, None, "relu"),
+               jnp.bfloat16)
+    assert f._cache_size() == 1
