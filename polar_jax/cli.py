@@ -28,6 +28,22 @@ def _load_any(path: str, dtype: str | None = None):
     return load_hf(path, dtype)
 
 
+def _selector(args: argparse.Namespace, model):
+    """A sparse-decode selector from `--sparsity` (a bundle path or "default"), or None for dense."""
+    if not getattr(args, "sparsity", None) or args.sparsity == "none":
+        return None
+    import polar_jax
+    from polar_jax.routers.sparsify import router_selector
+
+    bundle = polar_jax.load_sparsity(args.sparsity, model)
+    return router_selector(bundle, attn_density=args.attn_density)
+
+
+def _add_sparsity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sparsity", default=None, help="sparsity bundle folder or 'default' (sparse decode); none = dense")
+    p.add_argument("--attn-density", type=float, default=None, help="fraction of heads/KV groups kept per sequence")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import jax
 
@@ -38,7 +54,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prompts = [tok.encode(p) for p in DEMO_PROMPTS]
     print(f"model: {args.model} ({model.config.model_type}, {model.config.num_layers} layers, "
           f"d={model.config.hidden_size}) on {jax.default_backend()}, loaded in {time.perf_counter() - t0:.1f}s")
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+              selector=_selector(args, model))
+    if kw["selector"] is not None:
+        print(f"sparse decode with routers from {args.sparsity}")
     t0 = time.perf_counter()
     out = polar_jax.generate(model, prompts, **kw)
     first = time.perf_counter() - t0
@@ -79,7 +98,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         raise CheckpointError(f"{args.model} has no tokenizer files; generate needs text prompts")
     prompts = [tok.encode(p) for p in args.prompt]
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+              selector=_selector(args, model))
     if args.stream:
         for step in polar_jax.generate_stream(model, prompts, **kw):
             print(" | ".join(tok.decode([t]) for t in step), flush=True)
@@ -107,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--top-p", type=float, default=0.95)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--dtype", default=None)
+    _add_sparsity_args(d)
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("convert", help="convert an HF safetensors folder to a polar-jax checkpoint")
@@ -125,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default=None)
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    _add_sparsity_args(g)
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("bench", help="decode-step benchmark (see polar_jax/bench/decode_bench.py --help)")

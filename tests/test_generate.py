@@ -147,3 +147,13 @@ def test_cli_demo_and_generate_errors():
     assert bad.returncode == 2 and "max_new_tokens" in bad.stderr and "Traceback" not in bad.stderr
     bad = run("generate", "hello", "--model", "/nonexistent/model")
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_cli_sparse_generation():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "polar_jax.cli", *a], capture_output=True, text=True, timeout=600)
+    ok = run("generate", "The history of the city", "--sparsity", "default", "--attn-density", "0.5",
+             "--max-new-tokens", "8")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("The history of the city") and len(ok.stdout.strip()) > len("The history of the city")
+    bad = run("generate", "hello", "--sparsity", "/nonexistent/bundle")
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
