@@ -14,8 +14,11 @@ from polar_jax.models.base import CausalLM
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _forward_collect(graphdef, state, tokens):
     model = nnx.merge(graphdef, state)
-    logits = model(tokens, collect=True)
-    inter = nnx.pop(model, nnx.Intermediate)
+    if hasattr(nnx, "capture"):  # flax >= 0.12.8: sow outside capture is deprecated
+        logits, inter = nnx.capture(lambda m, t: m(t, collect=True), nnx.Intermediate)(model, tokens)
+    else:
+        logits = model(tokens, collect=True)
+        inter = nnx.pop(model, nnx.Intermediate)
     per_layer: dict[str, list] = {}
     for path, var in sorted(nnx.to_flat_state(inter), key=lambda pv: (pv[0][1], pv[0][2])):
         per_layer.setdefault(path[2], []).append(var.get_value()[0])
