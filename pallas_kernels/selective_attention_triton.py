@@ -23,22 +23,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .grid import NUM_SMS, cdiv, pow2_at_least
 from .slots import scatter_slots
 
-NUM_SMS = 132
 TARGET_PROGRAMS = 8 * NUM_SMS  # live programs wanted per call (several per SM for balance)
 LOG2E = 1.4426950408889634
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2_at_least(x: int, lo: int = 1) -> int:
-    p = lo
-    while p < x:
-        p *= 2
-    return p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +50,8 @@ def choose_attn_config(B: int, S: int, A: int, D: int) -> AttnConfig:
     del A, D
     block_s = 64
     min_chunk = 256
-    max_splits = max(1, _cdiv(S, min_chunk))
-    num_splits = max(1, min(max_splits, 64, _cdiv(TARGET_PROGRAMS, max(1, B))))
+    max_splits = max(1, cdiv(S, min_chunk))
+    num_splits = max(1, min(max_splits, 64, cdiv(TARGET_PROGRAMS, max(1, B))))
     return AttnConfig(block_s=block_s, num_splits=num_splits, min_chunk=min_chunk,
                       num_warps=4, num_stages=2)
 
@@ -87,12 +78,12 @@ def _split_range(L, splits, block_s: int, min_chunk: int, window: int | None, sp
 def _attn_kernel(q_ref, k_ref, v_ref, len_ref, grp_ref, nact_ref, o_ref, lse_ref, *,
                  S, Hkv, G, D, A, B, cfg: AttnConfig, window, scale_log2):
     bs = cfg.block_s
-    gp = _pow2_at_least(G, 16)
-    dp = _pow2_at_least(D, 16)
+    gp = pow2_at_least(G, 16)
+    dp = pow2_at_least(D, 16)
     b, j, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = nact_ref[b]
     L = jnp.clip(len_ref[b], 0, S)
-    bp = _pow2_at_least(B)
+    bp = pow2_at_least(B)
     b_all = jnp.arange(bp, dtype=jnp.int32)
     n_all = plgpu.load(nact_ref.at[pl.ds(0, bp)], mask=b_all < B, other=0)
     total = jnp.sum(jnp.clip(n_all, 0, A))

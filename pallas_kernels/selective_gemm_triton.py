@@ -17,20 +17,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .grid import NUM_SMS, cdiv, pow2_at_least
 from .activations import get_activation
 
-NUM_SMS = 132  # H100 SXM; only used to size grids (a different count changes speed, not results)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pow2_at_least(x: int, lo: int = 1) -> int:
-    p = lo
-    while p < x:
-        p *= 2
-    return p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,18 +58,18 @@ def choose_up_config(M: int, K: int, A: int, gated: bool = False) -> UpConfig:
     Tuned on the H100 (benchmarks/kernels/NOTES.md): for M <= 64, 128-wide k-steps with 4
     pipeline stages beat 256-wide ones with 3 (M=1: 9.1 vs 9.3 us, M=64: 10.5 vs 12.8 us at 10%,
     33.2 vs 38.9 us at 50% of d=4096); for M=256 the 64x64 tiles with 256-wide steps stay best."""
-    block_m = min(_pow2_at_least(M, 16), 64)
+    block_m = min(pow2_at_least(M, 16), 64)
     block_a = 64 if M > 64 else 32
     if gated:
         block_a = min(block_a, 32)
     wide = M > 64
     block_k = 256 if wide and K > 128 else 128
     num_stages = 3 if wide else 4
-    n_kb = _cdiv(K, block_k)
-    n_blocks = _cdiv(M, block_m) * _cdiv(A, block_a)
+    n_kb = cdiv(K, block_k)
+    n_blocks = cdiv(M, block_m) * cdiv(A, block_a)
     # Two waves of programs over the SMs keeps enough loads in flight for HBM; split K only as
     # much as needed, and only into whole k-blocks (no ragged split to mask).
-    want = _cdiv(2 * NUM_SMS, n_blocks)
+    want = cdiv(2 * NUM_SMS, n_blocks)
     split_k = _largest_divisor_at_most(n_kb, max(1, min(want, n_kb // 2 if n_kb >= 4 else 1)))
     return UpConfig(block_m, block_a, block_k, split_k, num_warps=4, num_stages=num_stages)
 
@@ -90,13 +81,13 @@ def choose_down_config(M: int, D: int, A: int) -> DownConfig:
     at every tuned shape (M=1: 9.0 vs 10.0 us, M=64: 39.1 vs 47.8 us, M=256: 83.9 vs 121.8 us);
     more splits than ~4 programs per SM (M <= 16) or ~2 (larger M, whose f32 partials are
     bigger) measured slower."""
-    block_m = min(_pow2_at_least(M, 16), 64)
-    block_d = min(128, _pow2_at_least(D, 16))
+    block_m = min(pow2_at_least(M, 16), 64)
+    block_d = min(128, pow2_at_least(D, 16))
     block_j = 64
-    n_blocks = _cdiv(M, block_m) * _cdiv(D, block_d)
-    n_chunks = _cdiv(A, block_j)
+    n_blocks = cdiv(M, block_m) * cdiv(D, block_d)
+    n_chunks = cdiv(A, block_j)
     target = (4 if M <= 16 else 2) * NUM_SMS
-    split_j = max(1, min(_cdiv(target, n_blocks), n_chunks))
+    split_j = max(1, min(cdiv(target, n_blocks), n_chunks))
     return DownConfig(block_m, block_j, block_d, split_j, num_warps=4, num_stages=3)
 
 
@@ -120,7 +111,7 @@ def _up_kernel(*refs, M, K, N, A, cfg: UpConfig, activation, gated, has_bias, di
     slots = a0 + jnp.arange(ba, dtype=jnp.int32)
     m_idx = m0 + jnp.arange(bm, dtype=jnp.int32)
     m_ok = m_idx < M
-    kb_per_split = _cdiv(K, bk) // sk
+    kb_per_split = cdiv(K, bk) // sk
     k_ragged = K % bk != 0
 
     @pl.when(a0 < n)
@@ -184,7 +175,7 @@ def gather_up_triton(x, w_gate, w_up, idx, n_active, bias, *, activation, cfg: U
     has_bias = bias is not None
     direct = cfg.split_k == 1
     n_arr = jnp.reshape(jnp.asarray(n_active, jnp.int32), (1,))
-    grid = (_cdiv(M, cfg.block_m), _cdiv(A, cfg.block_a), cfg.split_k)
+    grid = (cdiv(M, cfg.block_m), cdiv(A, cfg.block_a), cfg.split_k)
     n_acc = 2 if gated else 1
     if direct:
         out_shape = jax.ShapeDtypeStruct((M, A), x.dtype)
@@ -275,7 +266,7 @@ def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret)
     has_bias = bias is not None
     direct = cfg.split_j == 1
     n_arr = jnp.reshape(jnp.asarray(n_active, jnp.int32), (1,))
-    grid = (_cdiv(M, cfg.block_m), _cdiv(D, cfg.block_d), cfg.split_j)
+    grid = (cdiv(M, cfg.block_m), cdiv(D, cfg.block_d), cfg.split_j)
     if direct:
         out_shape = jax.ShapeDtypeStruct((M, D), h.dtype)
     else:

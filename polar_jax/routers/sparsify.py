@@ -30,8 +30,9 @@ _ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b"]
 _ROUTER_META = ["attn_k", "units", "plan", "mlp_recall", "use_attn", "use_mlp", "start"]
 
 
+@dataclasses.dataclass(frozen=True)
 class _RouterScores:
-    """Router logits per layer from the stored weights (shared by the sparsifier and the selector)."""
+    """Router weights and k tables (fields shared by the sparsifier and the selector), logits per layer."""
 
     attn_w: tuple
     attn_b: tuple
@@ -41,8 +42,9 @@ class _RouterScores:
     units: int
     plan: SparsityConfig | None
     mlp_recall: float | None
-    use_attn: bool
-    use_mlp: bool
+    use_attn: bool = True
+    use_mlp: bool = True
+    start: int = 0  # masked eval: positions before it stay dense; decode ignores it (prefill is dense)
 
     def _attn_k(self, layer: int) -> int | None:
         if not self.use_attn or self.attn_w[layer] is None or self.attn_k[layer] >= self.units:
@@ -58,18 +60,6 @@ class _RouterScores:
 @functools.partial(jax.tree_util.register_dataclass, data_fields=_ROUTER_DATA, meta_fields=_ROUTER_META)
 @dataclasses.dataclass(frozen=True)
 class RouterSparsifier(_RouterScores):
-    attn_w: tuple
-    attn_b: tuple
-    mlp_a: tuple
-    mlp_b: tuple
-    attn_k: tuple[int, ...]
-    units: int
-    plan: SparsityConfig | None
-    mlp_recall: float | None
-    use_attn: bool = True
-    use_mlp: bool = True
-    start: int = 0
-
     def heads_mask(self, layer: int, router_input: jax.Array, head_out: jax.Array) -> jax.Array | None:
         k = self._attn_k(layer)
         if k is None:
@@ -89,18 +79,6 @@ class RouterSparsifier(_RouterScores):
 @dataclasses.dataclass(frozen=True)
 class RouterSelector(_RouterScores):
     """DecodeSelector for `model.decode` / `generate`: per-sequence top-k units, one union index vector."""
-
-    attn_w: tuple
-    attn_b: tuple
-    mlp_a: tuple
-    mlp_b: tuple
-    attn_k: tuple[int, ...]
-    units: int
-    plan: SparsityConfig | None
-    mlp_recall: float | None
-    use_attn: bool = True
-    use_mlp: bool = True
-    start: int = 0  # unused in decode (prefill is dense by construction)
 
     def attention(self, layer: int, router_input: jax.Array) -> tuple[jax.Array, jax.Array] | None:
         k = self._attn_k(layer)
