@@ -62,7 +62,8 @@ def perplexity(
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of `model` on a token stream. `sparsifier` (see models.base.Sparsifier) applies masked
-    sparsity; with it, the windows of one batch form the decode batch whose MLP union is shared."""
+    sparsity; with it, the windows of one batch form the decode batch whose MLP union is shared (a smaller
+    last batch is a smaller decode batch, so its calibrated MLP k differs, as it would when decoding)."""
     windows = make_windows(tokens, seq_len, max_tokens)
     if seq_len > getattr(model.config, "max_position_embeddings", seq_len) and model.config.family == "opt":
         raise InputError(f"seq_len {seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
