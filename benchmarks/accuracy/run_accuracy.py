@@ -167,7 +167,11 @@ def report() -> None:
     for ax, r in zip(axes[0], results):
         rows, dense, m = r["ppl"], r["dense_ppl"], r["model"]
         mlp = r["config"]["mlp_router"]
+        env = r.get("env", {})
         lines += [f"## {m}", "",
+                  f"Run on {env.get('backend', '?')} (2 cores), jax {env.get('jax', '?')}, {env.get('date', '?')}, "
+                  f"{env.get('seconds', '?')} s; command: `python {env.get('command', '?')}` "
+                  "(data and bundle made by the commands in benchmarks/accuracy/README.md).", "",
                   f"{r['config']['layers']} layers, {r['config']['units']} attention {r['config']['unit']}s, "
                   f"ffn {r['config']['ffn']}" + (f", MLP router rank {r['config']['rank']}" if mlp else "")
                   + f"; eval {r['ppl'][0]['tokens']} tokens; dense perplexity **{dense:.2f}**.", "",
@@ -223,6 +227,9 @@ def report() -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "accuracy_curve.png", dpi=110)
+    findings = Path(__file__).with_name("findings.md")  # hand-written reading of the numbers, kept on regeneration
+    if findings.is_file():
+        lines += ["", findings.read_text().rstrip()]
     (RESULTS / "accuracy_report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
