@@ -39,6 +39,7 @@ class AttnConfig:
     min_chunk: int
     num_warps: int
     num_stages: int
+    target_programs: int = TARGET_PROGRAMS  # live programs the run-time split count aims for
 
 
 def choose_attn_config(B: int, S: int, A: int, D: int) -> AttnConfig:
@@ -56,9 +57,9 @@ def choose_attn_config(B: int, S: int, A: int, D: int) -> AttnConfig:
                       num_warps=4, num_stages=2)
 
 
-def runtime_splits(total_active, num_splits: int):
+def runtime_splits(total_active, num_splits: int, target: int = TARGET_PROGRAMS):
     """Splits used at run time: enough (sequence, slot, split) programs to fill the GPU."""
-    want = (TARGET_PROGRAMS + jnp.maximum(total_active, 1) - 1) // jnp.maximum(total_active, 1)
+    want = (target + jnp.maximum(total_active, 1) - 1) // jnp.maximum(total_active, 1)
     return jnp.clip(want, 1, num_splits)
 
 
@@ -87,7 +88,7 @@ def _attn_kernel(q_ref, k_ref, v_ref, len_ref, grp_ref, nact_ref, o_ref, lse_ref
     b_all = jnp.arange(bp, dtype=jnp.int32)
     n_all = plgpu.load(nact_ref.at[pl.ds(0, bp)], mask=b_all < B, other=0)
     total = jnp.sum(jnp.clip(n_all, 0, A))
-    splits = runtime_splits(total, cfg.num_splits)
+    splits = runtime_splits(total, cfg.num_splits, cfg.target_programs)
     lo, hi = _split_range(L, splits, bs, cfg.min_chunk, window, sp)
     valid = (j < n) & (lo < hi)
     rows = jnp.arange(gp, dtype=jnp.int32)

@@ -42,6 +42,10 @@ class DownConfig:
     split_j: int
     num_warps: int
     num_stages: int
+    # Splits add their f32 tiles into one zero-initialised [M, D] buffer with atomics instead of
+    # writing [split_j, M, D] partials for an XLA sum: less traffic when split_j is large, but
+    # the summation order (so the last bits) then varies from run to run.
+    atomic: bool = False
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -52,43 +56,64 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
     return best
 
 
+def up_split(M: int, K: int, A: int, block_m: int, block_a: int, block_k: int,
+             gated: bool = False) -> int:
+    """K splits for gather_up. No split once there are enough (m, a) blocks to cover the SMs
+    about once (gated blocks count twice: two weight tiles per step): the f32 partials and
+    their epilogue kernel cost more than the idle SMs (H100, 2026-11-21 tuning: M=64 d=4096 50%
+    33.2 -> 27.5 us, SwiGLU M=64 25% 27.7 -> 21.3 us). Below that, split into whole k-blocks
+    until two waves of programs keep enough loads in flight for HBM (M=64 10%: 10.5 us with 4
+    splits vs 12.5 us without)."""
+    n_kb = cdiv(K, block_k)
+    n_blocks = cdiv(M, block_m) * cdiv(A, block_a)
+    if n_blocks * (2 if gated else 1) >= NUM_SMS * 7 // 8:
+        return 1
+    want = cdiv(2 * NUM_SMS, n_blocks)
+    return _largest_divisor_at_most(n_kb, max(1, min(want, n_kb // 2 if n_kb >= 4 else 1)))
+
+
 def choose_up_config(M: int, K: int, A: int, gated: bool = False) -> UpConfig:
     """Static tiling for gather_up from the shapes (A is the slot capacity).
 
-    Tuned on the H100 (benchmarks/kernels/NOTES.md): for M <= 64, 128-wide k-steps with 4
-    pipeline stages beat 256-wide ones with 3 (M=1: 9.1 vs 9.3 us, M=64: 10.5 vs 12.8 us at 10%,
-    33.2 vs 38.9 us at 50% of d=4096); for M=256 the 64x64 tiles with 256-wide steps stay best."""
+    Tuned on the H100 (benchmarks/kernels/NOTES.md): for M <= 64, 32 active rows x 128-wide
+    k-steps (6 pipeline stages for M <= 16, 4 for M = 64, where 64-row x tiles fill shared memory
+    sooner); for M=256 64x64 tiles with 256-wide steps."""
     block_m = min(pow2_at_least(M, 16), 64)
     block_a = 64 if M > 64 else 32
     if gated:
         block_a = min(block_a, 32)
     wide = M > 64
     block_k = 256 if wide and K > 128 else 128
-    num_stages = 3 if wide else 4
-    n_kb = cdiv(K, block_k)
-    n_blocks = cdiv(M, block_m) * cdiv(A, block_a)
-    # Two waves of programs over the SMs keeps enough loads in flight for HBM; split K only as
-    # much as needed, and only into whole k-blocks (no ragged split to mask).
-    want = cdiv(2 * NUM_SMS, n_blocks)
-    split_k = _largest_divisor_at_most(n_kb, max(1, min(want, n_kb // 2 if n_kb >= 4 else 1)))
+    num_stages = 3 if wide else (6 if M <= 16 else 4)
+    split_k = up_split(M, K, A, block_m, block_a, block_k, gated)
     return UpConfig(block_m, block_a, block_k, split_k, num_warps=4, num_stages=num_stages)
+
+
+def down_split(M: int, D: int, A: int, block_m: int, block_j: int, block_d: int) -> int:
+    """Splits of the active neurons for gather_down: about 4 programs per SM for M <= 16, 2 for
+    larger M (whose f32 partials are bigger), never more than there are neuron chunks."""
+    n_blocks = cdiv(M, block_m) * cdiv(D, block_d)
+    target = (4 if M <= 16 else 2) * NUM_SMS
+    return max(1, min(cdiv(target, n_blocks), cdiv(A, block_j)))
 
 
 def choose_down_config(M: int, D: int, A: int) -> DownConfig:
     """Static tiling for gather_down from the shapes (A is the slot capacity).
 
-    Tuned on the H100: 64 active neurons x 128 output columns per step beat 32 x 256 / 32 x 128
-    at every tuned shape (M=1: 9.0 vs 10.0 us, M=64: 39.1 vs 47.8 us, M=256: 83.9 vs 121.8 us);
-    more splits than ~4 programs per SM (M <= 16) or ~2 (larger M, whose f32 partials are
-    bigger) measured slower."""
+    Tuned on the H100 (2026-11-21): for M <= 16, 128 active neurons x 64 output columns per
+    step with 4 stages (M=16 d=4096 25%: 17.7 vs 18.1 us for 64 x 128); for M in (16, 64],
+    128 x 128 with 8 warps (M=64 d=4096 50%: 37.1 vs 39.3 us); M=256 keeps 64 x 128.
+    Atomic accumulation instead of partials measured 1.1-2x slower everywhere."""
     block_m = min(pow2_at_least(M, 16), 64)
-    block_d = min(128, pow2_at_least(D, 16))
-    block_j = 64
-    n_blocks = cdiv(M, block_m) * cdiv(D, block_d)
-    n_chunks = cdiv(A, block_j)
-    target = (4 if M <= 16 else 2) * NUM_SMS
-    split_j = max(1, min(cdiv(target, n_blocks), n_chunks))
-    return DownConfig(block_m, block_j, block_d, split_j, num_warps=4, num_stages=3)
+    if M <= 16:
+        block_j, block_d, warps, stages = 128, 64, 4, 4
+    elif M <= 64:
+        block_j, block_d, warps, stages = 128, 128, 8, 3
+    else:
+        block_j, block_d, warps, stages = 64, 128, 4, 3
+    block_d = min(block_d, pow2_at_least(D, 16))
+    split_j = down_split(M, D, A, block_m, block_j, block_d)
+    return DownConfig(block_m, block_j, block_d, split_j, num_warps=warps, num_stages=stages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +238,7 @@ def gather_up_triton(x, w_gate, w_up, idx, n_active, bias, *, activation, cfg: U
 def _down_kernel(*refs, M, D, N, A, cfg: DownConfig, has_bias, direct):
     h_ref, w_ref, idx_ref, n_ref, *rest = refs
     b_ref = rest.pop(0) if has_bias else None
-    (o_ref,) = rest
+    o_ref = rest[-1]  # with atomics the zero-filled input buffer is aliased to the output
     bm, bj, bd, sj = cfg.block_m, cfg.block_j, cfg.block_d, cfg.split_j
     im, idb, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = n_ref[0]
@@ -253,6 +278,12 @@ def _down_kernel(*refs, M, D, N, A, cfg: DownConfig, has_bias, direct):
             bias = plgpu.load(b_ref.at[pl.ds(d0, bd)], mask=d_ok, other=0.0).astype(jnp.float32)
             acc = acc + bias[None, :]
         plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(d0, bd)], acc.astype(o_ref.dtype), mask=store_mask)
+    elif cfg.atomic:
+        # The buffer is padded to whole tiles, so the add needs no mask (interpret mode has no
+        # masked atomics); splits with no chunk skip it.
+        @pl.when(c_lo < c_hi)
+        def _add():
+            plgpu.atomic_add(o_ref, (pl.ds(m0, bm), pl.ds(d0, bd)), acc)
     else:
         # Every split writes (zeros when it has no chunk) so the epilogue sum needs no mask.
         plgpu.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(d0, bd)], acc, mask=store_mask)
@@ -265,23 +296,31 @@ def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret)
     N, D = w.shape
     has_bias = bias is not None
     direct = cfg.split_j == 1
+    atomic = cfg.atomic and not direct
     n_arr = jnp.reshape(jnp.asarray(n_active, jnp.int32), (1,))
     grid = (cdiv(M, cfg.block_m), cdiv(D, cfg.block_d), cfg.split_j)
+    args = [h, w, idx.astype(jnp.int32), n_arr] + ([bias] if has_bias else [])
+    aliases = {}
     if direct:
         out_shape = jax.ShapeDtypeStruct((M, D), h.dtype)
+    elif atomic:
+        padded = (grid[0] * cfg.block_m, grid[1] * cfg.block_d)
+        out_shape = jax.ShapeDtypeStruct(padded, jnp.float32)
+        aliases = {len(args): 0}
+        args.append(jnp.zeros(padded, jnp.float32))
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_j, M, D), jnp.float32)
     kernel = functools.partial(_down_kernel, M=M, D=D, N=N, A=A, cfg=cfg, has_bias=has_bias,
                                direct=direct)
-    args = [h, w, idx.astype(jnp.int32), n_arr] + ([bias] if has_bias else [])
     out = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, interpret=interpret,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         name="gather_down",
     )(*args)
     if direct:
         return out
-    y = jnp.sum(out, axis=0)
+    y = out[:M, :D] if atomic else jnp.sum(out, axis=0)
     if has_bias:
         y = y + bias.astype(jnp.float32)[None, :]
     return y.astype(h.dtype)

@@ -5,7 +5,9 @@ configurations come from pallas_kernels.gpu_configs, which the GPU benchmark als
 """
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +15,11 @@ import pytest
 
 from pallas_kernels import gpu_configs as gc
 from pallas_kernels.lowering import count_triton_calls, lower_for_cuda
-from pallas_kernels.selective_attention_triton import choose_attn_config, select_decode_triton
-from pallas_kernels.selective_gemm_triton import (choose_down_config, choose_up_config,
-                                                  gather_down_triton, gather_up_triton)
+from pallas_kernels.selective_attention_triton import (AttnConfig, choose_attn_config,
+                                                       select_decode_triton)
+from pallas_kernels.selective_gemm_triton import (DownConfig, UpConfig, choose_down_config,
+                                                  choose_up_config, gather_down_triton,
+                                                  gather_up_triton)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -88,7 +92,7 @@ def test_gemm_configs_lower_to_triton(dtype):
 def test_attention_configs_lower_to_triton():
     for heads, B, L, Hq, Hkv, D in gc.attn_sweep():
         cfgs = [choose_attn_config(B, L, Hkv, D)]
-        if (heads, B, L) in gc.TUNE_ATTN:
+        if any((heads, B, L) == t[:3] for t in gc.TUNE_ATTN):
             cfgs = gc.attn_variants(B, L, Hkv, D)
         for cfg in cfgs:
             text = _lower_attn(B, L, Hq, Hkv, D, Hkv, cfg, jnp.float16)
@@ -108,3 +112,45 @@ def test_options_and_odd_shapes_lower():
     for B, S, Hq, Hkv, D in ((4, 1000, 28, 4, 128), (2, 4096, 40, 40, 96), (8, 300, 32, 8, 64)):
         cfg = choose_attn_config(B, S, Hkv, D)
         assert count_triton_calls(_lower_attn(B, S, Hq, Hkv, D, Hkv, cfg, bf, window=256)) == 1
+
+
+def _recorded_gemm_configs():
+    """Every selective-GEMM configuration the committed GPU runs recorded (tuning variants and
+    the sweep's per-point configs), with a shape it ran at."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    files = sorted(root.glob("raw_*/tune_*.json")) + sorted(root.glob("raw_*/gemm_*.json"))
+    seen = {}
+    for f in files:
+        d = json.loads(f.read_text())
+        for r in d.get("tune", []):
+            if r["op"] in ("up", "down"):
+                seen.setdefault((r["op"], r["model"], tuple(sorted(r["cfg"].items()))),
+                                (r["M"], r["density"]))
+            else:
+                seen.setdefault(("attn", r["heads"], tuple(sorted(r["cfg"].items()))),
+                                (r["B"], r["L"]))
+        for r in d.get("gemm", []):
+            for op, key in (("up", "up_cfg"), ("down", "down_cfg")):
+                seen.setdefault((op, r["model"], tuple(sorted(r[key].items()))),
+                                (r["M"], r["density"]))
+    return files, seen
+
+
+def test_every_recorded_gpu_config_lowers():
+    """What ran on the GPU in the committed results lowers on CPU too (atomic variants and
+    attention split targets included)."""
+    files, seen = _recorded_gemm_configs()
+    assert files and len(seen) > 50, "benchmarks/results/raw_*/ tuning and sweep JSON missing"
+    for (op, model, items), (M, dens) in seen.items():
+        if op == "attn":
+            Hq, Hkv, D = gc.ATTN_HEADS[model]
+            text = _lower_attn(M, dens, Hq, Hkv, D, Hkv, AttnConfig(**dict(items)), jnp.float16)
+            assert count_triton_calls(text) == 1, (op, model, items)
+            continue
+        K, N, gated = gc.GEMM_MODELS[model]
+        A = gc.active_count(dens, N)
+        if op == "up":
+            text = _lower_up(M, K, N, A, gated, UpConfig(**dict(items)), jnp.float16)
+        else:
+            text = _lower_down(M, N, K, A, DownConfig(**dict(items)), jnp.float16)
+        assert count_triton_calls(text) == 1, (op, model, items)

@@ -103,21 +103,25 @@ def test_gather_up_gated(request, split_k, dtype):
 
 
 DOWN_CASES = [
-    (1, 70, 200, 40, jnp.bfloat16, True, 1),
-    (6, 33, 130, 50, jnp.float16, False, 2),
-    (17, 96, 64, 64, jnp.bfloat16, True, 3),
-    (2, 20, 48, 9, jnp.float32, False, 1),
+    (1, 70, 200, 40, jnp.bfloat16, True, 1, False),
+    (6, 33, 130, 50, jnp.float16, False, 2, False),
+    (17, 96, 64, 64, jnp.bfloat16, True, 3, False),
+    (2, 20, 48, 9, jnp.float32, False, 1, False),
+    # splits summed with f32 atomics into a tile-padded buffer instead of partials
+    (6, 33, 130, 50, jnp.float16, True, 2, True),
+    (17, 96, 64, 64, jnp.bfloat16, False, 3, True),
 ]
 
 
-@pytest.mark.parametrize("M,N,D,A,dtype,use_bias,split", DOWN_CASES)
-def test_gather_down_matches_references(request, M, N, D, A, dtype, use_bias, split):
+@pytest.mark.parametrize("M,N,D,A,dtype,use_bias,split,atomic", DOWN_CASES)
+def test_gather_down_matches_references(request, M, N, D, A, dtype, use_bias, split, atomic):
     rng = _rng(request)
     h = _arr(rng, (M, A), dtype)
     w = _arr(rng, (N, D), dtype, A**-0.5)
     bias = _arr(rng, (D,), dtype) if use_bias else None
     idx = _idx(rng, N, A, dup=True)  # duplicates are summed twice: that is the contract
-    cfg = dataclasses.replace(choose_down_config(M, D, A), block_d=64, split_j=split)
+    cfg = dataclasses.replace(choose_down_config(M, D, A), block_j=32, block_d=64, split_j=split,
+                              atomic=atomic)
     f = jax.jit(lambda h, w, idx, n, b: pk.gather_down(h, w, idx, n, b, impl="pallas", config=cfg))
     for n in sorted({0, 1, A // 3 + 1, A}):
         ref = npref.gather_down_ref(h, w, idx, n, bias)
@@ -129,6 +133,23 @@ def test_gather_down_matches_references(request, M, N, D, A, dtype, use_bias, sp
             _check(out, ref, dtype)
         _check(pk.gather_down(h, w, idx, n, bias, impl="xla"), ref, dtype)
     assert f._cache_size() == 1
+
+
+def test_tiling_heuristics_stay_in_bounds():
+    """Split counts: no K split once the (m, a) blocks cover the SMs, whole k-blocks otherwise;
+    the down projection never has more splits than neuron chunks."""
+    for M, K, A, gated in ((1, 4096, 4096, False), (64, 4096, 8192, False), (64, 4096, 2752, True),
+                           (64, 4096, 1638, False), (16, 9216, 1843, False), (1, 1000, 7, False)):
+        cfg = choose_up_config(M, K, A, gated)
+        n_kb = -(-K // cfg.block_k)
+        n_blocks = -(-M // cfg.block_m) * -(-A // cfg.block_a)
+        assert n_kb % cfg.split_k == 0
+        if n_blocks * (2 if gated else 1) >= 132 * 7 // 8:
+            assert cfg.split_k == 1, (M, K, A, cfg)
+        else:
+            assert cfg.split_k > 1 or n_kb < 4, (M, K, A, cfg)
+        d = choose_down_config(M, K, A)
+        assert 1 <= d.split_j <= -(-A // d.block_j)
 
 
 def test_dense_fallbacks_match_reference(request):

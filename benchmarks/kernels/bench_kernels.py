@@ -242,8 +242,10 @@ def to_torch(x):
 # tuning at a few shapes
 # ------------------------------------------------------------------------------------------
 def part_tune(key) -> None:
-    out = []
-    for heads, B, L in gc.TUNE_ATTN:
+    """Every tiling variant at the tuning shapes: checked against the XLA reference on the GPU
+    (relative error recorded; a wrong variant is marked and never chosen), then timed."""
+    out = RESULTS.setdefault("tune", [])
+    for heads, B, L, densities in gc.TUNE_ATTN:
         Hq, Hkv, D = gc.ATTN_HEADS[heads]
         kv_bytes = 2 * B * L * Hkv * D * 2
         sets = []
@@ -252,48 +254,71 @@ def part_tune(key) -> None:
             sets.append((jax.random.normal(ks[0], (B, Hq, D), DT), kv_cache(ks[1], B, L, Hkv, D),
                          kv_cache(ks[2], B, L, Hkv, D)))
         lengths = jnp.full((B,), L, jnp.int32)
-        groups = jnp.tile(jnp.arange(Hkv, dtype=jnp.int32), (B, 1))
-        for cfg in gc.attn_variants(B, L, Hkv, D):
-            for dens in (1.0, 0.3):
-                n = jnp.full((B,), gc.active_count(dens, Hkv), jnp.int32)
+        key, kg = jax.random.split(key)
+        groups = jnp.argsort(jax.random.uniform(kg, (B, Hkv)), axis=1).astype(jnp.int32)
+        for dens in densities:
+            a = gc.active_count(dens, Hkv)
+            n = jnp.full((B,), a, jnp.int32)
+            want = select_decode_xla(*sets[0], lengths, groups[:, :a], n, D**-0.5, None)
+            for cfg in gc.attn_variants(B, L, Hkv, D):
                 f = lambda q, k, v, cfg=cfg, n=n: pk.select_decode(q, k, v, lengths, groups, n,
                                                                    impl="pallas", config=cfg)
+                err = rel(f(*sets[0]), want)
                 t = safe_ms(f, sets)
-                bw = kv_bytes * gc.active_count(dens, Hkv) / Hkv / (t["ms"] * 1e-3) / 1e12
-                out.append(dict(op="attn", heads=heads, B=B, L=L, density=dens,
+                bw = kv_bytes * a / Hkv / (t["ms"] * 1e-3) / 1e12
+                out.append(dict(op="attn", heads=heads, B=B, L=L, density=dens, rel_err=err,
                                 cfg=dataclasses.asdict(cfg), **t, TBps=bw))
-                log(f"tune attn {heads} B={B} L={L} d={dens} {cfg}: {t['ms']:.4f} ms {bw:.2f} TB/s")
+                log(f"tune attn {heads} B={B} L={L} d={dens} {cfg}: {t['ms']:.4f} ms "
+                    f"{bw:.2f} TB/s rel={err:.1e}")
+            save("tune")
         del sets
     for model, M, dens in gc.TUNE_GEMM:
         K, N, gated = gc.GEMM_MODELS[model]
         A = gc.active_count(dens, N)
-        act_bytes = A * K * 2
+        up_bytes = (2 if gated else 1) * A * K * 2
+        down_bytes = A * K * 2
         sets = []
-        for r in range(n_sets(act_bytes, 12)):
-            key, *ks = jax.random.split(key, 5)
+        for r in range(n_sets(up_bytes, 12)):
+            key, *ks = jax.random.split(key, 6)
             sets.append((jax.random.normal(ks[0], (M, K), DT),
                          (jax.random.normal(ks[1], (N, K), DT) * 0.02).astype(DT),
+                         (jax.random.normal(ks[4], (N, K), DT) * 0.02).astype(DT),
                          jax.random.permutation(ks[2], N)[:A].astype(jnp.int32),
                          jax.random.normal(ks[3], (M, A), DT)))
         n = jnp.int32(A)
-        for cfg in gc.up_variants(M, K, A, gated):
-            f = lambda x, w, i, h, cfg=cfg: pk.gather_up(x, w, i, n, None, "relu", impl="pallas",
-                                                          config=cfg)
-            t = safe_ms(f, sets)
-            out.append(dict(op="up", model=model, M=M, density=dens, cfg=dataclasses.asdict(cfg),
-                            **t, TBps=act_bytes / (t["ms"] * 1e-3) / 1e12))
-            log(f"tune up {model} M={M} d={dens} {cfg}: {t['ms']:.4f} ms "
-                f"{act_bytes / (t['ms'] * 1e-3) / 1e12:.2f} TB/s")
-        for cfg in gc.down_variants(M, K, A):
-            f = lambda x, w, i, h, cfg=cfg: pk.gather_down(h, w, i, n, None, impl="pallas",
-                                                            config=cfg)
-            t = safe_ms(f, sets)
-            out.append(dict(op="down", model=model, M=M, density=dens, cfg=dataclasses.asdict(cfg),
-                            **t, TBps=act_bytes / (t["ms"] * 1e-3) / 1e12))
-            log(f"tune down {model} M={M} d={dens} {cfg}: {t['ms']:.4f} ms "
-                f"{act_bytes / (t['ms'] * 1e-3) / 1e12:.2f} TB/s")
+        if gated:
+            up_ref = lambda x, w, wu, i, h: gx.gather_up_gated_xla(x, w, wu, i, n)
+        else:
+            up_ref = lambda x, w, wu, i, h: gx.gather_up_xla(x, w, i, n, None, "relu")
+        down_ref = lambda x, w, wu, i, h: gx.gather_down_xla(h, w, i, n, None)
+        for op, variants, ref_fn, nbytes in (
+                ("up", gc.up_variants(M, K, A, gated), up_ref, up_bytes),
+                ("down", gc.down_variants(M, K, A), down_ref, down_bytes)):
+            want = ref_fn(*sets[0])
+            for cfg in variants:
+                if op == "down":
+                    f = lambda x, w, wu, i, h, cfg=cfg: pk.gather_down(h, w, i, n, None,
+                                                                       impl="pallas", config=cfg)
+                elif gated:
+                    f = lambda x, w, wu, i, h, cfg=cfg: pk.gather_up_gated(x, w, wu, i, n,
+                                                                           impl="pallas",
+                                                                           config=cfg)
+                else:
+                    f = lambda x, w, wu, i, h, cfg=cfg: pk.gather_up(x, w, i, n, None, "relu",
+                                                                     impl="pallas", config=cfg)
+                try:
+                    err = rel(f(*sets[0]), want)
+                except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
+                    err = float("nan")
+                    log("   FAILED:", repr(e)[:300])
+                t = safe_ms(f, sets) if np.isfinite(err) else {"ms": float("nan")}
+                out.append(dict(op=op, model=model, M=M, density=dens, rel_err=err,
+                                cfg=dataclasses.asdict(cfg), **t,
+                                TBps=nbytes / (t["ms"] * 1e-3) / 1e12))
+                log(f"tune {op} {model} M={M} d={dens} {cfg}: {t['ms']:.4f} ms "
+                    f"{nbytes / (t['ms'] * 1e-3) / 1e12:.2f} TB/s rel={err:.1e}")
+            save("tune")
         del sets
-    RESULTS["tune"] = out
 
 
 # ------------------------------------------------------------------------------------------
@@ -412,6 +437,9 @@ def part_gemm(key, auth) -> None:
                     xup = lambda x, h, i, wu, wd: gx.gather_up_xla(x, wu, i, n, None, "relu")
                 down = lambda x, h, i, *w: pk.gather_down(h, w[-1], i, n, None, impl="pallas")
                 xdown = lambda x, h, i, *w: gx.gather_down_xla(h, w[-1], i, n, None)
+                # every timed configuration is also checked on the GPU, on this point's inputs
+                row["rel_err_up"] = rel(up(*sets[0]), xup(*sets[0]))
+                row["rel_err_down"] = rel(down(*sets[0]), xdown(*sets[0]))
                 row["ours_up"] = safe_ms(up, sets)["ms"]
                 row["ours_down"] = safe_ms(down, sets)["ms"]
                 row["ours"] = row["ours_up"] + row["ours_down"]
@@ -432,7 +460,8 @@ def part_gemm(key, auth) -> None:
                 log(f"mlp {model} M={M:3d} d={dens:.2f} dense={row['dense']:.4f} "
                     f"ours={row['ours']:.4f} (up {row['ours_up']:.4f} down {row['ours_down']:.4f}, "
                     f"{row['ours_TBps']:.2f} TB/s) gather={row['xla_gather']:.4f} "
-                    f"authors={row.get('authors', float('nan')):.4f}")
+                    f"authors={row.get('authors', float('nan')):.4f} "
+                    f"rel={max(row['rel_err_up'], row['rel_err_down']):.1e}")
                 del sets
             save("gemm")
         del wsets
@@ -444,8 +473,8 @@ def _make_tiny() -> None:
     gc.GEMM_MS, gc.GEMM_DENSITIES = (1, 16), (0.1, 1.0)
     gc.ATTN_HEADS = {"mha": (4, 4, 64), "gqa": (8, 2, 64)}
     gc.ATTN_BS, gc.ATTN_LS, gc.ATTN_DENSITIES = (2,), (300,), (1.0, 0.5)
-    gc.TUNE_GEMM = [("relu_d4096", 1, 0.1)]
-    gc.TUNE_ATTN = [("gqa", 2, 300)]
+    gc.TUNE_GEMM = [("relu_d4096", 1, 0.1), ("swiglu_4096_11008", 16, 1.0)]
+    gc.TUNE_ATTN = [("gqa", 2, 300, (0.5,))]
     CHECK_GEMM = [(3, 256, 500, 70, 33, "relu")]
     CHECK_ATTN = [(2, 300, 8, 2, 64, None)]
     ROTATE_BYTES = 1e5
@@ -458,10 +487,13 @@ def main() -> int:
     ap.add_argument("--parts", default="check,copy,attn,gemm")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-authors", action="store_true")
+    ap.add_argument("--models", default="", help="comma-separated subset of the MLP models")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of every code path")
     args = ap.parse_args()
     if args.tiny:
         _make_tiny()
+    if args.models:
+        gc.GEMM_MODELS = {m: gc.GEMM_MODELS[m] for m in args.models.split(",")}
     OUT = args.out
     parts = args.parts.split(",")
     tag = "_".join(parts)

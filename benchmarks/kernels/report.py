@@ -2,6 +2,9 @@
 
     python benchmarks/kernels/report.py out/kernels_attn.json out/kernels_gemm.json \
         --date 2026-11-21 --results benchmarks/results --crossover pallas_kernels/crossover.json
+
+An input may be `path:key+key` to take only those parts of it (e.g. the attention sweep and the
+copy bandwidth of an earlier run whose MLP sweep was superseded).
 """
 from __future__ import annotations
 
@@ -33,9 +36,15 @@ def _ratio(a, b) -> str:
 
 def merge(paths: list[str]) -> dict:
     out: dict = {"attn": [], "gemm": [], "tune": [], "errors": []}
-    for p in paths:
+    for i, spec in enumerate(paths):
+        p, _, keys = spec.partition(":")
         with open(p) as f:
             d = json.load(f)
+        if keys:
+            wanted = set(keys.split("+"))
+            d = {k: v for k, v in d.items() if k in wanted or k.removesuffix("_all") in wanted}
+        for r in d.get("tune", []):
+            r.setdefault("run", i)  # tuning rows of different runs are grouped apart
         for k in ("attn", "gemm", "tune", "errors"):
             out[k] += d.get(k, [])
         for k in ("meta", "copy", "check"):
@@ -185,29 +194,48 @@ def goals(R: dict, bw: float) -> list[str]:
 
 
 def tune_table(R: dict) -> list[str]:
+    """One line per tuned shape: the variant the heuristic of that run picked (listed first),
+    the fastest correct one, and how many were tried (every row is in the JSON)."""
     t = R.get("tune") or []
     if not t:
         return []
-    L = ["## Tuning variants (same run; first row of each shape = the heuristic used in the sweep)", "",
-         "| op | shape | density | config | ms | TB/s |", "|---|---|---|---|---|---|"]
+    groups: dict = defaultdict(list)
     for r in t:
         shape = (f"{r['heads']} B={r['B']} L={r['L']}" if r["op"] == "attn" else f"{r['model']} M={r['M']}")
-        cfg = ", ".join(f"{k}={v}" for k, v in r["cfg"].items())
-        L.append(f"| {r['op']} | {shape} | {r['density']} | {cfg} | {_fmt(r['ms'] if r.get('error') is None else None)} "
-                 f"| {_fmt(r.get('TBps'), 2)}{' (' + r['error'][:60] + ')' if r.get('error') else ''} |")
+        groups[(r["op"], shape, r["density"], r.get("run", 0))].append(r)
+
+    def cfg(r):
+        return ", ".join(f"{k}={v}" for k, v in r["cfg"].items() if k not in ("block_m", "min_chunk"))
+
+    def ok(r):
+        err = r.get("rel_err", 0.0)
+        return not math.isnan(_nan(r.get("ms"))) and (err is None or _nan(err) < 3e-3)
+
+    L = ["## Tuning variants (checked against the XLA reference on the GPU, then timed)", "",
+         "| op | shape | density | variants | first (heuristic then) ms | fastest ms | fastest config |",
+         "|---|---|---|---|---|---|---|"]
+    for (op, shape, dens, _), rows in groups.items():
+        good = [r for r in rows if ok(r)]
+        best = min(good, key=lambda r: r["ms"]) if good else None
+        L.append(f"| {op} | {shape} | {dens} | {len(rows)} ({len(rows) - len(good)} failed) | "
+                 f"{_fmt(rows[0].get('ms'))} | {_fmt(best['ms'] if best else None)} | "
+                 f"{cfg(best) if best else '–'} |")
     return L + [""]
 
 
-def markdown(R: dict, date: str, pngs: list[str], xo: dict[int, float]) -> str:
+def markdown(R: dict, date: str, pngs: list[str], xo: dict[int, float], notes: str = "") -> str:
     meta = R.get("meta", {})
     bw = R.get("copy", {}).get("TBps", float("nan"))
     L = [f"# Selective kernels on {meta.get('device', '?')} ({date})", "",
          f"jax {meta.get('jax')}, dtype {meta.get('dtype')}; commands: "
-         + "; ".join(f"`{m.get('command')}`" for m in R.get("meta_all", [meta])),
+         + "; ".join(f"`{c}`" for c in dict.fromkeys(
+             m.get("command") for m in R.get("meta_all", [meta]))),
          f"Timing: CUPTI kernel time (sum of kernels per call, median over iterations, input sets "
          f"rotated past the 50 MB L2) for ours and XLA; triton do_bench median for the authors' kernels.",
          f"Measured copy bandwidth: **{bw:.2f} TB/s** (read + write). Correctness on the GPU: "
          f"{'all checks passed' if R.get('check', {}).get('all_ok') else 'SEE check section'}.", ""]
+    if notes:
+        L += [notes.strip(), ""]
     attn = R["attn"]
     if attn:
         L += ["## select_decode (fp16, D=128, lengths = L, groups random per sequence)", "",
@@ -253,16 +281,19 @@ def main() -> None:
     ap.add_argument("--date", required=True)
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--crossover", default=None, help="write the crossover table here")
+    ap.add_argument("--name", default=None, help="file name prefix (default kernels_<date>)")
+    ap.add_argument("--notes", default=None, help="hand-written reading to put under the header")
     args = ap.parse_args()
     R = merge(args.json)
-    prefix = os.path.join(args.results, f"kernels_{args.date}")
+    prefix = os.path.join(args.results, args.name or f"kernels_{args.date}")
     os.makedirs(args.results, exist_ok=True)
     pngs = plot_attn(R["attn"], prefix) + plot_gemm(R["gemm"], prefix)
     xo = crossover(R["gemm"]) if R["gemm"] else {}
     with open(prefix + ".json", "w") as f:
         json.dump(R, f, indent=1)
     with open(prefix + ".md", "w") as f:
-        f.write(markdown(R, args.date, pngs, xo))
+        notes = open(args.notes).read() if args.notes else ""
+        f.write(markdown(R, args.date, pngs, xo, notes))
     if args.crossover and xo:
         meta = R.get("meta", {})
         with open(args.crossover, "w") as f:
