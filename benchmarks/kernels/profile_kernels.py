@@ -8,8 +8,9 @@
 Everything is compiled and run once before the window opens (cuProfilerStart), so ncu sees only
 the measured calls: for each case, our kernel(s) plus their XLA epilogue, in the order printed to
 <out>/profile_cases.json. The configurations are the dispatcher's (what the sweep runs), plus the
-atomic-accumulation variant of gather_down for comparison. Profiles the shapes where the goals
-were missed; `benchmarks/kernels/ncu_summary.py` turns the CSV into a table.
+atomic-accumulation variant of gather_down for comparison, at the shapes where the goals were
+missed. Status: on the lent H100 (2026-11-21) ncu attached but produced no profile before the
+call's time limit (benchmarks/kernels/reading_2026-11-21_retune.md); kept to retry elsewhere.
 """
 from __future__ import annotations
 
