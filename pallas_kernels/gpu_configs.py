@@ -33,10 +33,10 @@ ATTN_DENSITIES = (1.0, 0.5, 0.3, 0.1)
 TUNE_GEMM = [("relu_d4096", 1, 0.25), ("relu_d4096", 16, 0.25), ("swiglu_4096_11008", 16, 0.25),
              ("relu_d4096", 64, 0.1), ("relu_d4096", 64, 0.25), ("relu_d4096", 64, 0.5),
              ("relu_d9216", 64, 0.05), ("swiglu_4096_11008", 64, 0.25)]
-# (heads, B, L, densities): the attention shapes just under the bandwidth goal, and MHA B=16 L=2048.
-TUNE_ATTN: list = []  # tuned in the first run of 2026-11-21 (split targets, tiles): all within 1.5%
-TUNE_ATTN_FIRST = [("gqa", 256, 512, (0.5,)), ("gqa", 16, 8192, (0.5,)), ("gqa", 64, 8192, (0.125,)),
-             ("gqa", 256, 2048, (0.125,)), ("mha", 16, 2048, (0.5,))]
+# (heads, B, L, densities) for attention tuning. Empty: the first run of 2026-11-21 tried split
+# targets of 264-2112 programs, 128-key tiles and 3 stages at the five shapes nearest the goals,
+# and all were within 1.5% of the shipped configuration (raw_2026-11-21_retune/tune_run1.json).
+TUNE_ATTN: list = []
 
 
 def active_count(density: float, n: int) -> int:
