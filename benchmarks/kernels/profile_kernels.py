@@ -1,24 +1,27 @@
-"""Run each kernel of interest once inside a CUDA profiler window, for Nsight Compute.
+"""Where the time goes at the shapes that miss the goals: per-kernel CUPTI times, and a small
+program for Nsight Compute.
 
-    ncu --clock-control none --profile-from-start off --csv --page details \\
-        --section SpeedOfLight --section LaunchStats --section Occupancy \\
-        --section WarpStateStats --section ComputeWorkloadAnalysis --log-file ncu.csv \\
-        python benchmarks/kernels/profile_kernels.py --out $OUT
+    # per-kernel times (our kernel vs its XLA epilogue), rotated inputs, medians:
+    PYTHONPATH=. python benchmarks/kernels/profile_kernels.py --mode breakdown --out $OUT
+    # hardware counters: run each call once, filter the kernels by name in ncu
+    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_ALLOCATOR=platform \\
+    ncu --target-processes application-only --kernel-name regex:'gather|select' \\
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
+        --section LaunchStats --section WarpStateStats --csv --page details \\
+        python benchmarks/kernels/profile_kernels.py --mode once --out $OUT
 
-Everything is compiled and run once before the window opens (cuProfilerStart), so ncu sees only
-the measured calls: for each case, our kernel(s) plus their XLA epilogue, in the order printed to
-<out>/profile_cases.json. The configurations are the dispatcher's (what the sweep runs), plus the
-atomic-accumulation variant of gather_down for comparison, at the shapes where the goals were
-missed. Status: on the lent H100 (2026-11-21) ncu attached but produced no profile before the
-call's time limit (benchmarks/kernels/reading_2026-11-21_retune.md); kept to retry elsewhere.
+`once` keeps the device memory small (no preallocation, one input set per case): Nsight Compute
+saves and restores the memory a kernel may touch for each replay pass, and an earlier attempt
+with JAX's default 75% preallocation attached but produced nothing within the call's time limit.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import dataclasses
+import collections
 import json
+import math
 import os
+import statistics
 import sys
 
 import jax
@@ -26,86 +29,113 @@ import jax.numpy as jnp
 
 import pallas_kernels as pk
 from pallas_kernels import gpu_configs as gc
-from pallas_kernels.selective_gemm_triton import choose_down_config
 
 DT = jnp.float16
+ROTATE_BYTES = 160e6  # rotate input sets past the 50 MB L2, as the benchmark does
 
 # (name, model, M, density) for the MLP and (name, heads, B, L, density) for attention
-MLP_CASES = [("relu_d4096 M=64 25%", "relu_d4096", 64, 0.25),
-             ("relu_d4096 M=1 25%", "relu_d4096", 1, 0.25),
-             ("relu_d9216 M=64 5%", "relu_d9216", 64, 0.05)]
-ATTN_CASES = [("gqa B=256 L=512 50%", "gqa", 256, 512, 0.5),
-              ("mha B=16 L=2048 50%", "mha", 16, 2048, 0.5)]
+MLP_CASES = [("relu_d4096 M=64 50%", "relu_d4096", 64, 0.5),
+             ("relu_d4096 M=64 10%", "relu_d4096", 64, 0.1),
+             ("relu_d4096 M=16 25%", "relu_d4096", 16, 0.25),
+             ("relu_d9216 M=64 25%", "relu_d9216", 64, 0.25)]
+ATTN_CASES = [("mha B=16 L=2048 50%", "mha", 16, 2048, 0.5),
+              ("gqa B=256 L=512 50%", "gqa", 256, 512, 0.5),
+              ("gqa B=16 L=8192 50%", "gqa", 16, 8192, 0.5)]
 
 
-def _mlp_calls(key, model: str, M: int, dens: float):
+def _sets(active_bytes: float, once: bool) -> int:
+    return 1 if once else int(max(1, min(12, math.ceil(ROTATE_BYTES / active_bytes))))
+
+
+def mlp_case(key, model: str, M: int, dens: float, once: bool):
+    """[(op, fn, arg_sets)] for the up and down kernels of one MLP shape."""
     K, N, gated = gc.GEMM_MODELS[model]
     A = gc.active_count(dens, N)
-    ks = jax.random.split(key, 6)
-    x = jax.random.normal(ks[0], (M, K), DT)
-    w = (jax.random.normal(ks[1], (N, K), DT) * 0.02).astype(DT)
-    wu = (jax.random.normal(ks[2], (N, K), DT) * 0.02).astype(DT)
-    wd = (jax.random.normal(ks[3], (N, K), DT) * 0.02).astype(DT)
-    idx = jax.random.permutation(ks[4], N)[:A].astype(jnp.int32)
-    h = jax.random.normal(ks[5], (M, A), DT)
+    sets = []
+    for _ in range(_sets((3 if gated else 2) * A * K * 2, once)):
+        key, *ks = jax.random.split(key, 7)
+        sets.append((jax.random.normal(ks[0], (M, K), DT),
+                     (jax.random.normal(ks[1], (N, K), DT) * 0.02).astype(DT),
+                     (jax.random.normal(ks[2], (N, K), DT) * 0.02).astype(DT),
+                     (jax.random.normal(ks[3], (N, K), DT) * 0.02).astype(DT),
+                     jax.random.permutation(ks[4], N)[:A].astype(jnp.int32),
+                     jax.random.normal(ks[5], (M, A), DT)))
     n = jnp.int32(A)
     if gated:
-        up = jax.jit(lambda: pk.gather_up_gated(x, w, wu, idx, n, impl="pallas"))
+        up = lambda x, wg, wu, wd, i, h: pk.gather_up_gated(x, wg, wu, i, n, impl="pallas")
     else:
-        up = jax.jit(lambda: pk.gather_up(x, w, idx, n, None, "relu", impl="pallas"))
-    down = jax.jit(lambda: pk.gather_down(h, wd, idx, n, None, impl="pallas"))
-    atomic_cfg = dataclasses.replace(choose_down_config(M, K, A), atomic=True)
-    down_atomic = jax.jit(lambda: pk.gather_down(h, wd, idx, n, None, impl="pallas",
-                                                 config=atomic_cfg))
-    dense = jax.jit(lambda: jnp.dot(jax.nn.relu(jnp.dot(x, w.T)), wd))
-    return [("up", up), ("down", down), ("down atomic", down_atomic), ("dense XLA MLP", dense)]
+        up = lambda x, wg, wu, wd, i, h: pk.gather_up(x, wg, i, n, None, "relu", impl="pallas")
+    down = lambda x, wg, wu, wd, i, h: pk.gather_down(h, wd, i, n, None, impl="pallas")
+    return [("up", up, sets), ("down", down, sets)]
 
 
-def _attn_calls(key, heads: str, B: int, L: int, dens: float):
+def attn_case(key, heads: str, B: int, L: int, dens: float, once: bool):
     Hq, Hkv, D = gc.ATTN_HEADS[heads]
-    ks = jax.random.split(key, 4)
-    q = jax.random.normal(ks[0], (B, Hq, D), DT)
-    k = jax.random.normal(ks[1], (B, L, Hkv, D), DT)
-    v = jax.random.normal(ks[2], (B, L, Hkv, D), DT)
-    lengths = jnp.full((B,), L, jnp.int32)
-    groups = jnp.argsort(jax.random.uniform(ks[3], (B, Hkv)), axis=1).astype(jnp.int32)
-    n = jnp.full((B,), gc.active_count(dens, Hkv), jnp.int32)
-    return [("select_decode", jax.jit(lambda: pk.select_decode(q, k, v, lengths, groups, n,
-                                                               impl="pallas")))]
+    a = gc.active_count(dens, Hkv)
+    sets = []
+    for _ in range(_sets(2 * B * L * a * D * 2, once)):
+        key, *ks = jax.random.split(key, 5)
+        sets.append((jax.random.normal(ks[0], (B, Hq, D), DT),
+                     jax.random.normal(ks[1], (B, L, Hkv, D), DT),
+                     jax.random.normal(ks[2], (B, L, Hkv, D), DT),
+                     jnp.full((B,), L, jnp.int32),
+                     jnp.argsort(jax.random.uniform(ks[3], (B, Hkv)), axis=1).astype(jnp.int32),
+                     jnp.full((B,), a, jnp.int32)))
+    # lengths, groups and counts are arguments (as in a decode step), not captured constants
+    fn = lambda q, k, v, l, g, n: pk.select_decode(q, k, v, l, g, n, impl="pallas")
+    return [("select_decode", fn, sets)]
+
+
+def cases(key, once: bool):
+    for name, model, M, dens in MLP_CASES:
+        if once and "d9216" in model:  # 2 GB of weights: keep ncu's replay memory small
+            continue
+        key, sub = jax.random.split(key)
+        for op, fn, sets in mlp_case(sub, model, M, dens, once):
+            yield f"{name} {op}", fn, sets
+    for name, heads, B, L, dens in ATTN_CASES:
+        key, sub = jax.random.split(key)
+        for op, fn, sets in attn_case(sub, heads, B, L, dens, once):
+            yield f"{name} {op}", fn, sets
+
+
+def breakdown(fn, sets, iters: int = 15) -> dict[str, float]:
+    """Median per-call time (us) of each kernel name that one call of fn launches."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    g = jax.jit(lambda all_sets: [fn(*s) for s in all_sets])
+    _, per_iter = profiler.measure(g, aggregate=False, iterations=iters)(sets)
+    by_name = collections.defaultdict(list)
+    for timings in per_iter:
+        sums = collections.Counter()
+        for name, ms in timings:
+            sums[name] += ms
+        for name, ms in sums.items():
+            by_name[name].append(ms * 1e3 / len(sets))
+    return {name: statistics.median(v) for name, v in by_name.items()}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--mode", choices=("breakdown", "once"), default="breakdown")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    key = jax.random.PRNGKey(0)
-    calls = []
-    for name, model, M, dens in MLP_CASES:
-        key, sub = jax.random.split(key)
-        calls += [(f"{name} {op}", f) for op, f in _mlp_calls(sub, model, M, dens)]
-    for name, heads, B, L, dens in ATTN_CASES:
-        key, sub = jax.random.split(key)
-        calls += [(f"{name} {op}", f) for op, f in _attn_calls(sub, heads, B, L, dens)]
-    for _, f in calls:  # compile and warm up outside the profiler window
-        jax.block_until_ready(f())
-    cuda = ctypes.CDLL("libcuda.so.1") if jax.devices()[0].platform == "gpu" else None
-    if cuda is not None:
-        # cuProfilerStart acts on the calling thread's current context: make XLA's (the
-        # device's primary context) current here first.
-        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-        cuda.cuDeviceGet(ctypes.byref(dev), 0)
-        cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
-        cuda.cuCtxPushCurrent_v2(ctx)
-        cuda.cuProfilerStart()
-    for _, f in calls:
-        jax.block_until_ready(f())
-    if cuda is not None:
-        cuda.cuProfilerStop()
-    with open(os.path.join(args.out, "profile_cases.json"), "w") as fh:
-        json.dump({"order": [c for c, _ in calls], "device": jax.devices()[0].device_kind,
-                   "jax": jax.__version__, "command": " ".join([sys.executable] + sys.argv)},
-                  fh, indent=1)
-    print("profiled", len(calls), "calls")
+    once = args.mode == "once"
+    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "command": " ".join([sys.executable] + sys.argv), "cases": {}}
+    for name, fn, sets in cases(jax.random.PRNGKey(0), once):
+        if once:
+            jax.block_until_ready(jax.jit(fn)(*sets[0]))
+            report["cases"][name] = "run once"
+            print("ran", name, flush=True)
+            continue
+        per = breakdown(fn, sets)
+        report["cases"][name] = {"sets": len(sets), "us_per_kernel": per,
+                                 "us_total": sum(per.values())}
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]))
+        print(f"{name}: total {sum(per.values()):.1f} us = {parts}", flush=True)
+    with open(os.path.join(args.out, f"profile_{args.mode}.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
     return 0
 
 

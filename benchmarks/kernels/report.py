@@ -4,7 +4,8 @@
         --date 2026-11-21 --results benchmarks/results --crossover pallas_kernels/crossover.json
 
 An input may be `path:key+key` to take only those parts of it (e.g. the attention sweep and the
-copy bandwidth of an earlier run whose MLP sweep was superseded).
+copy bandwidth of an earlier run whose MLP sweep was superseded). `--breakdown` adds the
+per-kernel CUPTI times of profile_kernels.py, `--ncu` a table of Nsight Compute metrics.
 """
 from __future__ import annotations
 
@@ -193,6 +194,89 @@ def goals(R: dict, bw: float) -> list[str]:
     return L + [""]
 
 
+def gpu_errors(R: dict) -> list[str]:
+    """Largest relative error of the timed points against the XLA reference on the GPU."""
+    errs = [_nan(r.get("rel_err")) for r in R["attn"]]
+    errs_g = [max(_nan(r.get("rel_err_up")), _nan(r.get("rel_err_down"))) for r in R["gemm"]]
+    L = []
+    for name, e in (("select_decode sweep points", errs), ("selective MLP sweep points", errs_g)):
+        e = [x for x in e if not math.isnan(x)]
+        if e:
+            L.append(f"- {name} checked against the XLA reference on the GPU: {len(e)}, "
+                     f"max relative error {max(e):.1e}")
+    return L + [""] if L else []
+
+
+def breakdown_table(paths: list[str]) -> list[str]:
+    """Per-kernel CUPTI times (profile_kernels.py --mode breakdown), one column per file."""
+    runs = []
+    for spec in paths:
+        label, _, p = spec.rpartition("=")
+        with open(p) as f:
+            runs.append((label or os.path.basename(p), json.load(f)["cases"]))
+    L = ["## Where the time goes (per-kernel CUPTI time, µs per call, median)", "",
+         "| case | " + " | ".join(lbl for lbl, _ in runs) + " |",
+         "|---|" + "---|" * len(runs)]
+    for case in runs[0][1]:
+        cells = []
+        for _, cases in runs:
+            c = cases.get(case)
+            if not isinstance(c, dict):
+                cells.append("–")
+                continue
+            per = sorted(c["us_per_kernel"].items(), key=lambda kv: -kv[1])
+            cells.append(f"**{c['us_total']:.1f}** = " + " + ".join(f"{k} {v:.1f}" for k, v in per))
+        L.append(f"| {case} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+NCU_METRICS = [("Duration", "µs", 1e-3), ("DRAM Throughput", "% DRAM", 1),
+               ("L1/TEX Cache Throughput", "% L1", 1), ("L2 Cache Throughput", "% L2", 1),
+               ("Issue Slots Busy", "% issue", 1), ("Registers Per Thread", "regs", 1),
+               ("Dynamic Shared Memory Per Block", "smem KB", 1 / 1024),
+               ("Theoretical Occupancy", "% occ. (theor.)", 1),
+               ("Achieved Occupancy", "% occ.", 1), ("Waves Per SM", "waves", 1),
+               ("Grid Size", "programs", 1)]
+
+
+def ncu_table(csv_path: str, cases_path: str) -> list[str]:
+    """Key Nsight Compute metrics per profiled kernel, labelled with the cases in run order."""
+    import csv
+
+    rows = list(csv.reader(open(csv_path)))
+    head = next(i for i, r in enumerate(rows) if r and r[0] == "ID")
+    h = rows[head]
+    col = {k: h.index(k) for k in ("ID", "Kernel Name", "Metric Name", "Metric Value")}
+    by: dict = defaultdict(dict)
+    names = {}
+    for r in rows[head + 1:]:
+        if len(r) > col["Metric Value"]:
+            by[int(r[col["ID"]])][r[col["Metric Name"]]] = r[col["Metric Value"]]
+            names[int(r[col["ID"]])] = r[col["Kernel Name"]]
+    with open(cases_path) as f:
+        cases = list(json.load(f)["cases"])
+
+    def num(v: str) -> float:
+        return float(v.replace(",", ""))
+
+    L = ["| case | kernel | " + " | ".join(u for _, u, _ in NCU_METRICS) + " |",
+         "|---|---|" + "---|" * len(NCU_METRICS)]
+    kernels_of = {"up": "gather_up", "down": "gather_down", "select_decode": "select_decode"}
+    ids = sorted(by)
+    i = 0
+    for case in cases:
+        want = kernels_of[case.rsplit(" ", 1)[-1]]
+        while i < len(ids) and not names[ids[i]].startswith(want):
+            i += 1
+        if i == len(ids):
+            break
+        m = by[ids[i]]
+        cells = [f"{num(m[k]) * s:.3g}" if k in m else "–" for k, _, s in NCU_METRICS]
+        L.append(f"| {case} | {names[ids[i]][:24]} | " + " | ".join(cells) + " |")
+        i += 1
+    return L + [""]
+
+
 def tune_table(R: dict) -> list[str]:
     """One line per tuned shape: the variant the heuristic of that run picked (listed first),
     the fastest correct one, and how many were tried (every row is in the JSON)."""
@@ -223,7 +307,8 @@ def tune_table(R: dict) -> list[str]:
     return L + [""]
 
 
-def markdown(R: dict, date: str, pngs: list[str], xo: dict[int, float], notes: str = "") -> str:
+def markdown(R: dict, date: str, pngs: list[str], xo: dict[int, float], notes: str = "",
+             extra: list[str] | None = None) -> str:
     meta = R.get("meta", {})
     bw = R.get("copy", {}).get("TBps", float("nan"))
     L = [f"# Selective kernels on {meta.get('device', '?')} ({date})", "",
@@ -268,6 +353,8 @@ def markdown(R: dict, date: str, pngs: list[str], xo: dict[int, float], notes: s
         L += [f"| {m} | {t:.2f} |" for m, t in xo.items()]
         L.append("")
     L += goals(R, bw)
+    L += gpu_errors(R)
+    L += extra or []
     L += tune_table(R)
     L += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs]
     if R.get("errors"):
@@ -283,6 +370,10 @@ def main() -> None:
     ap.add_argument("--crossover", default=None, help="write the crossover table here")
     ap.add_argument("--name", default=None, help="file name prefix (default kernels_<date>)")
     ap.add_argument("--notes", default=None, help="hand-written reading to put under the header")
+    ap.add_argument("--breakdown", nargs="*", default=[],
+                    help="label=profile_breakdown.json files (per-kernel times), one column each")
+    ap.add_argument("--ncu", nargs=3, default=None, metavar=("CSV", "CASES_JSON", "TITLE"),
+                    help="Nsight Compute CSV, the profile_kernels.py --mode once cases, a title")
     args = ap.parse_args()
     R = merge(args.json)
     prefix = os.path.join(args.results, args.name or f"kernels_{args.date}")
@@ -293,7 +384,10 @@ def main() -> None:
         json.dump(R, f, indent=1)
     with open(prefix + ".md", "w") as f:
         notes = open(args.notes).read() if args.notes else ""
-        f.write(markdown(R, args.date, pngs, xo, notes))
+        extra = breakdown_table(args.breakdown) if args.breakdown else []
+        if args.ncu:
+            extra += [f"## {args.ncu[2]}", ""] + ncu_table(args.ncu[0], args.ncu[1])
+        f.write(markdown(R, args.date, pngs, xo, notes, extra))
     if args.crossover and xo:
         meta = R.get("meta", {})
         with open(args.crossover, "w") as f:
