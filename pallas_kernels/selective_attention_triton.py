@@ -8,9 +8,12 @@ selected group's KV is read exactly once. Softmax is online in float32 (base-2 e
 
 The grid is static: (B, A slots, max splits). Each program derives its key range from the live
 length of its sequence (and the sliding window), so splits follow the live lengths; programs
-whose slot is past n_active[b], or whose range is empty, only mark their partial as empty.
-Partials (normalised f32 output and log2-sum-exp) are merged by a small XLA epilogue that also
-scatters slots back to heads (unselected heads are zero; duplicated groups are written once).
+whose slot is past n_active[b], or whose range is empty, exit at once. When the run-time split
+count is 1 a program writes its heads' output directly; otherwise it writes a partial
+(normalised f32 output and log2-sum-exp). A second small kernel, one program per (sequence, KV
+group), merges the partials, and writes zeros for unselected groups, in place on the output.
+It replaced an XLA epilogue of six small kernels that cost 8.6-13.5 us per call at 268 MB of
+active KV on the H100 (benchmarks/kernels/NOTES.md), about 10% of the call.
 """
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .grid import NUM_SMS, cdiv, pow2_at_least
-from .slots import scatter_slots
 
 TARGET_PROGRAMS = 8 * NUM_SMS  # live programs wanted per call (several per SM for balance)
 LOG2E = 1.4426950408889634
@@ -58,8 +60,13 @@ def choose_attn_config(B: int, S: int, A: int, D: int) -> AttnConfig:
 
 
 def runtime_splits(total_active, num_splits: int, target: int = TARGET_PROGRAMS):
-    """Splits used at run time: enough (sequence, slot, split) programs to fill the GPU."""
-    want = (target + jnp.maximum(total_active, 1) - 1) // jnp.maximum(total_active, 1)
+    """Splits used at run time: enough (sequence, slot, split) programs to fill the GPU.
+
+    Rounded up, except that live slots within 10% of the target take one split: one split
+    writes the output directly, with no partials to merge (GQA B=256 L=512 at half the groups,
+    1024 slots: 100.2 us with one split vs 105.8 us with two, H100 2026-11-21)."""
+    total = jnp.maximum(total_active, 1)
+    want = (10 * target + 9 * total - 1) // (10 * total)  # ceil(target / total - 0.1)
     return jnp.clip(want, 1, num_splits)
 
 
@@ -76,25 +83,30 @@ def _split_range(L, splits, block_s: int, min_chunk: int, window: int | None, sp
     return lo, hi
 
 
-def _attn_kernel(q_ref, k_ref, v_ref, len_ref, grp_ref, nact_ref, o_ref, lse_ref, *,
+def _live_splits(len_ref, nact_ref, b, *, S: int, B: int, A: int, cfg: AttnConfig):
+    """(live length of sequence b, split count used at run time): both kernels derive them
+    the same way from the live slot count, so they agree without passing anything."""
+    L = jnp.clip(len_ref[b], 0, S)
+    bp = pow2_at_least(B)
+    b_all = jnp.arange(bp, dtype=jnp.int32)
+    n_all = plgpu.load(nact_ref.at[pl.ds(0, bp)], mask=b_all < B, other=0)
+    total = jnp.sum(jnp.clip(n_all, 0, A))
+    return L, runtime_splits(total, cfg.num_splits, cfg.target_programs)
+
+
+def _attn_kernel(q_ref, k_ref, v_ref, len_ref, grp_ref, nact_ref, o_ref, lse_ref, out_ref, *,
                  S, Hkv, G, D, A, B, cfg: AttnConfig, window, scale_log2):
     bs = cfg.block_s
     gp = pow2_at_least(G, 16)
     dp = pow2_at_least(D, 16)
     b, j, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = nact_ref[b]
-    L = jnp.clip(len_ref[b], 0, S)
-    bp = pow2_at_least(B)
-    b_all = jnp.arange(bp, dtype=jnp.int32)
-    n_all = plgpu.load(nact_ref.at[pl.ds(0, bp)], mask=b_all < B, other=0)
-    total = jnp.sum(jnp.clip(n_all, 0, A))
-    splits = runtime_splits(total, cfg.num_splits, cfg.target_programs)
+    L, splits = _live_splits(len_ref, nact_ref, b, S=S, B=B, A=A, cfg=cfg)
     lo, hi = _split_range(L, splits, bs, cfg.min_chunk, window, sp)
-    valid = (j < n) & (lo < hi)
     rows = jnp.arange(gp, dtype=jnp.int32)
     r_ok = rows < G
 
-    @pl.when(valid)
+    @pl.when((j < n) & (lo < hi))
     def _compute():
         g = jnp.clip(grp_ref[b, j], 0, Hkv - 1)
         dcols = jnp.arange(dp, dtype=jnp.int32)
@@ -131,26 +143,76 @@ def _attn_kernel(q_ref, k_ref, v_ref, len_ref, grp_ref, nact_ref, o_ref, lse_ref
         if dp != D:
             o_mask = o_mask & d_ok[None, :]
         o_mask = jnp.broadcast_to(o_mask, (gp, dp))
-        plgpu.store(o_ref.at[b, j, sp, pl.ds(0, gp), pl.ds(0, dp)], out, mask=o_mask)
-        plgpu.store(lse_ref.at[b, j, sp, pl.ds(0, gp)], m_i + jnp.log2(l_i), mask=r_ok)
 
-    @pl.when(jnp.logical_not(valid))
-    def _empty():
-        # Only the log-sum-exp marks an empty partial; the epilogue never reads its output.
-        plgpu.store(lse_ref.at[b, j, sp, pl.ds(0, gp)], jnp.full((gp,), -jnp.inf, jnp.float32),
-                    mask=r_ok)
+        @pl.when(splits == 1)
+        def _final():
+            # The whole range in one program: write the heads' output directly (no partials;
+            # a group listed twice writes the same values twice).
+            plgpu.store(out_ref.at[b, g, pl.ds(0, gp), pl.ds(0, dp)], out.astype(out_ref.dtype),
+                        mask=o_mask)
+
+        @pl.when(splits > 1)
+        def _partial():
+            plgpu.store(o_ref.at[b, j, sp, pl.ds(0, gp), pl.ds(0, dp)], out, mask=o_mask)
+            plgpu.store(lse_ref.at[b, j, sp, pl.ds(0, gp)], m_i + jnp.log2(l_i), mask=r_ok)
 
 
-def combine_partials(o_part, lse, groups, n_active, Hkv: int, out_dtype):
-    """Merge split partials [B, A, NS, G, D] and scatter slots to heads -> [B, Hkv*G, D]."""
-    B, A, _, G, D = o_part.shape
-    mx = jnp.max(lse, axis=2, keepdims=True)
-    mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
-    w = jnp.exp2(lse - mx)  # 0 for empty partials
-    den = jnp.sum(w, axis=2)
-    num = jnp.sum(jnp.where(w[..., None] > 0, w[..., None] * o_part, 0.0), axis=2)
-    slot_out = jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
-    return scatter_slots(slot_out, groups, n_active, Hkv, out_dtype)
+def finish_block_d(num_splits: int, G: int, D: int) -> int:
+    """Head-dim columns per finish program: all live partials of a group are loaded at once as
+    one [splits, G, columns] tile (every load in flight together; a loop over the splits ran
+    7.9 us for 17 splits at B=16), kept to about 4096 values so the tile stays in registers."""
+    nsp, gp, dp = pow2_at_least(num_splits), pow2_at_least(G), pow2_at_least(D)
+    return max(min(dp, 16), min(dp, pow2_at_least(max(1, 4096 // (nsp * gp)))))
+
+
+def _finish_kernel(o_ref, lse_ref, len_ref, grp_ref, nact_ref, _out_in, out_ref, *, S, Hkv, G, D,
+                   A, B, cfg: AttnConfig, window, block_d):
+    """One program per (sequence, KV group, column block): zeros for a group that is not
+    selected (or has no live key), the merge of its first slot's split partials when the range
+    was split, nothing when the main kernel already wrote it. Every output element is written
+    exactly once."""
+    gp = pow2_at_least(G)
+    ap = pow2_at_least(A)
+    nsp = pow2_at_least(cfg.num_splits)
+    b, g, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n = nact_ref[b]
+    L, splits = _live_splits(len_ref, nact_ref, b, S=S, B=B, A=A, cfg=cfg)
+    slots = jnp.arange(ap, dtype=jnp.int32)
+    grp = plgpu.load(grp_ref.at[b, pl.ds(0, ap)], mask=slots < A, other=-1)
+    j = jnp.min(jnp.where((grp == g) & (slots < n), slots, ap))  # first slot holding g
+    start = jnp.maximum(L - window, 0) if window is not None else jnp.int32(0)
+    computed = (j < ap) & (L > start)
+    d0 = c * block_d
+    rows = jnp.arange(gp, dtype=jnp.int32)
+    dcols = d0 + jnp.arange(block_d, dtype=jnp.int32)
+    r_ok = rows < G
+    d_ok = dcols < D
+    o_mask = jnp.broadcast_to(r_ok[:, None] & d_ok[None, :], (gp, block_d))
+    dst = out_ref.at[b, g, pl.ds(0, gp), pl.ds(d0, block_d)]
+
+    @pl.when(jnp.logical_not(computed))
+    def _zeros():
+        plgpu.store(dst, jnp.zeros((gp, block_d), out_ref.dtype), mask=o_mask)
+
+    @pl.when(computed & (splits > 1))
+    def _merge():
+        sp = jnp.arange(nsp, dtype=jnp.int32)
+        lo, hi = _split_range(L, splits, cfg.block_s, cfg.min_chunk, window, sp)
+        live = (sp < cfg.num_splits) & (lo < hi)
+        jj = jnp.minimum(j, A - 1)
+        lse_mask = jnp.broadcast_to(live[:, None] & r_ok[None, :], (nsp, gp))
+        lse = plgpu.load(lse_ref.at[b, jj, pl.ds(0, nsp), pl.ds(0, gp)], mask=lse_mask,
+                         other=-jnp.inf)
+        mx = jnp.max(lse, axis=0)
+        mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # padded rows only
+        w = jnp.where(lse_mask, jnp.exp2(lse - mx[None, :]), 0.0)  # [splits, G]
+        p_mask = jnp.broadcast_to(lse_mask[:, :, None] & d_ok[None, None, :], (nsp, gp, block_d))
+        parts = plgpu.load(o_ref.at[b, jj, pl.ds(0, nsp), pl.ds(0, gp), pl.ds(d0, block_d)],
+                           mask=p_mask, other=0.0)
+        num = jnp.sum(w[:, :, None] * parts, axis=0)
+        den = jnp.sum(w, axis=0)
+        den = jnp.where(den > 0, den, 1.0)
+        plgpu.store(dst, (num / den[:, None]).astype(out_ref.dtype), mask=o_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "window", "cfg", "interpret"))
@@ -161,20 +223,33 @@ def select_decode_triton(q, k, v, lengths, groups, n_active, *, sm_scale: float,
     A = groups.shape[1]
     G = Hq // Hkv
     ns = cfg.num_splits
-    kernel = functools.partial(_attn_kernel, S=S, Hkv=Hkv, G=G, D=D, A=A, B=B, cfg=cfg,
-                               window=window,
-                               scale_log2=float(sm_scale) * LOG2E)
-    o_part, lse = pl.pallas_call(
-        kernel,
+    lengths = lengths.astype(jnp.int32)
+    groups = groups.astype(jnp.int32)
+    n_active = n_active.astype(jnp.int32)
+    shape = dict(S=S, Hkv=Hkv, G=G, D=D, A=A, B=B, cfg=cfg, window=window)
+    params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    o_part, lse, out = pl.pallas_call(
+        functools.partial(_attn_kernel, scale_log2=float(sm_scale) * LOG2E, **shape),
         out_shape=(jax.ShapeDtypeStruct((B, A, ns, G, D), jnp.float32),
-                   jax.ShapeDtypeStruct((B, A, ns, G), jnp.float32)),
+                   jax.ShapeDtypeStruct((B, A, ns, G), jnp.float32),
+                   jax.ShapeDtypeStruct((B, Hkv, G, D), q.dtype)),
         grid=(B, A, ns),
         interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=params,
         name="select_decode",
-    )(q, k, v, lengths.astype(jnp.int32), groups.astype(jnp.int32), n_active.astype(jnp.int32))
-    return combine_partials(o_part, lse, groups.astype(jnp.int32), n_active.astype(jnp.int32),
-                            Hkv, q.dtype)
+    )(q, k, v, lengths, groups, n_active)
+    # Second pass, in place on `out`: merge split partials, zero the unselected heads.
+    bd = finish_block_d(ns, G, D)
+    out = pl.pallas_call(
+        functools.partial(_finish_kernel, block_d=bd, **shape),
+        out_shape=jax.ShapeDtypeStruct((B, Hkv, G, D), q.dtype),
+        grid=(B, Hkv, cdiv(D, bd)),
+        input_output_aliases={5: 0},
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        name="select_decode_finish",
+    )(o_part, lse, lengths, groups, n_active, out)
+    return out.reshape(B, Hq, D)
 
 
 def default_scale(D: int) -> float:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from pallas_kernels.selective_attention_triton import choose_attn_config
+from pallas_kernels.selective_attention_triton import (choose_attn_config, finish_block_d,
+                                                       runtime_splits)
 from pallas_kernels.selective_attention_xla import dense_decode_xla
 from tests import kernel_reference as npref
 
@@ -56,6 +57,8 @@ CASES = [
     (2, 8, 2, 300, 128, 2, jnp.float16, None, 3),
     (2, 8, 1, 97, 96, 1, jnp.bfloat16, 40, 2),
     (3, 16, 2, 70, 32, 2, jnp.float32, None, 1),
+    # many splits x 8 heads per group: the finish pass cuts the head dim into 16-wide blocks
+    (2, 16, 2, 300, 96, 2, jnp.float16, None, 40),
 ]
 
 
@@ -65,6 +68,8 @@ def test_select_decode_matches_references(B, Hq, Hkv, S, D, A, dtype, window, sp
     q, k, v, groups = _inputs(rng, B, Hq, Hkv, S, D, A, dtype)
     # min_chunk 64 keeps several live splits at these small lengths.
     cfg = dataclasses.replace(choose_attn_config(B, S, A, D), num_splits=splits, min_chunk=64)
+    if splits == 40:
+        assert finish_block_d(splits, Hq // Hkv, D) == 16
     f = jax.jit(lambda *a: pk.select_decode(*a, window=window, impl="pallas", config=cfg))
     # Lengths 1, shorter than a tile, full capacity; counts none / one / all, varied per sequence.
     for lengths, n_active in (([1, S, 37][:B], [A, 1, 0][:B]), ([S, 63, 1][:B], [0, A, 1][:B]),
@@ -122,6 +127,13 @@ def test_under_scan_with_traced_groups():
                                               groups, n_active)
     _check(run("pallas"), want, jnp.bfloat16)
     _check(run("xla"), want, jnp.bfloat16)
+
+
+def test_runtime_split_count():
+    """Rounded up, but live slots within 10% of the target run unsplit (no partials)."""
+    for total, cap, want in ((1024, 8, 1), (960, 8, 1), (900, 8, 2), (256, 8, 5), (64, 32, 17), (1, 64, 64),
+                             (0, 4, 4), (5000, 8, 1)):
+        assert int(runtime_splits(jnp.int32(total), cap, 1056)) == want, (total, cap, want)
 
 
 def test_validation_errors():
