@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+from .grid import NUM_SMS, cdiv
 from .selective_attention_triton import AttnConfig, choose_attn_config
 from .selective_gemm_triton import (DownConfig, UpConfig, choose_down_config, choose_up_config,
                                     down_split, up_split)
@@ -32,11 +33,12 @@ ATTN_DENSITIES = (1.0, 0.5, 0.3, 0.1)
 # of the first sweep (M = 64, and the 67 MB points of M <= 16).
 TUNE_GEMM = [("relu_d4096", 1, 0.25), ("relu_d4096", 16, 0.25), ("swiglu_4096_11008", 16, 0.25),
              ("relu_d4096", 64, 0.1), ("relu_d4096", 64, 0.25), ("relu_d4096", 64, 0.5),
-             ("relu_d9216", 64, 0.05), ("swiglu_4096_11008", 64, 0.25)]
-# (heads, B, L, densities) for attention tuning. Empty: the first run of 2026-11-21 tried split
-# targets of 264-2112 programs, 128-key tiles and 3 stages at the five shapes nearest the goals,
-# and all were within 1.5% of the shipped configuration (raw_2026-11-21_retune/tune_run1.json).
-TUNE_ATTN: list = []
+             ("relu_d9216", 64, 0.05), ("relu_d9216", 64, 0.25), ("swiglu_4096_11008", 64, 0.25)]
+# (heads, B, L, densities) for attention tuning: the shapes under the goals in the first run.
+# With the finish kernel, one split needs no partials at all, so fewer splits (smaller
+# run-time targets) are worth another look.
+TUNE_ATTN = [("mha", 16, 2048, (0.5,)), ("gqa", 256, 512, (0.5,)), ("gqa", 16, 8192, (0.5,)),
+             ("gqa", 64, 8192, (0.125,)), ("gqa", 256, 2048, (0.125,))]
 
 
 def active_count(density: float, n: int) -> int:
@@ -55,11 +57,12 @@ def up_variants(M: int, K: int, A: int, gated: bool) -> list[UpConfig]:
     epilogue kernel; wider active blocks with 8 warps cut the re-reads of x per weight row."""
     base = choose_up_config(M, K, A, gated)
     if M > 16:
-        shapes = [(64, 128, 8, 4, 1), (32, 128, 4, 4, 1), (128, 64, 8, 4, 1), (64, 64, 4, 6, 1),
-                  (64, 128, 8, 4, None), (64, 128, 8, 3, 1), (128, 128, 8, 3, 1)]
+        shapes = [(64, 128, 8, 4, 1), (32, 128, 4, 4, 1), (32, 128, 4, 5, 1), (64, 64, 4, 6, 1)]
     else:
-        shapes = [(32, 128, 4, 4, 1), (16, 128, 4, 4, 1), (16, 128, 4, 6, 1), (32, 128, 4, 6, 1),
-                  (64, 128, 4, 4, 1), (16, 256, 4, 3, 1)]
+        # M <= 16 runs few programs (128 at d=4096, 25%): deeper pipelines and wider k-steps
+        # put more bytes in flight per SM.
+        shapes = [(32, 128, 4, 4, 1), (16, 128, 4, 6, 1), (32, 128, 4, 8, 1), (32, 256, 4, 4, 1),
+                  (16, 256, 4, 6, 1), (32, 128, 4, 6, 2)]
     out = [base]
     for ba, bk, warps, stages, split in shapes:
         v = _up(base, M, K, A, gated, ba, bk, warps, stages, split)
@@ -80,14 +83,15 @@ def down_variants(M: int, D: int, A: int) -> list[DownConfig]:
         return DownConfig(base.block_m, bj, bd, max(1, int(round(sj * mult))), warps, stages)
 
     if M > 16:
-        cands = [v(128, 128, 8, 3), v(128, 256, 8, 3), v(64, 256, 8, 3), v(128, 128, 8, 3, 0.5),
-                 v(128, 64, 4, 3), v(128, 128, 8, 4),
-                 DownConfig(base.block_m, 128, 64, 1, 4, 4),
-                 DownConfig(base.block_m, 128, 32, 1, 4, 4),
-                 DownConfig(base.block_m, 64, 32, 1, 4, 5)]
+        n_blocks = cdiv(M, base.block_m) * cdiv(D, 128)
+        cands = [v(128, 128, 8, 3),
+                 # the rule before the wave-count rounding (one wave and a bit)
+                 DownConfig(base.block_m, 128, 128, cdiv(2 * NUM_SMS, n_blocks), 8, 3),
+                 v(128, 128, 8, 4), v(64, 128, 8, 4), v(128, 128, 4, 3),
+                 DownConfig(base.block_m, 128, 64, max(1, 4 * NUM_SMS // (2 * n_blocks)), 4, 4)]
     else:
-        cands = [v(64, 128, 4, 4), v(128, 128, 4, 3), v(128, 128, 4, 4), v(64, 128, 4, 4, 0.5),
-                 v(64, 128, 4, 4, 2), v(128, 64, 4, 4)]
+        cands = [v(64, 128, 4, 4), v(128, 128, 4, 3), v(128, 64, 4, 5), v(128, 64, 4, 6),
+                 v(128, 64, 4, 4, 0.5)]
     out = [base]
     for c in cands:
         if c not in out:

@@ -150,6 +150,14 @@ def test_tiling_heuristics_stay_in_bounds():
             assert cfg.split_k > 1 or n_kb < 4, (M, K, A, cfg)
         d = choose_down_config(M, K, A)
         assert 1 <= d.split_j <= -(-A // d.block_j)
+    # 16 < M <= 64: the down projection's programs fit one wave of two per SM; the up
+    # projection switches to 64-row blocks once 32-row blocks would need a second wave.
+    for D, A in ((4096, 8192), (9216, 9216), (4096, 1638), (9216, 1843)):
+        d = choose_down_config(64, D, A)
+        assert -(-D // d.block_d) * d.split_j <= 2 * 132, (D, A, d)
+    assert choose_up_config(64, 9216, 9216).block_a == 64
+    assert choose_up_config(64, 4096, 8192).block_a == 32
+    assert choose_up_config(64, 4096, 8192, gated=True).block_a == 32
 
 
 def test_dense_fallbacks_match_reference(request):
