@@ -48,7 +48,9 @@ CHECK_GEMM = [(1, 4096, 16384, 1638, 1638, "relu"), (64, 4096, 16384, 8192, 5000
               (256, 9216, 36864, 3000, 3000, "relu"), (5, 1000, 300, 77, 40, "silu"),
               (16, 5120, 13824, 700, 0, None)]
 CHECK_ATTN = [(16, 2048, 32, 8, 128, None), (4, 8192, 32, 32, 128, None), (3, 1000, 28, 4, 128, 300),
-              (64, 512, 32, 8, 64, None), (2, 4096, 40, 40, 96, 1000)]
+              (64, 512, 32, 8, 64, None), (2, 4096, 40, 40, 96, 1000),
+              # enough live slots for one split at run time: the direct-write path
+              (256, 512, 32, 8, 128, None), (128, 1024, 32, 32, 128, 700)]
 OUT = "."
 
 
@@ -260,11 +262,12 @@ def part_tune(key) -> None:
             a = gc.active_count(dens, Hkv)
             n = jnp.full((B,), a, jnp.int32)
             want = select_decode_xla(*sets[0], lengths, groups[:, :a], n, D**-0.5, None)
+            dyn_sets = [s + (lengths, groups, n) for s in sets]
             for cfg in gc.attn_variants(B, L, Hkv, D):
-                f = lambda q, k, v, cfg=cfg, n=n: pk.select_decode(q, k, v, lengths, groups, n,
-                                                                   impl="pallas", config=cfg)
-                err = rel(f(*sets[0]), want)
-                t = safe_ms(f, sets)
+                f = lambda q, k, v, l, g, nn, cfg=cfg: pk.select_decode(q, k, v, l, g, nn,
+                                                                        impl="pallas", config=cfg)
+                err = rel(f(*dyn_sets[0]), want)
+                t = safe_ms(f, dyn_sets)
                 bw = kv_bytes * a / Hkv / (t["ms"] * 1e-3) / 1e12
                 out.append(dict(op="attn", heads=heads, B=B, L=L, density=dens, rel_err=err,
                                 cfg=dataclasses.asdict(cfg), **t, TBps=bw))
@@ -337,23 +340,30 @@ def part_attn(key, auth, xla_gather: bool = True) -> None:
         lengths = jnp.full((B,), L, jnp.int32)
         scale = D**-0.5
         t0 = time.time()
-        dense = safe_ms(lambda q, k, v: dense_decode_xla(q, k, v, lengths, scale), sets)
+        # lengths, groups and counts are arguments of the timed function, as in a decode step:
+        # captured as constants, XLA would rebuild them with small kernels counted in the time.
+        dense = safe_ms(lambda q, k, v, l: dense_decode_xla(q, k, v, l, scale),
+                        [s + (lengths,) for s in sets])
         key, kg = jax.random.split(key)
         perm = jnp.argsort(jax.random.uniform(kg, (B, Hkv)), axis=1).astype(jnp.int32)
         for dens in gc.ATTN_DENSITIES:
             a = gc.active_count(dens, Hkv)
             n = jnp.full((B,), a, jnp.int32)
+            dyn_sets = [s + (lengths, perm, n) for s in sets]
             row = dict(heads=heads, B=B, L=L, Hq=Hq, Hkv=Hkv, D=D, density=dens, groups=a,
                        kv_bytes=kv_bytes, active_bytes=kv_bytes * a / Hkv, sets=R,
                        dense_xla=dense["ms"])
-            ours = safe_ms(lambda q, k, v: pk.select_decode(q, k, v, lengths, perm, n,
-                                                             impl="pallas"), sets)
+            ours = safe_ms(lambda q, k, v, l, g, nn: pk.select_decode(q, k, v, l, g, nn,
+                                                                       impl="pallas"), dyn_sets)
             row["ours"] = ours["ms"]
             row["ours_spread"] = [ours.get("min"), ours.get("max")]
             if xla_gather and kv_bytes * (1 + a / Hkv) < 40e9:
                 g_a = perm[:, :a]
-                row["xla_gather"] = safe_ms(
-                    lambda q, k, v: select_decode_xla(q, k, v, lengths, g_a, n, scale), sets)["ms"]
+                ref = lambda q, k, v, l, g, nn: select_decode_xla(q, k, v, l, g, nn, scale)
+                row["xla_gather"] = safe_ms(ref, [s + (lengths, g_a, n) for s in sets])["ms"]
+                # every timed point is also checked against the reference on the GPU
+                row["rel_err"] = rel(pk.select_decode(*dyn_sets[0], impl="pallas"),
+                                     ref(*sets[0], lengths, g_a, n))
             if auth is not None:
                 try:
                     q, k, v = (to_torch(t) for t in sets[0])
@@ -488,12 +498,21 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-authors", action="store_true")
     ap.add_argument("--models", default="", help="comma-separated subset of the MLP models")
+    ap.add_argument("--heads", default="", help="comma-separated subset of the attention heads")
+    ap.add_argument("--bs", default="", help="comma-separated subset of the attention batch sizes")
+    ap.add_argument("--ms", default="", help="comma-separated subset of the MLP batch sizes M")
     ap.add_argument("--tiny", action="store_true", help="CPU dry run of every code path")
     args = ap.parse_args()
     if args.tiny:
         _make_tiny()
     if args.models:
         gc.GEMM_MODELS = {m: gc.GEMM_MODELS[m] for m in args.models.split(",")}
+    if args.heads:
+        gc.ATTN_HEADS = {h: gc.ATTN_HEADS[h] for h in args.heads.split(",")}
+    if args.ms:
+        gc.GEMM_MS = tuple(int(m) for m in args.ms.split(","))
+    if args.bs:
+        gc.ATTN_BS = tuple(int(b) for b in args.bs.split(","))
     OUT = args.out
     parts = args.parts.split(",")
     tag = "_".join(parts)
