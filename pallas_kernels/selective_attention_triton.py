@@ -11,7 +11,8 @@ length of its sequence (and the sliding window), so splits follow the live lengt
 whose slot is past n_active[b], or whose range is empty, exit at once. When the run-time split
 count is 1 a program writes its heads' output directly; otherwise it writes a partial
 (normalised f32 output and log2-sum-exp). A second small kernel, one program per (sequence, KV
-group), merges the partials, and writes zeros for unselected groups, in place on the output.
+group, head-dim block), merges the partials and writes zeros for unselected groups, in place on
+the output.
 It replaced an XLA epilogue of six small kernels that cost 8.6-13.5 us per call at 268 MB of
 active KV on the H100 (benchmarks/kernels/NOTES.md), about 10% of the call.
 """
@@ -179,7 +180,8 @@ def _finish_kernel(o_ref, lse_ref, len_ref, grp_ref, nact_ref, _out_in, out_ref,
     L, splits = _live_splits(len_ref, nact_ref, b, S=S, B=B, A=A, cfg=cfg)
     slots = jnp.arange(ap, dtype=jnp.int32)
     grp = plgpu.load(grp_ref.at[b, pl.ds(0, ap)], mask=slots < A, other=-1)
-    j = jnp.min(jnp.where((grp == g) & (slots < n), slots, ap))  # first slot holding g
+    # first slot holding g; slots >= A load as -1, so a match is always a real slot (< A)
+    j = jnp.min(jnp.where((grp == g) & (slots < n), slots, ap))
     start = jnp.maximum(L - window, 0) if window is not None else jnp.int32(0)
     computed = (j < ap) & (L > start)
     d0 = c * block_d
@@ -199,15 +201,14 @@ def _finish_kernel(o_ref, lse_ref, len_ref, grp_ref, nact_ref, _out_in, out_ref,
         sp = jnp.arange(nsp, dtype=jnp.int32)
         lo, hi = _split_range(L, splits, cfg.block_s, cfg.min_chunk, window, sp)
         live = (sp < cfg.num_splits) & (lo < hi)
-        jj = jnp.minimum(j, A - 1)
         lse_mask = jnp.broadcast_to(live[:, None] & r_ok[None, :], (nsp, gp))
-        lse = plgpu.load(lse_ref.at[b, jj, pl.ds(0, nsp), pl.ds(0, gp)], mask=lse_mask,
+        lse = plgpu.load(lse_ref.at[b, j, pl.ds(0, nsp), pl.ds(0, gp)], mask=lse_mask,
                          other=-jnp.inf)
         mx = jnp.max(lse, axis=0)
         mx = jnp.where(jnp.isfinite(mx), mx, 0.0)  # padded rows only
         w = jnp.where(lse_mask, jnp.exp2(lse - mx[None, :]), 0.0)  # [splits, G]
         p_mask = jnp.broadcast_to(lse_mask[:, :, None] & d_ok[None, None, :], (nsp, gp, block_d))
-        parts = plgpu.load(o_ref.at[b, jj, pl.ds(0, nsp), pl.ds(0, gp), pl.ds(d0, block_d)],
+        parts = plgpu.load(o_ref.at[b, j, pl.ds(0, nsp), pl.ds(0, gp), pl.ds(d0, block_d)],
                            mask=p_mask, other=0.0)
         num = jnp.sum(w[:, :, None] * parts, axis=0)
         den = jnp.sum(w, axis=0)

@@ -1,4 +1,5 @@
-"""Slot -> head bookkeeping shared by the attention kernel's epilogue and the XLA reference."""
+"""Slot -> head bookkeeping of the XLA attention reference (the Pallas path does the same
+mapping inside its finish kernel, selective_attention_triton._finish_kernel)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
