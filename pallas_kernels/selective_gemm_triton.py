@@ -32,9 +32,6 @@ class UpConfig:
     split_k: int
     num_warps: int
     num_stages: int
-    # Load this block's neuron indices before reading n_active, so the two loads overlap and the
-    # first weight tile can be requested one memory round trip sooner.
-    early_rows: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +46,6 @@ class DownConfig:
     # writing [split_j, M, D] partials for an XLA sum: less traffic when split_j is large, but
     # the summation order (so the last bits) then varies from run to run.
     atomic: bool = False
-    # Splits still write f32 partials, but the last split to finish a tile (counted with an
-    # atomic per tile) sums them and writes the output: no separate reduction kernel.
-    last_arriver: bool = False
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -156,17 +150,10 @@ def _up_kernel(*refs, M, K, N, A, cfg: UpConfig, activation, gated, has_bias, di
     kb_per_split = cdiv(K, bk) // sk
     k_ragged = K % bk != 0
 
-    rows_early = None
-    if cfg.early_rows:
-        rows_early = plgpu.load(idx_ref.at[pl.ds(a0, ba)], mask=slots < A, other=0)
-
     @pl.when(a0 < n)
     def _compute():
         live = slots < n
-        if rows_early is None:
-            rows = plgpu.load(idx_ref.at[pl.ds(a0, ba)], mask=slots < A, other=0)
-        else:
-            rows = rows_early
+        rows = plgpu.load(idx_ref.at[pl.ds(a0, ba)], mask=slots < A, other=0)
         rows = jnp.clip(rows, 0, N - 1)
 
         def body(kb, accs):
@@ -259,14 +246,10 @@ def gather_up_triton(x, w_gate, w_up, idx, n_active, bias, *, activation, cfg: U
 # --------------------------------------------------------------------------------------------
 # gather_down
 # --------------------------------------------------------------------------------------------
-def _down_kernel(*refs, M, D, N, A, cfg: DownConfig, has_bias, direct, last, interpret):
+def _down_kernel(*refs, M, D, N, A, cfg: DownConfig, has_bias, direct):
     h_ref, w_ref, idx_ref, n_ref, *rest = refs
     b_ref = rest.pop(0) if has_bias else None
-    if last:
-        # inputs: zeroed tile counters (aliased); outputs: result, f32 partials, counters
-        _, y_ref, o_ref, cnt_ref = rest
-    else:
-        o_ref = rest[-1]  # with atomics the zero-filled input buffer is aliased to the output
+    o_ref = rest[-1]  # with atomics the zero-filled input buffer is aliased to the output
     bm, bj, bd, sj = cfg.block_m, cfg.block_j, cfg.block_d, cfg.split_j
     im, idb, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = n_ref[0]
@@ -315,38 +298,6 @@ def _down_kernel(*refs, M, D, N, A, cfg: DownConfig, has_bias, direct, last, int
     else:
         # Every split writes (zeros when it has no chunk) so the epilogue sum needs no mask.
         plgpu.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(d0, bd)], acc, mask=store_mask)
-        if last:
-            _last_arriver_sum(o_ref, y_ref, cnt_ref, b_ref, acc, s, m0, d0, store_mask,
-                              tile=im * pl.num_programs(1) + idb, cfg=cfg, interpret=interpret)
-
-
-def _last_arriver_sum(p_ref, y_ref, cnt_ref, b_ref, acc, s, m0, d0, store_mask, *, tile, cfg,
-                      interpret):
-    """The split that finishes a tile last sums every split's partial and writes the output.
-
-    Ordering: the CTA barrier makes all threads' partial stores precede the one-thread release
-    atomic (the CUTLASS semaphore pattern); the acquire side reads the partials with volatile
-    loads, so no stale L1 line is used (jax 0.10/0.11 reject every `cache_modifier` string).
-    Interpret mode runs programs one after another and has no barrier."""
-    bm, bd, sj = cfg.block_m, cfg.block_d, cfg.split_j
-    if not interpret:
-        plgpu.debug_barrier()
-    done = plgpu.atomic_add(cnt_ref, (tile,), jnp.int32(1))
-
-    @pl.when(done == sj - 1)
-    def _finish():
-        if not interpret:
-            plgpu.debug_barrier()
-        y = acc
-        for other in range(sj):
-            part = plgpu.load(p_ref.at[jnp.int32(other), pl.ds(m0, bm), pl.ds(d0, bd)], mask=store_mask,
-                              other=0.0)
-            y = y + jnp.where(s == other, 0.0, part)
-        if b_ref is not None:
-            d_idx = d0 + jnp.arange(bd, dtype=jnp.int32)
-            bias = plgpu.load(b_ref.at[pl.ds(d0, bd)], mask=d_idx < y_ref.shape[1], other=0.0)
-            y = y + bias.astype(jnp.float32)[None, :]
-        plgpu.store(y_ref.at[pl.ds(m0, bm), pl.ds(d0, bd)], y.astype(y_ref.dtype), mask=store_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
@@ -357,20 +308,12 @@ def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret)
     has_bias = bias is not None
     direct = cfg.split_j == 1
     atomic = cfg.atomic and not direct
-    last = cfg.last_arriver and not direct and not atomic
     n_arr = jnp.reshape(jnp.asarray(n_active, jnp.int32), (1,))
     grid = (cdiv(M, cfg.block_m), cdiv(D, cfg.block_d), cfg.split_j)
     args = [h, w, idx.astype(jnp.int32), n_arr] + ([bias] if has_bias else [])
     aliases = {}
     if direct:
         out_shape = jax.ShapeDtypeStruct((M, D), h.dtype)
-    elif last:
-        n_tiles = grid[0] * grid[1]
-        out_shape = (jax.ShapeDtypeStruct((M, D), h.dtype),
-                     jax.ShapeDtypeStruct((cfg.split_j, M, D), jnp.float32),
-                     jax.ShapeDtypeStruct((n_tiles,), jnp.int32))
-        aliases = {len(args): 2}
-        args.append(jnp.zeros((n_tiles,), jnp.int32))
     elif atomic:
         padded = (grid[0] * cfg.block_m, grid[1] * cfg.block_d)
         out_shape = jax.ShapeDtypeStruct(padded, jnp.float32)
@@ -379,7 +322,7 @@ def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret)
     else:
         out_shape = jax.ShapeDtypeStruct((cfg.split_j, M, D), jnp.float32)
     kernel = functools.partial(_down_kernel, M=M, D=D, N=N, A=A, cfg=cfg, has_bias=has_bias,
-                               direct=direct, last=last, interpret=interpret)
+                               direct=direct)
     out = pl.pallas_call(
         kernel, out_shape=out_shape, grid=grid, interpret=interpret,
         input_output_aliases=aliases,
@@ -388,8 +331,6 @@ def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret)
     )(*args)
     if direct:
         return out
-    if last:
-        return out[0]
     y = out[:M, :D] if atomic else jnp.sum(out, axis=0)
     if has_bias:
         y = y + bias.astype(jnp.float32)[None, :]

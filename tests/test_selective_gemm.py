@@ -103,29 +103,25 @@ def test_gather_up_gated(request, split_k, dtype):
 
 
 DOWN_CASES = [
-    (1, 70, 200, 40, jnp.bfloat16, True, 1, "partials"),
-    (6, 33, 130, 50, jnp.float16, False, 2, "partials"),
-    (17, 96, 64, 64, jnp.bfloat16, True, 3, "partials"),
-    (2, 20, 48, 9, jnp.float32, False, 1, "partials"),
+    (1, 70, 200, 40, jnp.bfloat16, True, 1, False),
+    (6, 33, 130, 50, jnp.float16, False, 2, False),
+    (17, 96, 64, 64, jnp.bfloat16, True, 3, False),
+    (2, 20, 48, 9, jnp.float32, False, 1, False),
     # splits summed with f32 atomics into a tile-padded buffer instead of partials
-    (6, 33, 130, 50, jnp.float16, True, 2, "atomic"),
-    (17, 96, 64, 64, jnp.bfloat16, False, 3, "atomic"),
-    # partials summed in the kernel by the last split to finish each tile (ragged tiles too)
-    (6, 33, 130, 50, jnp.float16, True, 2, "last"),
-    (17, 96, 100, 64, jnp.bfloat16, False, 5, "last"),
-    (1, 70, 64, 40, jnp.float32, True, 3, "last"),
+    (6, 33, 130, 50, jnp.float16, True, 2, True),
+    (17, 96, 64, 64, jnp.bfloat16, False, 3, True),
 ]
 
 
-@pytest.mark.parametrize("M,N,D,A,dtype,use_bias,split,reduce", DOWN_CASES)
-def test_gather_down_matches_references(request, M, N, D, A, dtype, use_bias, split, reduce):
+@pytest.mark.parametrize("M,N,D,A,dtype,use_bias,split,atomic", DOWN_CASES)
+def test_gather_down_matches_references(request, M, N, D, A, dtype, use_bias, split, atomic):
     rng = _rng(request)
     h = _arr(rng, (M, A), dtype)
     w = _arr(rng, (N, D), dtype, A**-0.5)
     bias = _arr(rng, (D,), dtype) if use_bias else None
     idx = _idx(rng, N, A, dup=True)  # duplicates are summed twice: that is the contract
     cfg = dataclasses.replace(choose_down_config(M, D, A), block_j=32, block_d=64, split_j=split,
-                              atomic=reduce == "atomic", last_arriver=reduce == "last")
+                              atomic=atomic)
     f = jax.jit(lambda h, w, idx, n, b: pk.gather_down(h, w, idx, n, b, impl="pallas", config=cfg))
     for n in sorted({0, 1, A // 3 + 1, A}):
         ref = npref.gather_down_ref(h, w, idx, n, bias)

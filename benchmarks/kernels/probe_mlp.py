@@ -3,7 +3,11 @@ and reduction variants (each checked against the XLA reference on the GPU first)
 per call for the shipped pair vs the variants (catches work CUPTI's kernel records miss, such
 as memsets), and what plain XLA kernels reach at the same byte counts.
 
-    PYTHONPATH=. python benchmarks/kernels/probe_mlp.py --out $OUT [--tiny]
+    PYTHONPATH=. python benchmarks/kernels/probe_mlp.py --out $OUT [--tiny] [--shapes 0,1]
+
+The committed results (benchmarks/results/raw_2026-11-21_session4/) also include two variants
+that were removed after they measured no gain: indices loaded before n_active in gather_up, and
+an in-kernel last-arriver reduction of gather_down's partials (commit dbabc7c has that code).
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ SIZES_MB = (16.8, 33.5, 67.1, 134.2, 268.4)
 
 def up_probe_variants(M: int, K: int, A: int, gated: bool) -> list[UpConfig]:
     base = choose_up_config(M, K, A, gated)
-    out = [base, dataclasses.replace(base, early_rows=True)]
+    out = [base]
     if M <= 16:
         # one 4-warp program per SM issues ~0.6 instructions per cycle (Nsight Compute): more
         # warps per SM issue the gather address math and copies in parallel
@@ -53,7 +57,7 @@ def up_probe_variants(M: int, K: int, A: int, gated: bool) -> list[UpConfig]:
         for ba, bk, warps, stages, split in ((64, 64, 4, 6, 2), (64, 64, 4, 6, 4),
                                              (128, 64, 8, 4, None)):
             v = dataclasses.replace(base, block_a=ba, block_k=bk, num_warps=warps,
-                                    num_stages=stages, early_rows=True)
+                                    num_stages=stages)
             v = dataclasses.replace(v, split_k=split or up_split(M, K, A, v.block_m, ba, bk))
             out.append(v)
     return [v for i, v in enumerate(out) if v not in out[:i]]
@@ -61,13 +65,10 @@ def up_probe_variants(M: int, K: int, A: int, gated: bool) -> list[UpConfig]:
 
 def down_probe_variants(M: int, D: int, A: int) -> list[DownConfig]:
     base = choose_down_config(M, D, A)
-    out = [base, dataclasses.replace(base, last_arriver=True)]
+    out = [base]
     if M > 16:
-        half = dataclasses.replace(base, split_j=max(2, base.split_j // 2))
-        out += [half, dataclasses.replace(half, last_arriver=True)]
+        out.append(dataclasses.replace(base, split_j=max(2, base.split_j // 2)))
     else:
-        fewer = max(2, down_split(M, D, A, base.block_m, base.block_j, base.block_d) // 2)
-        out.append(dataclasses.replace(base, split_j=fewer, last_arriver=True))
         out.append(dataclasses.replace(base, num_warps=8))
         for bj, bd, stages in ((128, 128, 3), (64, 128, 4)):
             sj = down_split(M, D, A, base.block_m, bj, bd)
