@@ -30,7 +30,7 @@ from pallas_kernels.selective_gemm_triton import (DownConfig, UpConfig, choose_d
                                                   choose_up_config, down_split, up_split)
 
 sys.path.insert(0, os.path.dirname(__file__))
-from profile_kernels import breakdown  # noqa: E402
+from profile_kernels import breakdown, mlp_sets  # noqa: E402
 
 DT = jnp.float16
 ROTATE_BYTES = 160e6
@@ -98,15 +98,7 @@ def probe_shape(key, model: str, M: int, dens: float, tiny: bool) -> dict:
     A = gc.active_count(dens, N)
     nbytes = (3 if gated else 2) * A * K * 2
     R = 1 if tiny else int(max(2, min(12, math.ceil(ROTATE_BYTES / nbytes))))
-    sets = []
-    for _ in range(R):
-        key, *ks = jax.random.split(key, 7)
-        sets.append((jax.random.normal(ks[0], (M, K), DT),
-                     (jax.random.normal(ks[1], (N, K), DT) * 0.02).astype(DT),
-                     (jax.random.normal(ks[2], (N, K), DT) * 0.02).astype(DT),
-                     (jax.random.normal(ks[3], (N, K), DT) * 0.02).astype(DT),
-                     jax.random.permutation(ks[4], N)[:A].astype(jnp.int32),
-                     jax.random.normal(ks[5], (M, A), DT)))
+    sets = mlp_sets(key, M, K, N, A, R)
     n = jnp.int32(A)
 
     def up_fn(cfg):

@@ -47,12 +47,10 @@ def _sets(active_bytes: float, once: bool) -> int:
     return 1 if once else int(max(1, min(12, math.ceil(ROTATE_BYTES / active_bytes))))
 
 
-def mlp_case(key, model: str, M: int, dens: float, once: bool):
-    """[(op, fn, arg_sets)] for the up and down kernels of one MLP shape."""
-    K, N, gated = gc.GEMM_MODELS[model]
-    A = gc.active_count(dens, N)
+def mlp_sets(key, M: int, K: int, N: int, A: int, R: int) -> list[tuple]:
+    """R fresh input sets (x, w_gate|w_up, w_up, w_down, idx, h) for one MLP shape."""
     sets = []
-    for _ in range(_sets((3 if gated else 2) * A * K * 2, once)):
+    for _ in range(R):
         key, *ks = jax.random.split(key, 7)
         sets.append((jax.random.normal(ks[0], (M, K), DT),
                      (jax.random.normal(ks[1], (N, K), DT) * 0.02).astype(DT),
@@ -60,6 +58,14 @@ def mlp_case(key, model: str, M: int, dens: float, once: bool):
                      (jax.random.normal(ks[3], (N, K), DT) * 0.02).astype(DT),
                      jax.random.permutation(ks[4], N)[:A].astype(jnp.int32),
                      jax.random.normal(ks[5], (M, A), DT)))
+    return sets
+
+
+def mlp_case(key, model: str, M: int, dens: float, once: bool):
+    """[(op, fn, arg_sets)] for the up and down kernels of one MLP shape."""
+    K, N, gated = gc.GEMM_MODELS[model]
+    A = gc.active_count(dens, N)
+    sets = mlp_sets(key, M, K, N, A, _sets((3 if gated else 2) * A * K * 2, once))
     n = jnp.int32(A)
     if gated:
         up = lambda x, wg, wu, wd, i, h: pk.gather_up_gated(x, wg, wu, i, n, impl="pallas")
