@@ -30,6 +30,7 @@ from pallas_kernels.selective_gemm_triton import (DownConfig, UpConfig, choose_d
                                                   choose_up_config, down_split, up_split)
 
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_kernels import rel  # noqa: E402
 from profile_kernels import breakdown, mlp_sets  # noqa: E402
 
 DT = jnp.float16
@@ -74,12 +75,6 @@ def down_probe_variants(M: int, D: int, A: int) -> list[DownConfig]:
             sj = down_split(M, D, A, base.block_m, bj, bd)
             out.append(DownConfig(base.block_m, bj, bd, sj, 8, stages))
     return [v for i, v in enumerate(out) if v not in out[:i]]
-
-
-def rel(a, b) -> float:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def wall_us(fn, sets, iters: int = 40) -> float:
