@@ -1,15 +1,21 @@
-"""Pallas (Triton backend) kernels for Polar Sparsity, each beside an XLA reference.
+"""Polar Sparsity kernels, each op an API (validation + dispatch) over one implementation per backend.
 
 - gather_up / gather_up_gated / gather_down: selective GEMMs over neuron-major MLP weights.
 - select_decode: head/group-selective flash decoding over the [B, S, Hkv, D] KV cache.
+- union_select: fused MLP router selection (logits, threshold union over live rows, ascending ids).
 - mlp_prefers_dense: the measured dense-vs-selective crossover used by impl="auto".
+Backends (backends.py): "xla" (reference, anywhere) and "triton" (Pallas Triton on CUDA cc >= 8.0);
+`pallas_kernels.triton` exposes the Triton entry points with their tiling configs (benchmarks).
 """
+from .backends import BACKENDS, cuda_capability, resolve_impl, triton_gpu_available
 from .crossover import density_threshold, load_crossover, mlp_prefers_dense
-from .dispatch import resolve_impl, triton_gpu_available
 from .selective_attention import select_decode
+from .selective_attention_xla import dense_decode_xla
 from .selective_gemm import gather_down, gather_up, gather_up_gated
+from .union_select import union_select
 
 __all__ = [
-    "gather_up", "gather_up_gated", "gather_down", "select_decode", "mlp_prefers_dense",
-    "density_threshold", "load_crossover", "resolve_impl", "triton_gpu_available",
+    "gather_up", "gather_up_gated", "gather_down", "select_decode", "union_select", "dense_decode_xla",
+    "mlp_prefers_dense", "density_threshold", "load_crossover", "resolve_impl", "triton_gpu_available",
+    "cuda_capability", "BACKENDS",
 ]

@@ -9,17 +9,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .dispatch import resolve_impl, use_interpret
-from .selective_attention_triton import (AttnConfig, choose_attn_config, default_scale,
-                                         select_decode_triton)
+from . import selective_attention_triton as tri
+from .backends import dispatch
+from .selective_attention_triton import default_scale
 from .selective_attention_xla import select_decode_xla
-from .validation import (check_count, check_float, check_indices, check_int, check_kernel_dtype,
-                         check_ndim, check_same_dtype)
+from .validation import check_count, check_float, check_indices, check_int, check_ndim, check_same_dtype
 
 Array = jax.Array
 
 
-def _validate(q, k, v, lengths, groups, n_active, window) -> None:
+def check_select_decode(q, k, v, lengths, groups, n_active, window) -> None:
     check_ndim("q", q, 3)
     check_ndim("k", k, 4)
     check_ndim("v", v, 4)
@@ -49,27 +48,19 @@ def _validate(q, k, v, lengths, groups, n_active, window) -> None:
         raise ValueError(f"window must be a positive int or None, got {window!r}")
 
 
+_IMPLS = {"xla": select_decode_xla, "triton": tri.select_decode}
+
+
 def select_decode(q: Array, k: Array, v: Array, lengths: Array, groups: Array, n_active: Array,
-                  sm_scale: float | None = None, window: int | None = None, impl: str = "auto",
-                  config: AttnConfig | None = None) -> Array:
+                  sm_scale: float | None = None, window: int | None = None, impl: str = "auto") -> Array:
     """Flash decoding of one query token per sequence over the first lengths[b] cached keys
     (or only the last `window` of them), for the KV groups in the first n_active[b] slots of
-    groups[b]. Heads of unselected groups are exactly zero; a group listed twice counts once.
-    `config` overrides the kernel tiling (benchmarks only)."""
-    _validate(q, k, v, lengths, groups, n_active, window)
-    D = q.shape[2]
-    scale = float(sm_scale) if sm_scale is not None else default_scale(D)
-    lengths = jnp.asarray(lengths, jnp.int32)
-    groups = jnp.asarray(groups, jnp.int32)
-    n_active = jnp.asarray(n_active, jnp.int32)
-    if resolve_impl(impl) == "xla":
-        return select_decode_xla(q, k, v, lengths, groups, n_active, scale, window)
-    interpret = use_interpret()
-    check_kernel_dtype(q.dtype, interpret)
-    B, S = k.shape[0], k.shape[1]
-    cfg = config or choose_attn_config(B, S, groups.shape[1], D)
-    return select_decode_triton(q, k, v, lengths, groups, n_active, sm_scale=scale,
-                                window=window, cfg=cfg, interpret=interpret)
+    groups[b]. Heads of unselected groups are exactly zero; a group listed twice counts once."""
+    check_select_decode(q, k, v, lengths, groups, n_active, window)
+    scale = float(sm_scale) if sm_scale is not None else default_scale(q.shape[2])
+    fn = dispatch("select_decode", _IMPLS, impl)
+    return fn(q, k, v, jnp.asarray(lengths, jnp.int32), jnp.asarray(groups, jnp.int32),
+              jnp.asarray(n_active, jnp.int32), scale, window)
 
 
-__all__ = ["select_decode"]
+__all__ = ["select_decode", "check_select_decode"]

@@ -27,7 +27,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .backends import use_interpret
 from .grid import NUM_SMS, cdiv, pow2_at_least
+from .validation import check_kernel_dtype
 
 TARGET_PROGRAMS = 8 * NUM_SMS  # live programs wanted per call (several per SM for balance)
 LOG2E = 1.4426950408889634
@@ -255,3 +257,14 @@ def select_decode_triton(q, k, v, lengths, groups, n_active, *, sm_scale: float,
 
 def default_scale(D: int) -> float:
     return 1.0 / math.sqrt(D)
+
+
+def select_decode(q, k, v, lengths, groups, n_active, sm_scale: float | None = None,
+                  window: int | None = None, config: AttnConfig | None = None):
+    """Backend entry point (validated by selective_attention.select_decode); `config` for benchmarks."""
+    check_kernel_dtype(q.dtype, use_interpret())
+    scale = float(sm_scale) if sm_scale is not None else default_scale(q.shape[2])
+    B, S = k.shape[0], k.shape[1]
+    cfg = config or choose_attn_config(B, S, groups.shape[1], q.shape[2])
+    return select_decode_triton(q, k, v, lengths, groups, n_active, sm_scale=scale, window=window,
+                                cfg=cfg, interpret=use_interpret())

@@ -4,9 +4,10 @@ Weights are neuron-major (up/gate [N, K], down [N, D]) so an active neuron is on
 row. `idx` holds A slots (static capacity) of which the first `n_active` (int32, may be traced)
 are live; one compiled kernel serves every density.
 
-impl: "xla" (reference, any backend), "pallas" (Triton; interpret mode without a CUDA GPU),
-"auto" (Pallas on CUDA cc >= 8.0 with a dense fallback above the measured crossover density,
-XLA elsewhere).
+impl (see backends.py): "xla" (reference, any backend), "triton" (Pallas Triton; interpret mode
+without a CUDA GPU), "auto" (Triton on CUDA cc >= 8.0 with a dense fallback above the measured
+crossover density, XLA elsewhere). Tilings are the Triton backend's business:
+`pallas_kernels.triton` takes a config for benchmarks.
 """
 from __future__ import annotations
 
@@ -15,14 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import selective_gemm_triton as tri
 from . import selective_gemm_xla as ref
 from .activations import ACTIVATIONS
+from .backends import dispatch
 from .crossover import mlp_prefers_dense
-from .dispatch import resolve_impl, use_interpret
-from .selective_gemm_triton import (DownConfig, UpConfig, choose_down_config, choose_up_config,
-                                    gather_down_triton, gather_up_triton)
-from .validation import (check_count, check_float, check_indices, check_int, check_kernel_dtype,
-                         check_ndim, check_same_dtype, concrete)
+from .validation import check_count, check_float, check_indices, check_int, check_ndim, check_same_dtype, concrete
 
 Array = jax.Array
 
@@ -54,68 +53,13 @@ def _check_up(x: Any, ws: dict[str, Any], idx: Any, n_active: Any, bias: Any) ->
     _check_idx(idx, n_active, N)
 
 
-def _pallas_ok(dtype: Any) -> bool:
-    check_kernel_dtype(dtype, use_interpret())
-    return True
-
-
-def gather_up(x: Array, w: Array, idx: Array, n_active: Array | int, bias: Array | None = None,
-              activation: str | None = "relu", impl: str = "auto",
-              config: UpConfig | None = None) -> Array:
-    """out[:, j] = act(x . w[idx[j]] + bias[idx[j]]) for j < n_active; zero columns beyond.
-
-    x [M, K], w [N, K], idx int32 [A], n_active int32 scalar -> [M, A] in x.dtype (f32 accumulate).
-    `config` overrides the kernel tiling (benchmarks only)."""
+def check_up(x: Any, ws: dict[str, Any], idx: Any, n_active: Any, bias: Any, activation: Any = "relu") -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _check_up(x, {"w": w}, idx, n_active, bias)
-    path = resolve_impl(impl)
-    n = jnp.asarray(n_active, jnp.int32)
-    if path == "xla":
-        return ref.gather_up_xla(x, w, idx, n, bias, activation)
-    _pallas_ok(x.dtype)
-    M, K = x.shape
-    cfg = config or choose_up_config(M, K, idx.shape[0])
-
-    def sparse(x, w, idx, n, bias):
-        return gather_up_triton(x, w, None, idx, n, bias, activation=activation, cfg=cfg,
-                                interpret=use_interpret())
-
-    if impl != "auto":
-        return sparse(x, w, idx, n, bias)
-    dense = lambda x, w, idx, n, bias: ref.dense_up_then_take(x, w, idx, n, bias, activation)  # noqa: E731
-    return _choose(M, n_active, n, w.shape[0], dense, sparse, (x, w, idx, n, bias))
+    _check_up(x, ws, idx, n_active, bias)
 
 
-def gather_up_gated(x: Array, w_gate: Array, w_up: Array, idx: Array, n_active: Array | int,
-                    impl: str = "auto", config: UpConfig | None = None) -> Array:
-    """SwiGLU up projection: silu(x . w_gate[idx]^T) * (x . w_up[idx]^T), zeros beyond n_active.
-
-    Gate and up rows are gathered in one pass (one kernel, both accumulators)."""
-    _check_up(x, {"w_gate": w_gate, "w_up": w_up}, idx, n_active, None)
-    path = resolve_impl(impl)
-    n = jnp.asarray(n_active, jnp.int32)
-    if path == "xla":
-        return ref.gather_up_gated_xla(x, w_gate, w_up, idx, n)
-    _pallas_ok(x.dtype)
-    M, K = x.shape
-    cfg = config or choose_up_config(M, K, idx.shape[0], gated=True)
-
-    def sparse(x, wg, wu, idx, n):
-        return gather_up_triton(x, wg, wu, idx, n, None, activation=None, cfg=cfg,
-                                interpret=use_interpret())
-
-    if impl != "auto":
-        return sparse(x, w_gate, w_up, idx, n)
-    return _choose(M, n_active, n, w_gate.shape[0], ref.dense_gated_then_take, sparse,
-                   (x, w_gate, w_up, idx, n))
-
-
-def gather_down(h: Array, w: Array, idx: Array, n_active: Array | int, bias: Array | None = None,
-                impl: str = "auto", config: DownConfig | None = None) -> Array:
-    """sum_{j < n_active} h[:, j] * w[idx[j]] + bias -> [M, D] (duplicates count twice).
-
-    h [M, A], w [N, D] (neuron-major down projection), idx int32 [A], n_active int32 scalar."""
+def check_down(h: Any, w: Any, idx: Any, n_active: Any, bias: Any) -> None:
     check_ndim("h", h, 2)
     check_ndim("w", w, 2)
     check_float("h", h)
@@ -125,21 +69,54 @@ def gather_down(h: Array, w: Array, idx: Array, n_active: Array | int, bias: Arr
         raise ValueError(f"h is [M, A] with A = len(idx) = {idx.shape[0]}, got {h.shape}")
     if bias is not None and tuple(bias.shape) != (w.shape[1],):
         raise ValueError(f"bias must have shape ({w.shape[1]},), got {bias.shape}")
-    path = resolve_impl(impl)
+
+
+_UP = {"xla": lambda x, w, idx, n, bias, act: ref.gather_up_xla(x, w, idx, n, bias, act),
+       "triton": lambda x, w, idx, n, bias, act: tri.gather_up(x, w, idx, n, bias, act)}
+_GATED = {"xla": ref.gather_up_gated_xla, "triton": tri.gather_up_gated}
+_DOWN = {"xla": ref.gather_down_xla, "triton": tri.gather_down}
+
+
+def gather_up(x: Array, w: Array, idx: Array, n_active: Array | int, bias: Array | None = None,
+              activation: str | None = "relu", impl: str = "auto") -> Array:
+    """out[:, j] = act(x . w[idx[j]] + bias[idx[j]]) for j < n_active; zero columns beyond.
+
+    x [M, K], w [N, K], idx int32 [A], n_active int32 scalar -> [M, A] in x.dtype (f32 accumulate)."""
+    check_up(x, {"w": w}, idx, n_active, bias, activation)
     n = jnp.asarray(n_active, jnp.int32)
-    if path == "xla":
-        return ref.gather_down_xla(h, w, idx, n, bias)
-    _pallas_ok(h.dtype)
-    M = h.shape[0]
-    cfg = config or choose_down_config(M, w.shape[1], idx.shape[0])
+    fn = dispatch("gather_up", _UP, impl)
+    if impl != "auto" or fn is _UP["xla"]:
+        return fn(x, w, idx, n, bias, activation)
+    dense = lambda x, w, idx, n, bias: ref.dense_up_then_take(x, w, idx, n, bias, activation)  # noqa: E731
+    sparse = lambda x, w, idx, n, bias: fn(x, w, idx, n, bias, activation)  # noqa: E731
+    return _choose(x.shape[0], n_active, n, w.shape[0], dense, sparse, (x, w, idx, n, bias))
 
-    def sparse(h, w, idx, n, bias):
-        return gather_down_triton(h, w, idx, n, bias, cfg=cfg, interpret=use_interpret())
 
-    if impl != "auto":
-        return sparse(h, w, idx, n, bias)
-    return _choose(M, n_active, n, w.shape[0], ref.dense_scatter_down, sparse,
-                   (h, w, idx, n, bias))
+def gather_up_gated(x: Array, w_gate: Array, w_up: Array, idx: Array, n_active: Array | int,
+                    impl: str = "auto") -> Array:
+    """SwiGLU up projection: silu(x . w_gate[idx]^T) * (x . w_up[idx]^T), zeros beyond n_active.
+
+    Gate and up rows are gathered in one pass (one kernel, both accumulators)."""
+    check_up(x, {"w_gate": w_gate, "w_up": w_up}, idx, n_active, None)
+    n = jnp.asarray(n_active, jnp.int32)
+    fn = dispatch("gather_up_gated", _GATED, impl)
+    if impl != "auto" or fn is _GATED["xla"]:
+        return fn(x, w_gate, w_up, idx, n)
+    return _choose(x.shape[0], n_active, n, w_gate.shape[0], ref.dense_gated_then_take, fn,
+                   (x, w_gate, w_up, idx, n))
+
+
+def gather_down(h: Array, w: Array, idx: Array, n_active: Array | int, bias: Array | None = None,
+                impl: str = "auto") -> Array:
+    """sum_{j < n_active} h[:, j] * w[idx[j]] + bias -> [M, D] (duplicates count twice).
+
+    h [M, A], w [N, D] (neuron-major down projection), idx int32 [A], n_active int32 scalar."""
+    check_down(h, w, idx, n_active, bias)
+    n = jnp.asarray(n_active, jnp.int32)
+    fn = dispatch("gather_down", _DOWN, impl)
+    if impl != "auto" or fn is _DOWN["xla"]:
+        return fn(h, w, idx, n, bias)
+    return _choose(h.shape[0], n_active, n, w.shape[0], ref.dense_scatter_down, fn, (h, w, idx, n, bias))
 
 
 def _choose(M: int, n_active: Any, n: Array, N: int, dense, sparse, args: tuple) -> Array:

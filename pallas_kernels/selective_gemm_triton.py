@@ -17,11 +17,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .grid import NUM_SMS, cdiv, pow2_at_least
 from .activations import get_activation
-
-
-
+from .backends import use_interpret
+from .grid import NUM_SMS, cdiv, pow2_at_least
+from .validation import check_kernel_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,3 +334,29 @@ def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret)
     if has_bias:
         y = y + bias.astype(jnp.float32)[None, :]
     return y.astype(h.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# backend entry points (the public API in selective_gemm.py validates and dispatches here;
+# benchmarks pass `config` to try other tilings)
+# --------------------------------------------------------------------------------------------
+def gather_up(x, w, idx, n_active, bias=None, activation="relu", config: UpConfig | None = None):
+    check_kernel_dtype(x.dtype, use_interpret())
+    M, K = x.shape
+    cfg = config or choose_up_config(M, K, idx.shape[0])
+    return gather_up_triton(x, w, None, idx, n_active, bias, activation=activation, cfg=cfg,
+                            interpret=use_interpret())
+
+
+def gather_up_gated(x, w_gate, w_up, idx, n_active, config: UpConfig | None = None):
+    check_kernel_dtype(x.dtype, use_interpret())
+    M, K = x.shape
+    cfg = config or choose_up_config(M, K, idx.shape[0], gated=True)
+    return gather_up_triton(x, w_gate, w_up, idx, n_active, None, activation=None, cfg=cfg,
+                            interpret=use_interpret())
+
+
+def gather_down(h, w, idx, n_active, bias=None, config: DownConfig | None = None):
+    check_kernel_dtype(h.dtype, use_interpret())
+    cfg = config or choose_down_config(h.shape[0], w.shape[1], idx.shape[0])
+    return gather_down_triton(h, w, idx, n_active, bias, cfg=cfg, interpret=use_interpret())

@@ -50,7 +50,7 @@ def check_kernel_dtype(dtype: Any, interpret: bool) -> None:
     dt = jnp.dtype(dtype)
     if dt in KERNEL_DTYPES or (interpret and dt == jnp.dtype(jnp.float32)):
         return
-    raise TypeError(f"impl='pallas' supports bfloat16/float16 inputs on the GPU (float32 only in "
+    raise TypeError(f"impl='triton' supports bfloat16/float16 inputs on the GPU (float32 only in "
                     f"interpret mode), got {dt}; use impl='xla' for float32")
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+import pallas_kernels.triton as pktri
 from pallas_kernels.selective_attention_triton import (choose_attn_config, finish_block_d,
                                                        runtime_splits)
 from pallas_kernels.selective_attention_xla import dense_decode_xla
@@ -70,7 +71,7 @@ def test_select_decode_matches_references(B, Hq, Hkv, S, D, A, dtype, window, sp
     cfg = dataclasses.replace(choose_attn_config(B, S, A, D), num_splits=splits, min_chunk=64)
     if splits == 40:
         assert finish_block_d(splits, Hq // Hkv, D) == 16
-    f = jax.jit(lambda *a: pk.select_decode(*a, window=window, impl="pallas", config=cfg))
+    f = jax.jit(lambda *a: pktri.select_decode(*a, window=window, config=cfg))
     # Lengths 1, shorter than a tile, full capacity; counts none / one / all, varied per sequence.
     for lengths, n_active in (([1, S, 37][:B], [A, 1, 0][:B]), ([S, 63, 1][:B], [0, A, 1][:B]),
                               (list(rng.integers(1, S + 1, B)), [A] * B)):
@@ -95,8 +96,7 @@ def test_duplicates_zero_length_scale_and_dense_equivalence():
     groups = jnp.asarray([[1, 1, 77, -5], [2, 2, 0, 2], [3, 0, 1, 2]], jnp.int32)
     n_active = jnp.asarray([2, 3, 4], jnp.int32)
     cfg = dataclasses.replace(choose_attn_config(B, S, 4, D), num_splits=2, min_chunk=64)
-    out = pk.select_decode(q, k, v, lengths, groups, n_active, sm_scale=0.3, impl="pallas",
-                           config=cfg)
+    out = pktri.select_decode(q, k, v, lengths, groups, n_active, sm_scale=0.3, config=cfg)
     ref = npref.select_decode_ref(q, k, v, lengths, groups, n_active, sm_scale=0.3)
     _check(out, ref, jnp.bfloat16)
     assert not np.asarray(out[0]).any()  # length 0 gives zeros
@@ -160,4 +160,4 @@ def test_validation_errors():
     with pytest.raises(TypeError, match="integer"):
         pk.select_decode(q, k, k, L.astype(jnp.float32), g, n)
     # Traced out-of-range groups are clamped inside the kernel, never a crash.
-    jax.jit(lambda gg: pk.select_decode(q, k, k, L, gg, n, impl="pallas"))(g.at[0, 0].set(99))
+    jax.jit(lambda gg: pk.select_decode(q, k, k, L, gg, n, impl="triton"))(g.at[0, 0].set(99))

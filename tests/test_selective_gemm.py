@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
+import pallas_kernels.triton as pktri
 from pallas_kernels import selective_gemm_xla as xref
 from pallas_kernels.crossover import density_threshold
 from pallas_kernels.selective_gemm_triton import (DownConfig, UpConfig, choose_down_config,
@@ -60,7 +61,7 @@ def test_gather_up_matches_references(request, M, K, N, A, dtype, act, use_bias)
     w = _arr(rng, (N, K), dtype, K**-0.5)
     bias = _arr(rng, (N,), dtype) if use_bias else None
     idx = _idx(rng, N, A)
-    f = jax.jit(lambda x, w, idx, n, b: pk.gather_up(x, w, idx, n, b, act, impl="pallas"))
+    f = jax.jit(lambda x, w, idx, n, b: pk.gather_up(x, w, idx, n, b, act, impl="triton"))
     for n in sorted({0, 1, A // 2 + 1, A}):  # one compiled kernel serves every count
         out = f(x, w, idx, jnp.int32(n), bias)
         assert out.shape == (M, A) and out.dtype == dtype
@@ -80,7 +81,7 @@ def test_gather_up_duplicates_and_split_k(request, split_k):
     idx = _idx(rng, N, A, dup=True).at[1].set(0).at[2].set(0)
     cfg = UpConfig(block_m=16, block_a=16, block_k=128, split_k=split_k, num_warps=4, num_stages=2)
     n = A - 3
-    out = pk.gather_up(x, w, idx, n, None, "relu", impl="pallas", config=cfg)
+    out = pktri.gather_up(x, w, idx, n, None, "relu", config=cfg)
     _check(out, npref.gather_up_ref(x, w, idx, n, None, "relu"), jnp.bfloat16)
     np.testing.assert_array_equal(np.asarray(out[:, 1]), np.asarray(out[:, 2]))
     assert not np.asarray(out[:, n:]).any()
@@ -96,7 +97,7 @@ def test_gather_up_gated(request, split_k, dtype):
     cfg = dataclasses.replace(choose_up_config(M, K, A, gated=True), block_k=128, split_k=split_k)
     for n in (1, A):
         ref = npref.gather_up_gated_ref(x, wg, wu, idx, n)
-        out = pk.gather_up_gated(x, wg, wu, idx, n, impl="pallas", config=cfg)
+        out = pktri.gather_up_gated(x, wg, wu, idx, n, config=cfg)
         _check(out, ref, dtype)
         _check(pk.gather_up_gated(x, wg, wu, idx, n, impl="xla"), ref, dtype)
         assert not np.asarray(out[:, n:]).any()
@@ -122,7 +123,7 @@ def test_gather_down_matches_references(request, M, N, D, A, dtype, use_bias, sp
     idx = _idx(rng, N, A, dup=True)  # duplicates are summed twice: that is the contract
     cfg = dataclasses.replace(choose_down_config(M, D, A), block_j=32, block_d=64, split_j=split,
                               atomic=atomic)
-    f = jax.jit(lambda h, w, idx, n, b: pk.gather_down(h, w, idx, n, b, impl="pallas", config=cfg))
+    f = jax.jit(lambda h, w, idx, n, b: pktri.gather_down(h, w, idx, n, b, config=cfg))
     for n in sorted({0, 1, A // 3 + 1, A}):
         ref = npref.gather_down_ref(h, w, idx, n, bias)
         out = f(h, w, idx, jnp.int32(n), bias)
@@ -228,7 +229,7 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="gate and up"):
         pk.gather_up_gated(x, w, jnp.ones((11, 8), jnp.bfloat16), idx, 2)
     # Traced values are not checked and must not crash.
-    jax.jit(lambda i, n: pk.gather_up(x, w, i, n, impl="pallas"))(idx.at[3].set(1000), jnp.int32(4))
+    jax.jit(lambda i, n: pk.gather_up(x, w, i, n, impl="triton"))(idx.at[3].set(1000), jnp.int32(4))
 
 
 def test_crossover_decision():
@@ -247,9 +248,11 @@ def test_crossover_decision():
 def test_auto_dispatch_dense_fallback(request, monkeypatch):
     """impl="auto" on a Triton-capable GPU: dense above the crossover density, kernel below,
     decided on the host for a concrete count and by lax.cond for a traced one (both exact)."""
+    from pallas_kernels import backends as bk
     from pallas_kernels import selective_gemm as sg
 
-    monkeypatch.setattr(sg, "resolve_impl", lambda impl: "xla" if impl == "xla" else "pallas")
+    # "auto" resolves to the Triton backend, as on a GPU (the kernels still run in interpret mode)
+    monkeypatch.setitem(bk.BACKENDS, "triton", dataclasses.replace(bk.BACKENDS["triton"], native=lambda: True))
     calls = {"dense": 0}
     real_dense = sg.ref.dense_up_then_take
 

@@ -31,7 +31,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import pallas_kernels as pk  # noqa: E402
+import pallas_kernels as pk
+import pallas_kernels.triton as pktri  # noqa: E402
 from pallas_kernels import gpu_configs as gc  # noqa: E402
 from pallas_kernels import selective_gemm_xla as gx  # noqa: E402
 from pallas_kernels.activations import get_activation  # noqa: E402
@@ -153,12 +154,12 @@ def part_check(key) -> bool:
             wd = (jax.random.normal(ks[6], (N, K), dt) * A**-0.5).astype(dt)
             nn = jnp.int32(n)
             for name, f_p, f_x in (
-                ("up", lambda: pk.gather_up(x, w, idx, nn, b, act, impl="pallas"),
+                ("up", lambda: pk.gather_up(x, w, idx, nn, b, act, impl="triton"),
                  lambda: gx.gather_up_xla(x, w, idx, nn, b, act)),
-                ("gated", lambda: pk.gather_up_gated(x, w, wu, idx, nn, impl="pallas"),
+                ("gated", lambda: pk.gather_up_gated(x, w, wu, idx, nn, impl="triton"),
                  lambda: gx.gather_up_gated_xla(x, w, wu, idx, nn)),
                 ("down", lambda: pk.gather_down(h, wd, idx, nn, b[:K] if N >= K else None,
-                                                impl="pallas"),
+                                                impl="triton"),
                  lambda: gx.gather_down_xla(h, wd, idx, nn, b[:K] if N >= K else None)),
             ):
                 poison()
@@ -182,7 +183,7 @@ def part_check(key) -> bool:
             n_act = jax.random.randint(ks[5], (B,), 0, Hkv + 1, jnp.int32).at[0].set(Hkv)
             poison()
             got = jax.block_until_ready(pk.select_decode(q, k, v, lengths, groups, n_act,
-                                                         window=window, impl="pallas"))
+                                                         window=window, impl="triton"))
             want = select_decode_xla(q, k, v, lengths, groups, n_act, D**-0.5, window)
             e = rel(got, want)
             good = e < tol[dt]
@@ -264,8 +265,7 @@ def part_tune(key) -> None:
             want = select_decode_xla(*sets[0], lengths, groups[:, :a], n, D**-0.5, None)
             dyn_sets = [s + (lengths, groups, n) for s in sets]
             for cfg in gc.attn_variants(B, L, Hkv, D):
-                f = lambda q, k, v, l, g, nn, cfg=cfg: pk.select_decode(q, k, v, l, g, nn,
-                                                                        impl="pallas", config=cfg)
+                f = lambda q, k, v, l, g, nn, cfg=cfg: pktri.select_decode(q, k, v, l, g, nn, config=cfg)
                 err = rel(f(*dyn_sets[0]), want)
                 t = safe_ms(f, dyn_sets)
                 bw = kv_bytes * a / Hkv / (t["ms"] * 1e-3) / 1e12
@@ -300,15 +300,11 @@ def part_tune(key) -> None:
             want = ref_fn(*sets[0])
             for cfg in variants:
                 if op == "down":
-                    f = lambda x, w, wu, i, h, cfg=cfg: pk.gather_down(h, w, i, n, None,
-                                                                       impl="pallas", config=cfg)
+                    f = lambda x, w, wu, i, h, cfg=cfg: pktri.gather_down(h, w, i, n, None, config=cfg)
                 elif gated:
-                    f = lambda x, w, wu, i, h, cfg=cfg: pk.gather_up_gated(x, w, wu, i, n,
-                                                                           impl="pallas",
-                                                                           config=cfg)
+                    f = lambda x, w, wu, i, h, cfg=cfg: pktri.gather_up_gated(x, w, wu, i, n, config=cfg)
                 else:
-                    f = lambda x, w, wu, i, h, cfg=cfg: pk.gather_up(x, w, i, n, None, "relu",
-                                                                     impl="pallas", config=cfg)
+                    f = lambda x, w, wu, i, h, cfg=cfg: pktri.gather_up(x, w, i, n, None, "relu", config=cfg)
                 try:
                     err = rel(f(*sets[0]), want)
                 except Exception as e:  # noqa: BLE001 (out of shared memory etc.)
@@ -354,7 +350,7 @@ def part_attn(key, auth, xla_gather: bool = True) -> None:
                        kv_bytes=kv_bytes, active_bytes=kv_bytes * a / Hkv, sets=R,
                        dense_xla=dense["ms"])
             ours = safe_ms(lambda q, k, v, l, g, nn: pk.select_decode(q, k, v, l, g, nn,
-                                                                       impl="pallas"), dyn_sets)
+                                                                       impl="triton"), dyn_sets)
             row["ours"] = ours["ms"]
             row["ours_spread"] = [ours.get("min"), ours.get("max")]
             if xla_gather and kv_bytes * (1 + a / Hkv) < 40e9:
@@ -362,7 +358,7 @@ def part_attn(key, auth, xla_gather: bool = True) -> None:
                 ref = lambda q, k, v, l, g, nn: select_decode_xla(q, k, v, l, g, nn, scale)
                 row["xla_gather"] = safe_ms(ref, [s + (lengths, g_a, n) for s in sets])["ms"]
                 # every timed point is also checked against the reference on the GPU
-                row["rel_err"] = rel(pk.select_decode(*dyn_sets[0], impl="pallas"),
+                row["rel_err"] = rel(pk.select_decode(*dyn_sets[0], impl="triton"),
                                      ref(*sets[0], lengths, g_a, n))
             if auth is not None:
                 try:
@@ -440,12 +436,12 @@ def part_gemm(key, auth) -> None:
                            up_cfg=dataclasses.asdict(choose_up_config(M, K, A, gated)),
                            down_cfg=dataclasses.asdict(choose_down_config(M, K, A)))
                 if gated:
-                    up = lambda x, h, i, wg, wu, wd: pk.gather_up_gated(x, wg, wu, i, n, impl="pallas")
+                    up = lambda x, h, i, wg, wu, wd: pk.gather_up_gated(x, wg, wu, i, n, impl="triton")
                     xup = lambda x, h, i, wg, wu, wd: gx.gather_up_gated_xla(x, wg, wu, i, n)
                 else:
-                    up = lambda x, h, i, wu, wd: pk.gather_up(x, wu, i, n, None, "relu", impl="pallas")
+                    up = lambda x, h, i, wu, wd: pk.gather_up(x, wu, i, n, None, "relu", impl="triton")
                     xup = lambda x, h, i, wu, wd: gx.gather_up_xla(x, wu, i, n, None, "relu")
-                down = lambda x, h, i, *w: pk.gather_down(h, w[-1], i, n, None, impl="pallas")
+                down = lambda x, h, i, *w: pk.gather_down(h, w[-1], i, n, None, impl="triton")
                 xdown = lambda x, h, i, *w: gx.gather_down_xla(h, w[-1], i, n, None)
                 # every timed configuration is also checked on the GPU, on this point's inputs
                 row["rel_err_up"] = rel(up(*sets[0]), xup(*sets[0]))

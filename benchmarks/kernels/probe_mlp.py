@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+import pallas_kernels.triton as pktri
 from pallas_kernels import gpu_configs as gc
 from pallas_kernels import selective_gemm_xla as gx
 from pallas_kernels.selective_gemm_triton import (DownConfig, UpConfig, choose_down_config,
@@ -98,14 +99,11 @@ def probe_shape(key, model: str, M: int, dens: float, tiny: bool) -> dict:
 
     def up_fn(cfg):
         if gated:
-            return lambda x, wg, wu, wd, i, h: pk.gather_up_gated(x, wg, wu, i, n, impl="pallas",
-                                                                  config=cfg)
-        return lambda x, wg, wu, wd, i, h: pk.gather_up(x, wg, i, n, None, "relu",
-                                                        impl="pallas", config=cfg)
+            return lambda x, wg, wu, wd, i, h: pktri.gather_up_gated(x, wg, wu, i, n, config=cfg)
+        return lambda x, wg, wu, wd, i, h: pktri.gather_up(x, wg, i, n, None, "relu", config=cfg)
 
     def down_fn(cfg):
-        return lambda x, wg, wu, wd, i, h: pk.gather_down(h, wd, i, n, None, impl="pallas",
-                                                          config=cfg)
+        return lambda x, wg, wu, wd, i, h: pktri.gather_down(h, wd, i, n, None, config=cfg)
 
     if gated:
         up_ref = gx.gather_up_gated_xla(sets[0][0], sets[0][1], sets[0][2], sets[0][4], n)

@@ -68,10 +68,10 @@ def mlp_case(key, model: str, M: int, dens: float, once: bool):
     sets = mlp_sets(key, M, K, N, A, _sets((3 if gated else 2) * A * K * 2, once))
     n = jnp.int32(A)
     if gated:
-        up = lambda x, wg, wu, wd, i, h: pk.gather_up_gated(x, wg, wu, i, n, impl="pallas")
+        up = lambda x, wg, wu, wd, i, h: pk.gather_up_gated(x, wg, wu, i, n, impl="triton")
     else:
-        up = lambda x, wg, wu, wd, i, h: pk.gather_up(x, wg, i, n, None, "relu", impl="pallas")
-    down = lambda x, wg, wu, wd, i, h: pk.gather_down(h, wd, i, n, None, impl="pallas")
+        up = lambda x, wg, wu, wd, i, h: pk.gather_up(x, wg, i, n, None, "relu", impl="triton")
+    down = lambda x, wg, wu, wd, i, h: pk.gather_down(h, wd, i, n, None, impl="triton")
     return [("up", up, sets), ("down", down, sets)]
 
 
@@ -88,7 +88,7 @@ def attn_case(key, heads: str, B: int, L: int, dens: float, once: bool):
                      jnp.argsort(jax.random.uniform(ks[3], (B, Hkv)), axis=1).astype(jnp.int32),
                      jnp.full((B,), a, jnp.int32)))
     # lengths, groups and counts are arguments (as in a decode step), not captured constants
-    fn = lambda q, k, v, l, g, n: pk.select_decode(q, k, v, l, g, n, impl="pallas")
+    fn = lambda q, k, v, l, g, n: pk.select_decode(q, k, v, l, g, n, impl="triton")
     return [("select_decode", fn, sets)]
 
 

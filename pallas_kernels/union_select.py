@@ -1,0 +1,49 @@
+"""Fused MLP router selection: `union_select(u, w, live, threshold, capacity)`.
+
+The MLP router is low rank (d -> r -> N, PAPER.md): `u = x @ a` is [B, r] and the second matmul
+`u @ w` gives every row's logit for every neuron. The batch computes the union of the neurons some live
+row predicts active (logit > the layer's calibrated threshold), and the gather kernels want those
+indices ascending (weight rows streamed in memory order). This op does all of it in one pass over w:
+- returns (idx [capacity] int32, count int32): the first min(count, capacity) entries of idx are the
+  kept neurons in ascending order, the rest are 0; count may exceed the capacity (the caller then
+  runs the dense MLP).
+It replaces `lax.top_k` over the batch-summed scores, which costs ~50 us per layer at N = 16384 on the
+H200 whatever k is (benchmarks/results/decode_diag_2026-11-28.md).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from . import union_select_triton as tri
+from .backends import dispatch
+from .union_select_xla import union_select_xla
+from .validation import check_float, check_ndim, check_same_dtype
+
+Array = jax.Array
+_IMPLS = {"xla": union_select_xla, "triton": tri.union_select}
+
+
+def check_union_select(u, w, live, threshold, capacity) -> None:
+    check_ndim("u", u, 2)
+    check_ndim("w", w, 2)
+    check_float("u", u)
+    check_same_dtype(u=u, w=w)
+    if u.shape[1] != w.shape[0]:
+        raise ValueError(f"u is [B, r] and w [r, N]: got {u.shape} and {w.shape}")
+    check_ndim("live", live, 1)
+    if live.shape[0] != u.shape[0]:
+        raise ValueError(f"live must have shape ({u.shape[0]},), got {live.shape}")
+    if jnp.ndim(threshold) != 0:
+        raise ValueError(f"threshold must be a scalar, got shape {jnp.shape(threshold)}")
+    if not isinstance(capacity, int) or not 1 <= capacity <= w.shape[1]:
+        raise ValueError(f"capacity must be an int in [1, N={w.shape[1]}], got {capacity!r}")
+
+
+def union_select(u: Array, w: Array, live: Array, threshold: Array | float, capacity: int,
+                 impl: str = "auto") -> tuple[Array, Array]:
+    """(ascending indices of the neurons whose logit `u @ w` passes `threshold` in some live row, their
+    count). u [B, r], w [r, N] (same float dtype), live [B] bool, threshold scalar, capacity static."""
+    check_union_select(u, w, live, threshold, capacity)
+    fn = dispatch("union_select", _IMPLS, impl)
+    return fn(u, w, jnp.asarray(live, bool), jnp.asarray(threshold, jnp.float32), capacity)

@@ -1,0 +1,128 @@
+"""Pallas (Triton backend) fused MLP router selection: logits, threshold union, stream compaction.
+
+Two small kernels, no sort:
+1. `union_mask`: one program per block of `block_n` neurons computes the logits of every row for its
+   neurons (u [B, r] @ w[:, block] in f32, r streamed in `block_r` steps, rows in tiles of at most 64),
+   takes the maximum over live rows, compares it with the threshold, and writes the block's keep flags
+   and their count. The w read (r x N) is the whole cost; the [B, N] logits never reach memory.
+2. `union_compact`: one program per block sums the counts of the blocks before it (its output offset)
+   and scatters its kept neuron ids to offset + running count (a cumulative sum over the block), so the
+   indices come out ascending. It also writes the zeros of the unused slots of its slot range, so every
+   slot of the output is written exactly once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .backends import use_interpret
+from .grid import cdiv, pow2_at_least
+from .validation import check_kernel_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    block_n: int = 64
+    block_r: int = 128
+    block_b: int = 64  # rows per tile (rows beyond it are looped over)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def choose_select_config(B: int, r: int, N: int) -> SelectConfig:
+    del N
+    return SelectConfig(block_r=min(128, pow2_at_least(r, 16)), block_b=min(64, pow2_at_least(B, 16)))
+
+
+def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, cfg: SelectConfig):
+    bn, br, bb = cfg.block_n, cfg.block_r, cfg.block_b
+    i = pl.program_id(0)
+    cols = i * bn + jnp.arange(bn, dtype=jnp.int32)
+    c_ok = cols < N
+    t = t_ref[0]
+
+    def row_tile(rt, best):
+        rows = rt * bb + jnp.arange(bb, dtype=jnp.int32)
+        r_ok = rows < B
+        live = plgpu.load(live_ref.at[rows], mask=r_ok, other=0) != 0
+
+        def r_step(j, acc):
+            ks = j * br + jnp.arange(br, dtype=jnp.int32)
+            k_ok = ks < R
+            ut = plgpu.load(u_ref.at[rows[:, None], ks[None, :]],
+                            mask=jnp.broadcast_to(r_ok[:, None] & k_ok[None, :], (bb, br)), other=0.0)
+            wt = plgpu.load(w_ref.at[ks[:, None], cols[None, :]],
+                            mask=jnp.broadcast_to(k_ok[:, None] & c_ok[None, :], (br, bn)), other=0.0)
+            return acc + plgpu.dot(ut, wt)
+
+        acc = jax.lax.fori_loop(0, cdiv(R, br), r_step, jnp.zeros((bb, bn), jnp.float32))
+        acc = jnp.where(live[:, None], acc, -jnp.inf)
+        return jnp.maximum(best, jnp.max(acc, axis=0))
+
+    best = jax.lax.fori_loop(0, cdiv(B, bb), row_tile, jnp.full((bn,), -jnp.inf, jnp.float32))
+    keep = ((best > t) & c_ok).astype(jnp.int32)
+    keep_ref[pl.ds(i * bn, bn)] = keep
+    cnt_ref[i] = jnp.sum(keep)
+
+
+def _compact_kernel(keep_ref, cnt_ref, idx_ref, total_ref, *, N, cap, n_blocks, cfg: SelectConfig):
+    bn = cfg.block_n
+    i = pl.program_id(0)
+    nb = pow2_at_least(n_blocks)
+    blocks = jnp.arange(nb, dtype=jnp.int32)
+    counts = plgpu.load(cnt_ref.at[blocks], mask=blocks < n_blocks, other=0)
+    offset = jnp.sum(jnp.where(blocks < i, counts, 0))
+    total = jnp.sum(counts)
+    keep = keep_ref[pl.ds(i * bn, bn)]
+    lanes = jnp.arange(bn, dtype=jnp.int32)
+    rank = jnp.cumsum(keep) - 1  # output lane of each kept neuron within the block
+    # Compress within the block ([bn, bn] compares in registers), then one contiguous store at the
+    # block's offset: no scattered addresses, and the blocks' ranges do not overlap.
+    hit = (rank[None, :] == lanes[:, None]) & (keep[None, :] != 0)
+    packed = jnp.sum(jnp.where(hit, i * bn + lanes[None, :], 0), axis=1)
+    n_here = jnp.sum(keep)
+    put = (lanes < n_here) & (offset + lanes < cap)
+    plgpu.store(idx_ref.at[pl.ds(offset, bn)], packed, mask=put)
+    # unused slots of this program's slot range [i*bn, (i+1)*bn) hold 0
+    slots = i * bn + lanes
+    plgpu.store(idx_ref.at[pl.ds(i * bn, bn)], jnp.zeros((bn,), jnp.int32),
+                mask=(slots >= total) & (slots < cap))
+
+    @pl.when(i == 0)
+    def _total():
+        total_ref[0] = total
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "cfg", "interpret"))
+def union_select_triton(u, w, live, threshold, *, capacity: int, cfg: SelectConfig, interpret: bool):
+    B, R = u.shape
+    N = w.shape[1]
+    n_blocks = cdiv(N, cfg.block_n)
+    if n_blocks * cfg.block_n < capacity:
+        raise ValueError("capacity larger than the padded neuron count")
+    params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    keep, counts = pl.pallas_call(
+        functools.partial(_mask_kernel, B=B, R=R, N=N, cfg=cfg),
+        out_shape=(jax.ShapeDtypeStruct((n_blocks * cfg.block_n,), jnp.int32),
+                   jax.ShapeDtypeStruct((n_blocks,), jnp.int32)),
+        grid=(n_blocks,), interpret=interpret, compiler_params=params, name="union_mask",
+    )(u, w, live.astype(jnp.int32), jnp.reshape(threshold.astype(jnp.float32), (1,)))
+    idx, total = pl.pallas_call(
+        functools.partial(_compact_kernel, N=N, cap=capacity, n_blocks=n_blocks, cfg=cfg),
+        out_shape=(jax.ShapeDtypeStruct((capacity,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
+        grid=(n_blocks,), interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), name="union_compact",
+    )(keep, counts)
+    return idx, total[0]
+
+
+def union_select(u, w, live, threshold, capacity: int, config: SelectConfig | None = None):
+    """Backend entry point (validated by union_select.union_select); `config` for benchmarks."""
+    check_kernel_dtype(u.dtype, use_interpret())
+    cfg = config or choose_select_config(u.shape[0], u.shape[1], w.shape[1])
+    return union_select_triton(u, w, live, threshold, capacity=capacity, cfg=cfg, interpret=use_interpret())

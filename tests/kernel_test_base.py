@@ -1,0 +1,99 @@
+"""Shared contract tests for every kernel op; each backend's test module subclasses these classes with
+its `impl` (tests/test_kernels_xla.py, tests/test_kernels_triton.py). Every test draws fresh random
+inputs (seed printed) and compares with the float64 NumPy references, edge cases included."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+import pallas_kernels as pk
+from tests import kernel_reference as npref
+
+TOL = {jnp.bfloat16: 1.5e-2, jnp.float16: 3e-3, jnp.float32: 1e-4}
+
+
+def fresh_rng() -> np.random.Generator:
+    seed = np.random.SeedSequence().entropy % (2**32)
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def close(out, ref, dtype) -> None:
+    err = npref.rel_err(out, ref)
+    assert err < TOL[dtype], err
+
+
+class KernelOpTests:
+    impl: str = ""
+    dtype = jnp.float32  # the backend's test dtype (interpret-mode Triton runs float32 too)
+
+    def arr(self, rng, shape, scale=1.0):
+        return jnp.asarray(rng.standard_normal(shape) * scale, self.dtype)
+
+    # ---- selective GEMMs ------------------------------------------------------------------------------
+    def test_gather_up_partial_slots_and_bias(self):
+        rng = fresh_rng()
+        M, K, N, A, n = 3, 96, 70, 40, 23
+        x, w, b = self.arr(rng, (M, K)), self.arr(rng, (N, K), K**-0.5), self.arr(rng, (N,))
+        idx = jnp.asarray(rng.permutation(N)[:A], jnp.int32)
+        out = pk.gather_up(x, w, idx, n, b, "relu", impl=self.impl)
+        close(out, npref.gather_up_ref(x, w, idx, n, b, "relu"), self.dtype)
+        assert not np.asarray(out[:, n:]).any()  # slots past n_active are exactly zero
+
+    def test_gather_up_gated_zero_active(self):
+        rng = fresh_rng()
+        x, wg, wu = self.arr(rng, (2, 64)), self.arr(rng, (50, 64), 0.1), self.arr(rng, (50, 64), 0.1)
+        idx = jnp.asarray(rng.integers(0, 50, 17), jnp.int32)
+        out = pk.gather_up_gated(x, wg, wu, idx, 0, impl=self.impl)
+        assert out.shape == (2, 17) and not np.asarray(out).any()
+        out = pk.gather_up_gated(x, wg, wu, idx, 17, impl=self.impl)
+        close(out, npref.gather_up_gated_ref(x, wg, wu, idx, 17), self.dtype)
+
+    def test_gather_down_duplicates_count_twice(self):
+        rng = fresh_rng()
+        M, N, D, A, n = 4, 60, 48, 33, 30
+        h, w, b = self.arr(rng, (M, A)), self.arr(rng, (N, D), N**-0.5), self.arr(rng, (D,))
+        idx = jnp.asarray(rng.integers(0, N, A), jnp.int32).at[1].set(0).at[2].set(0)
+        out = pk.gather_down(h, w, idx, n, b, impl=self.impl)
+        close(out, npref.gather_down_ref(h, w, idx, n, b), self.dtype)
+
+    # ---- attention -------------------------------------------------------------------------------------
+    def test_select_decode_ragged_lengths_and_dead_rows(self):
+        rng = fresh_rng()
+        B, Hq, Hkv, S, D = 4, 8, 2, 90, 32
+        q, k, v = self.arr(rng, (B, Hq, D)), self.arr(rng, (B, S, Hkv, D)), self.arr(rng, (B, S, Hkv, D))
+        lengths = jnp.asarray([90, 1, 37, 60], jnp.int32)
+        groups = jnp.asarray(rng.integers(0, Hkv, (B, Hkv)), jnp.int32)
+        n_active = jnp.asarray([2, 1, 0, 1], jnp.int32)  # row 2 reads nothing
+        out = pk.select_decode(q, k, v, lengths, groups, n_active, impl=self.impl)
+        close(out, npref.select_decode_ref(q, k, v, lengths, groups, n_active), self.dtype)
+        assert not np.asarray(out[2]).any()
+
+    # ---- fused MLP router selection ------------------------------------------------------------------
+    def _union_ref(self, u, w, live, t, cap):
+        logits = npref.f64(u) @ npref.f64(w)
+        keep = np.where(np.asarray(live)[:, None], logits, -np.inf).max(axis=0) > float(t)
+        ids = np.flatnonzero(keep)
+        want = np.zeros(cap, np.int32)
+        want[: min(cap, ids.size)] = ids[:cap]
+        return want, ids.size
+
+    def check_union(self, B, R, N, cap, live, t):
+        rng = fresh_rng()
+        u, w = self.arr(rng, (B, R)), self.arr(rng, (R, N), R**-0.5)
+        maxes = (npref.f64(u) @ npref.f64(w))[np.asarray(live)].max(axis=0) if any(live) else np.array([])
+        while np.any(np.abs(maxes - t) < 0.03):  # keep rounding (bf16 inputs) away from the decision
+            t += 0.0137
+        idx, count = pk.union_select(u, w, jnp.asarray(live), jnp.float32(t), cap, impl=self.impl)
+        want, n = self._union_ref(u, w, live, t, cap)
+        assert int(count) == n
+        np.testing.assert_array_equal(np.asarray(idx), want)
+
+    def test_union_select_matches_reference(self):
+        self.check_union(5, 64, 300, 300, [True, False, True, True, False], 1.0)
+
+    def test_union_select_overflow_keeps_first_ids(self):
+        self.check_union(9, 32, 130, 20, [True] * 9, 0.0)  # far more than 20 pass: count > capacity
+
+    def test_union_select_no_live_row_selects_nothing(self):
+        self.check_union(3, 32, 100, 50, [False] * 3, -10.0)
