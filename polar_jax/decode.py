@@ -8,6 +8,7 @@ by step for interactive use, through the same jitted decode step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Iterator, Sequence
@@ -20,6 +21,7 @@ from flax import nnx
 from polar_jax.cache import KVCache
 from polar_jax.errors import InputError
 from polar_jax.models import CausalLM
+from polar_jax.sparse_decode import IMPL_CHOICES, check_selector, sparse_selector
 
 PROMPT_BUCKET = 16  # prompts are right-padded to a multiple of this, so lengths share compiled programs
 CACHE_BUCKET = 64
@@ -152,6 +154,49 @@ def _eos_ids(model: CausalLM, eos_token_id) -> np.ndarray:
 
 
 # ---- generation ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A validated generation request, shared by `generate` and `generate_stream`."""
+
+    tokens: np.ndarray  # [B, T] right-padded prompts
+    lengths: np.ndarray  # [B]
+    capacity: int
+    eos: np.ndarray
+    pad_id: int
+    greedy: bool
+    temperature: float
+    top_p: float
+    selector: Any
+    attn_impl: str
+    mlp_impl: str
+
+
+def _prepare(model: CausalLM, prompts: Any, max_new_tokens: int, temperature: float, top_p: float,
+             eos_token_id, cache_size: int | None, selector: Any, sparsity: Any, attn_density: float | None,
+             mlp_recall: float | None, policy: str, adaptive: bool, impl: str | None, attn_impl: str,
+             mlp_impl: str) -> _Request:
+    plist, capacity = validate_generation(model, prompts, max_new_tokens, temperature, top_p, cache_size)
+    if impl is not None:
+        attn_impl = mlp_impl = impl
+    for name, value in (("attn_impl", attn_impl), ("mlp_impl", mlp_impl)):
+        if value not in IMPL_CHOICES:
+            raise InputError(f"{name} must be one of {IMPL_CHOICES}, got {value!r}")
+    if sparsity is not None:
+        if selector is not None:
+            raise InputError("give either sparsity= (a bundle) or selector=, not both")
+        longest = max(len(p) for p in plist)
+        selector = sparse_selector(model, sparsity, batch=len(plist), context=longest + int(max_new_tokens),
+                                   attn_density=attn_density, mlp_recall=mlp_recall, policy=policy,
+                                   adaptive=adaptive, impl=attn_impl)
+    elif attn_density is not None or adaptive:
+        raise InputError("attn_density/adaptive need sparsity= (a bundle, a bundle folder or 'default')")
+    if selector is not None:
+        check_selector(model, selector)
+    tokens, lengths = pad_prompts(plist, model.config.pad_id, capacity)
+    return _Request(tokens, lengths, capacity, _eos_ids(model, eos_token_id), model.config.pad_id,
+                    temperature == 0.0, max(float(temperature), 1e-6), float(top_p), selector, attn_impl, mlp_impl)
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "max_new_tokens", "capacity", "greedy", "cache_dtype", "attn_impl", "mlp_impl")
 )
@@ -174,7 +219,9 @@ def _generate_on_device(
 
     def body(carry):
         i, tok, cache, out, done, key = carry
-        logits, cache = model.decode(tok, cache, selector=selector, attn_impl=attn_impl, mlp_impl=mlp_impl)
+        # a finished row stops decoding: it reads no KV and does not count in the MLP union
+        logits, cache = model.decode(tok, cache.with_live(~done), selector=selector, attn_impl=attn_impl,
+                                     mlp_impl=mlp_impl)
         key, sub = jax.random.split(key)
         new = sample_tokens(logits, sub, temperature, top_p, greedy)
         new = jnp.where(done, pad_id, new)  # after EOS a sequence only emits padding
@@ -198,22 +245,34 @@ def generate(
     selector: Any = None,
     attn_impl: str = "auto",
     mlp_impl: str = "auto",
+    *,
+    sparsity: Any = None,
+    attn_density: float | None = None,
+    mlp_recall: float | None = 0.99,
+    policy: str = "auto",
+    adaptive: bool = False,
+    impl: str | None = None,
 ) -> np.ndarray:
     """Generates `max_new_tokens` for each prompt; returns int32 [B, max_new_tokens].
 
     prompts: int array [B, T] or a list of token-id lists (ragged lengths allowed). temperature 0 is greedy.
     After a sequence emits EOS (`eos_token_id`, default the model's), its remaining slots hold the pad id.
+
+    Sparse decoding: `sparsity` is a sparsity bundle, a bundle folder or "default" (the bundle made for
+    the embedded default model); `attn_density` the fraction of heads / KV groups each sequence keeps,
+    `mlp_recall` the MLP table's recall target, `adaptive` input-adaptive head budgets; `policy` picks
+    what is sparsified: "auto" (from the cost table measured on the device, never slower than dense),
+    "both", "heads", "mlp" or "dense". `impl` sets the kernels' backend ("auto", "xla", "triton").
+    `selector` (a DecodeSelector) is the low-level alternative to `sparsity`.
     """
-    plist, capacity = validate_generation(model, prompts, max_new_tokens, temperature, top_p, cache_size)
-    pad_id = model.config.pad_id
-    tokens, lengths = pad_prompts(plist, pad_id, capacity)
+    req = _prepare(model, prompts, max_new_tokens, temperature, top_p, eos_token_id, cache_size, selector,
+                   sparsity, attn_density, mlp_recall, policy, adaptive, impl, attn_impl, mlp_impl)
     graphdef, state = split_model(model)
     out = _generate_on_device(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(seed),
-        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.asarray(_eos_ids(model, eos_token_id)),
-        jnp.int32(pad_id), selector,
-        max_new_tokens=int(max_new_tokens), capacity=capacity, greedy=temperature == 0.0,
-        cache_dtype=str(model.dtype), attn_impl=attn_impl, mlp_impl=mlp_impl,
+        graphdef, state, jnp.asarray(req.tokens), jnp.asarray(req.lengths), jax.random.key(seed),
+        jnp.float32(req.temperature), jnp.float32(req.top_p), jnp.asarray(req.eos), jnp.int32(req.pad_id),
+        req.selector, max_new_tokens=int(max_new_tokens), capacity=req.capacity, greedy=req.greedy,
+        cache_dtype=str(model.dtype), attn_impl=req.attn_impl, mlp_impl=req.mlp_impl,
     )
     return np.asarray(out)
 
@@ -235,27 +294,33 @@ def generate_stream(
     selector: Any = None,
     attn_impl: str = "auto",
     mlp_impl: str = "auto",
+    *,
+    sparsity: Any = None,
+    attn_density: float | None = None,
+    mlp_recall: float | None = 0.99,
+    policy: str = "auto",
+    adaptive: bool = False,
+    impl: str | None = None,
 ) -> Iterator[np.ndarray]:
-    """Like `generate`, but yields each step's tokens [B] as soon as they exist (stops when all sequences
-    have emitted EOS). The same tokens as `generate` for the same arguments."""
-    plist, capacity = validate_generation(model, prompts, max_new_tokens, temperature, top_p, cache_size)
-    pad_id = model.config.pad_id
-    tokens, lengths = pad_prompts(plist, pad_id, capacity)
+    """Like `generate` (same arguments), but yields each step's tokens [B] as soon as they exist (stops
+    when all sequences have emitted EOS). The same tokens as `generate` for the same arguments."""
+    req = _prepare(model, prompts, max_new_tokens, temperature, top_p, eos_token_id, cache_size, selector,
+                   sparsity, attn_density, mlp_recall, policy, adaptive, impl, attn_impl, mlp_impl)
     graphdef, state = split_model(model)
-    eos = _eos_ids(model, eos_token_id)
-    greedy = temperature == 0.0
-    temp, tp = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
-    cache = KVCache.create(model.config, len(plist), capacity, model.dtype)
-    logits, cache = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+    temp, tp = jnp.float32(req.temperature), jnp.float32(req.top_p)
+    b = req.tokens.shape[0]
+    cache = KVCache.create(model.config, b, req.capacity, model.dtype)
+    logits, cache = prefill(graphdef, state, jnp.asarray(req.tokens), jnp.asarray(req.lengths), cache)
     key = jax.random.key(seed)
-    done = np.zeros(len(plist), bool)
+    done = np.zeros(b, bool)
     for i in range(int(max_new_tokens)):
         if i > 0:
-            logits, cache = decode_step(graphdef, state, cache, jnp.asarray(tok), selector, attn_impl, mlp_impl)
+            logits, cache = decode_step(graphdef, state, cache.with_live(~done), jnp.asarray(tok), req.selector,
+                                        req.attn_impl, req.mlp_impl)
         key, sub = jax.random.split(key)
-        tok = np.asarray(_sample_jit(logits, sub, temp, tp, greedy))
-        tok = np.where(done, pad_id, tok).astype(np.int32)
+        tok = np.asarray(_sample_jit(logits, sub, temp, tp, req.greedy))
+        tok = np.where(done, req.pad_id, tok).astype(np.int32)
         yield tok
-        done |= np.isin(tok, eos)
+        done |= np.isin(tok, req.eos)
         if done.all():
             return

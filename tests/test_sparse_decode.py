@@ -11,6 +11,7 @@ import pytest
 
 from polar_jax.cache import KVCache
 from polar_jax.decode import decode_step, prefill, split_model
+from polar_jax.selection import AttentionSelection, MLPSelection
 from conftest import load_cached
 
 
@@ -22,11 +23,11 @@ class FixedSelector:
     neurons: jax.Array  # [L, A2]
     n_neurons: jax.Array  # [L]
 
-    def attention(self, layer, router_input):
-        return None if layer == 0 else (self.groups[layer], self.n_groups[layer])
+    def attention(self, layer, router_input, live):
+        return None if layer == 0 else AttentionSelection(self.groups[layer], self.n_groups[layer])
 
-    def mlp(self, layer, router_input):
-        return None if layer == 0 else (self.neurons[layer], self.n_neurons[layer])
+    def mlp(self, layer, router_input, live):
+        return None if layer == 0 else MLPSelection.of(self.neurons[layer], self.n_neurons[layer])
 
 
 @jax.tree_util.register_dataclass
@@ -78,7 +79,7 @@ def random_selection(cfg, batch, seed):
 
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "triton"])
 def test_sparse_decode_equals_masked_forward(name, impl):
     model, tok = load_cached(name)
     cfg = model.config

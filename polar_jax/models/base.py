@@ -1,35 +1,40 @@
-"""The decoder shared by all families: one residual block type and three ways to run the stack.
+"""The decoder shared by all families: one residual block, one layer function, three entry points.
 
-- `__call__(tokens)`: full-sequence causal logits `[B, T, V]` (evaluation, activation collection,
-  masked sparse evaluation through a `Sparsifier`).
-- `prefill(tokens, lengths, cache)`: dense prompt pass that writes the KV cache.
-- `decode(tokens, cache, selector=None)`: one token per sequence against the cache, dense or sparse.
+`Block.__call__(x, kv, step, layer) -> (x, kv)` is the only per-layer code path. `step` (a `Step`) says
+which of three modes runs:
+- "full": causal attention over the whole sequence, no cache (evaluation, activation collection,
+  masked sparse evaluation through a `Sparsifier`);
+- "prefill": the same attention, and the prompt's keys/values written into the layer's cache rows;
+- "decode": one token per row appended to the cache and attention over it, dense or through the
+  selective kernels with the selections a `DecodeSelector` returns for this layer.
+The layer returns the updated `LayerKV` instead of writing anywhere (no side effects besides `sow` when
+collecting router data), so the stack is a plain loop that threads the cache through.
 
 Families differ only in embeddings, norms, positions and the final projection (see llama.py, opt.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, Protocol
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from polar_jax.cache import KVCache
+from pallas_kernels import (dense_decode_xla, gather_down, gather_up, gather_up_gated, mlp_prefers_dense,
+                            resolve_impl, select_decode)
+from polar_jax.cache import KVCache, LayerKV
 from polar_jax.config import ModelConfig
-from polar_jax.models.layers import (
-    F32,
-    MLP,
-    Attention,
-    LayerNorm,
-    RMSNorm,
-    apply_rope,
-    cached_decode_attention,
-    causal_attention,
-    rope_inv_freq,
-)
+from polar_jax.models.layers import F32, MLP, Attention, LayerNorm, RMSNorm, apply_rope, causal_attention, rope_inv_freq
+from polar_jax.selection import AttentionSelection, MLPSelection
+
+MODES = ("full", "prefill", "decode")
+# Named scopes of the decode step's parts: the profile breakdown (polar_jax/bench/breakdown.py) maps each
+# GPU kernel to the part whose scope its HLO op carries.
+SCOPES = {"proj": "polar_attn_proj", "router": "polar_router", "attention": "polar_attn_core",
+          "mlp": "polar_mlp"}
 
 
 class Sparsifier(Protocol):
@@ -47,13 +52,38 @@ class Sparsifier(Protocol):
 
 
 class DecodeSelector(Protocol):
-    """Chooses what a sparse decode step computes, per layer, from that layer's router input [B, d]."""
+    """Chooses what a sparse decode step computes, per layer, from that layer's router input [B, d] and
+    the live-row mask [B] (rows that are not live must not influence a shared choice)."""
 
-    def attention(self, layer: int, router_input: jax.Array) -> tuple[jax.Array, jax.Array] | None:
-        """-> (groups [B, A] int32, n_active [B] int32), or None for dense attention in this layer."""
+    def attention(self, layer: int, router_input: jax.Array, live: jax.Array) -> AttentionSelection | None:
+        """The KV groups each row attends over, or None for dense attention in this layer."""
 
-    def mlp(self, layer: int, router_input: jax.Array) -> tuple[jax.Array, jax.Array] | None:
-        """-> (neuron idx [A] int32, n_active int32 scalar), or None for a dense MLP in this layer."""
+    def mlp(self, layer: int, router_input: jax.Array, live: jax.Array) -> MLPSelection | None:
+        """The neurons the batch computes, or None for a dense MLP in this layer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """Everything a layer needs besides its weights, its input and its cache (built inside the jit)."""
+
+    mode: str
+    positions: jax.Array  # [B, T] positions of the tokens being processed
+    inv_freq: jax.Array | None  # RoPE inverse frequencies (None: no rotary embedding)
+    window: int | None
+    scale: float
+    lengths: jax.Array | None = None  # decode: keys per row after the append
+    live: jax.Array | None = None  # decode: [B] rows that decode
+    rows: jax.Array | None = None  # prefill: cache rows that receive the prompts (None: 0..b-1)
+    dense_attention: AttentionSelection | None = None  # decode: every group, built once per step
+    selector: Any = None
+    sparsifier: Any = None
+    collect: bool = False
+    attn_impl: str = "xla"
+    mlp_impl: str = "xla"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
 
 def apply_unit_mask(heads: jax.Array, mask: jax.Array) -> jax.Array:
@@ -68,6 +98,45 @@ def apply_unit_mask(heads: jax.Array, mask: jax.Array) -> jax.Array:
 def head_output_norms(heads: jax.Array) -> jax.Array:
     """L2 norm of each head's attention output (before the output projection): [..., Hq, D] -> [..., Hq]."""
     return jnp.sqrt(jnp.sum(jnp.square(heads.astype(F32)), axis=-1))
+
+
+def decode_attention(q: jax.Array, kv: LayerKV, step: Step, choice: AttentionSelection | None) -> jax.Array:
+    """One query per row over its cache: q [B, Hq, D] -> [B, Hq, D]. Dense with `choice` None (XLA's
+    einsum, or the Pallas kernel with every group active: it reads the cache near HBM bandwidth and
+    XLA's GQA einsum does not); rows that are not live read nothing through the kernel."""
+    if choice is None and step.attn_impl == "xla":
+        return dense_decode_xla(q, kv.k, kv.v, step.lengths, step.scale, step.window)
+    sel = (step.dense_attention if choice is None else choice).for_live(step.live)
+    return select_decode(q, kv.k, kv.v, step.lengths, sel.groups, sel.n_active, sm_scale=step.scale,
+                         window=step.window, impl=step.attn_impl)
+
+
+def dense_mlp(mlp: MLP, h: jax.Array) -> jax.Array:
+    return mlp.project_down(mlp.activations(h))
+
+
+def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, impl: str) -> jax.Array:
+    """MLP over the selected neurons only: h [B, d] -> [B, d] (gathered up/gate and down projections)."""
+    if mlp.gated:
+        act = gather_up_gated(h, mlp.gate[...], mlp.up[...], idx, n_active, impl=impl)
+    else:
+        bias = mlp.up_bias[...] if mlp.up_bias is not None else None
+        act = gather_up(h, mlp.up[...], idx, n_active, bias=bias, activation=mlp.act, impl=impl)
+    bias = mlp.down_bias[...] if mlp.down_bias is not None else None
+    return gather_down(act, mlp.down[...], idx, n_active, bias=bias, impl=impl)
+
+
+def decode_mlp(mlp: MLP, h: jax.Array, choice: MLPSelection | None, impl: str) -> jax.Array:
+    """h [B, d] -> [B, d]. With a selection: the selective kernels, or the dense MLP (a superset of the
+    selection) when the union overflowed its capacity or, on the GPU kernels, when it is denser than the
+    measured crossover where dense matmuls win."""
+    if choice is None:
+        return dense_mlp(mlp, h)
+    use_dense = choice.dense
+    if impl != "xla":
+        use_dense = use_dense | mlp_prefers_dense(h.shape[0], choice.n_active, mlp.up.shape[0])
+    return jax.lax.cond(use_dense, lambda h: dense_mlp(mlp, h),
+                        lambda h: selective_mlp(mlp, h, choice.idx, choice.n_active, impl), h)
 
 
 class Block(nnx.Module):
@@ -89,33 +158,62 @@ class Block(nnx.Module):
         self.pre_norm = cfg.do_layer_norm_before if opt else True
         self.use_rope = not opt
 
-    def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        inv_freq: jax.Array | None,
-        attend: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array],
-        mlp_fn: Callable[[MLP, jax.Array], jax.Array],
-        collect: bool = False,
-    ) -> jax.Array:
+    def __call__(self, x: jax.Array, kv: LayerKV | None, step: Step, layer: int) -> tuple[jax.Array, LayerKV | None]:
+        """x [B, T, d] -> (x, the layer's cache after this step). T = 1 in decode mode."""
         h = self.attn_norm(x) if self.pre_norm else x
-        q, k, v = self.attn.qkv(h)
-        if self.use_rope:
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        heads = attend(q, k, v, h)
-        if collect:
+        with jax.named_scope(SCOPES["proj"]):
+            q, k, v = self.attn.qkv(h)
+            if self.use_rope:
+                q, k = apply_rope(q, step.positions, step.inv_freq), apply_rope(k, step.positions, step.inv_freq)
+        if step.mode == "decode":
+            with jax.named_scope(SCOPES["router"]):
+                choice = step.selector.attention(layer, h[:, 0], step.live) if step.selector is not None else None
+            if step.collect and choice is not None:
+                self.sow(nnx.Intermediate, "attn_n_active", choice.for_live(step.live).n_active)
+            with jax.named_scope(SCOPES["attention"]):
+                kv = kv.append(k[:, 0], v[:, 0], step.positions[:, 0], step.live)
+                heads = decode_attention(q[:, 0], kv, step, choice)[:, None]
+        else:
+            if step.mode == "prefill":
+                kv = kv.write_prompt(k, v, step.rows)
+            heads = causal_attention(q, k, v, step.window, step.scale)
+            if step.sparsifier is not None:
+                mask = step.sparsifier.heads_mask(layer, h, heads)
+                if mask is not None:
+                    heads = apply_unit_mask(heads, mask)
+        if step.collect:
             # Router data (PAPER.md): both routers read the pre-attention norm output; head labels come
             # from each head's output norm before the output projection.
             self.sow(nnx.Intermediate, "router_input", h)
             self.sow(nnx.Intermediate, "head_norm", head_output_norms(heads))
-        x = x + self.attn.out(heads)
+        with jax.named_scope(SCOPES["proj"]):
+            x = x + self.attn.out(heads)
         if not self.pre_norm:
             x = self.attn_norm(x)
         h2 = self.mlp_norm(x) if self.pre_norm else x
-        x = x + mlp_fn(self.mlp, h2)
+        x = x + self._mlp(h2, h, step, layer)
         if not self.pre_norm:
             x = self.mlp_norm(x)
-        return x
+        return x, kv
+
+    def _mlp(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int) -> jax.Array:
+        if step.mode == "decode":
+            with jax.named_scope(SCOPES["router"]):
+                choice = step.selector.mlp(layer, router_input[:, 0], step.live) if step.selector is not None else None
+            if step.collect and choice is not None:
+                self.sow(nnx.Intermediate, "mlp_n_active", jnp.where(choice.dense, -1, choice.n_active))
+            with jax.named_scope(SCOPES["mlp"]):
+                return decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl)[:, None]
+        if step.mode == "prefill" or (step.sparsifier is None and not step.collect):
+            return dense_mlp(self.mlp, h2)
+        act = self.mlp.activations(h2)
+        if step.collect and self.mlp.act == "relu" and not self.mlp.gated:
+            self.sow(nnx.Intermediate, "mlp_active", act > 0)
+        if step.sparsifier is not None:
+            mask = step.sparsifier.neurons_mask(layer, router_input, act)
+            if mask is not None:
+                act = act * mask.astype(act.dtype)
+        return self.mlp.project_down(act)
 
 
 class CausalLM(nnx.Module):
@@ -143,6 +241,18 @@ class CausalLM(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         raise NotImplementedError
 
+    def _step(self, mode: str, positions: jax.Array, **kw) -> Step:
+        return Step(mode=mode, positions=positions, inv_freq=self._inv_freq(), window=self.config.sliding_window,
+                    scale=self.scale, **kw)
+
+    def run_layers(self, x: jax.Array, cache: KVCache | None, step: Step) -> tuple[jax.Array, list[LayerKV | None]]:
+        """The layer loop, shared by every mode: threads x and each layer's cache through the blocks."""
+        new = []
+        for i, block in enumerate(self.layers):
+            x, kv = block(x, cache.layer(i) if cache is not None else None, step, i)
+            new.append(kv)
+        return x, new
+
     # ---- full-sequence -------------------------------------------------------------------------------
     def __call__(
         self, tokens: jax.Array, *, sparsifier: Sparsifier | None = None, collect: bool = False
@@ -150,53 +260,30 @@ class CausalLM(nnx.Module):
         """Causal logits [B, T, V] for token ids [B, T] (positions 0..T-1, no cache)."""
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.embed(tokens, positions)
-        inv_freq = self._inv_freq()
-        window = self.config.sliding_window
-        for i, block in enumerate(self.layers):
-
-            def attend(q, k, v, h, i=i):
-                heads = causal_attention(q, k, v, window, self.scale)
-                if sparsifier is not None:
-                    mask = sparsifier.heads_mask(i, h, heads)
-                    if mask is not None:
-                        heads = apply_unit_mask(heads, mask)
-                return heads
-
-            def mlp_fn(mlp, h, i=i, block=block):
-                act = mlp.activations(h)
-                if collect and mlp.act == "relu" and not mlp.gated:
-                    block.sow(nnx.Intermediate, "mlp_active", act > 0)
-                if sparsifier is not None:
-                    mask = sparsifier.neurons_mask(i, h, act)
-                    if mask is not None:
-                        act = act * mask.astype(act.dtype)
-                return mlp.project_down(act)
-
-            x = block(x, positions, inv_freq, attend, mlp_fn, collect=collect)
+        x, _ = self.run_layers(self.embed(tokens, positions), None,
+                               self._step("full", positions, sparsifier=sparsifier, collect=collect))
         return self.logits(x)
 
     # ---- prefill -------------------------------------------------------------------------------------
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Dense pass over right-padded prompts [B, T] with true `lengths` [B]; writes K/V at positions
-        0..T-1 (padding slots are overwritten by decode before they are ever read). Returns the logits of
-        each prompt's last real token [B, V] and the cache with `lengths` set."""
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
+                rows: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Dense pass over right-padded prompts [b, T] with true `lengths` [b]; writes K/V at positions
+        0..T-1 of cache rows `rows` [b] (default: rows 0..b-1, b = the cache's batch; padding slots are
+        overwritten by decode before they are ever read). Returns the logits of each prompt's last real
+        token [b, V] and the cache with those rows' lengths set and marked live."""
         b, t = tokens.shape
+        if rows is None and b != cache.batch:
+            rows = jnp.arange(b, dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = self.embed(tokens, positions)
-        inv_freq = self._inv_freq()
-        window = self.config.sliding_window
-        new_k, new_v = list(cache.k), list(cache.v)
-        for i, block in enumerate(self.layers):
-
-            def attend(q, k, v, h, i=i):
-                new_k[i] = jax.lax.dynamic_update_slice(cache.k[i], k.astype(cache.k[i].dtype), (0, 0, 0, 0))
-                new_v[i] = jax.lax.dynamic_update_slice(cache.v[i], v.astype(cache.v[i].dtype), (0, 0, 0, 0))
-                return causal_attention(q, k, v, window, self.scale)
-
-            x = block(x, positions, inv_freq, attend, _dense_mlp)
+        x, layers = self.run_layers(self.embed(tokens, positions), cache, self._step("prefill", positions, rows=rows))
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        return self.logits(last), KVCache(tuple(new_k), tuple(new_v), lengths.astype(jnp.int32))
+        lengths = lengths.astype(jnp.int32)
+        if rows is None:
+            new_len, live = lengths, jnp.ones((b,), bool)
+        else:
+            new_len = cache.lengths.at[rows].set(lengths)
+            live = cache.live_rows().at[rows].set(True)
+        return self.logits(last), cache.with_layers(layers, new_len, live)
 
     # ---- decode --------------------------------------------------------------------------------------
     def decode(
@@ -206,72 +293,24 @@ class CausalLM(nnx.Module):
         selector: DecodeSelector | None = None,
         attn_impl: str = "auto",
         mlp_impl: str = "auto",
+        collect: bool = False,
     ) -> tuple[jax.Array, KVCache]:
-        """One new token per sequence: tokens [B] at positions `cache.lengths`. Returns logits [B, V] and
-        the cache with the new K/V written and lengths + 1. With a `selector`, attention runs only over the
-        selected KV groups (Pallas `select_decode`) and the MLP over the selected neurons (`gather_up` /
-        `gather_down`); layers where it returns None stay dense. `attn_impl="auto"` runs dense attention
-        through the Pallas kernel on CUDA GPUs (it reads the cache near HBM bandwidth; XLA's GQA einsum
-        does not) and through the XLA einsum elsewhere."""
-        from pallas_kernels import resolve_impl
-
-        attn_impl = resolve_impl(attn_impl)
+        """One new token per row: tokens [B] at positions `cache.lengths`. Returns logits [B, V] and the
+        cache with the new K/V written and lengths + 1 on live rows (other rows stay as they are). With a
+        `selector`, attention runs only over the selected KV groups (Pallas `select_decode`) and the MLP
+        over the selected neurons (`gather_up` / `gather_down`); layers where it returns None stay dense.
+        `attn_impl="auto"` runs dense attention through the Pallas kernel on CUDA GPUs and through the XLA
+        einsum elsewhere. `collect` sows each layer's router input and selection sizes (`attn_n_active`
+        per row, `mlp_n_active`, -1 when the dense MLP ran) as `nnx.Intermediate`."""
         b = tokens.shape[0]
+        live = cache.live_rows()
         pos = cache.lengths.astype(jnp.int32)
         positions = pos[:, None]
-        x = self.embed(tokens[:, None], positions)
-        inv_freq = self._inv_freq()
-        window = self.config.sliding_window
-        rows = jnp.arange(b)
-        new_len = pos + 1
-        new_k, new_v = list(cache.k), list(cache.v)
-        for i, block in enumerate(self.layers):
-
-            def attend(q, k, v, h, i=i):
-                kc = cache.k[i].at[rows, pos].set(k[:, 0].astype(cache.k[i].dtype))
-                vc = cache.v[i].at[rows, pos].set(v[:, 0].astype(cache.v[i].dtype))
-                new_k[i], new_v[i] = kc, vc
-                choice = selector.attention(i, h[:, 0]) if selector is not None else None
-                if choice is None and attn_impl == "xla":
-                    out = cached_decode_attention(q[:, 0], kc, vc, new_len, window, self.scale)
-                else:
-                    from pallas_kernels import select_decode
-
-                    if choice is None:  # dense through the kernel: every group active
-                        hkv = kc.shape[2]
-                        groups = jnp.broadcast_to(jnp.arange(hkv, dtype=jnp.int32), (b, hkv))
-                        n_active = jnp.full((b,), hkv, jnp.int32)
-                    else:
-                        groups, n_active = choice
-                    out = select_decode(
-                        q[:, 0], kc, vc, new_len, groups, n_active,
-                        sm_scale=self.scale, window=window, impl=attn_impl,
-                    )
-                return out[:, None]
-
-            def mlp_fn(mlp, h, i=i):
-                choice = selector.mlp(i, h[:, 0]) if selector is not None else None
-                if choice is None:
-                    return _dense_mlp(mlp, h)
-                idx, n_active = choice
-                return _selective_mlp(mlp, h[:, 0], idx, n_active, mlp_impl)[:, None]
-
-            x = block(x, positions, inv_freq, attend, mlp_fn)
-        return self.logits(x[:, 0]), KVCache(tuple(new_k), tuple(new_v), new_len)
-
-
-def _dense_mlp(mlp: MLP, h: jax.Array) -> jax.Array:
-    return mlp.project_down(mlp.activations(h))
-
-
-def _selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, impl: str) -> jax.Array:
-    """MLP over the active neurons only: h [B, d] -> [B, d]."""
-    from pallas_kernels import gather_down, gather_up, gather_up_gated
-
-    if mlp.gated:
-        act = gather_up_gated(h, mlp.gate[...], mlp.up[...], idx, n_active, impl=impl)
-    else:
-        bias = mlp.up_bias[...] if mlp.up_bias is not None else None
-        act = gather_up(h, mlp.up[...], idx, n_active, bias=bias, activation=mlp.act, impl=impl)
-    bias = mlp.down_bias[...] if mlp.down_bias is not None else None
-    return gather_down(act, mlp.down[...], idx, n_active, bias=bias, impl=impl)
+        new_len = jnp.where(live, pos + 1, pos)
+        step = self._step(
+            "decode", positions, lengths=jnp.where(live, new_len, 0), live=live, selector=selector,
+            dense_attention=AttentionSelection.all_groups(b, self.config.num_kv_heads),
+            attn_impl=resolve_impl(attn_impl), mlp_impl=resolve_impl(mlp_impl), collect=collect,
+        )
+        x, layers = self.run_layers(self.embed(tokens[:, None], positions), cache, step)
+        return self.logits(x[:, 0]), cache.with_layers(layers, new_len, cache.live)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,18 +12,23 @@ from flax import nnx
 from polar_jax.models.base import CausalLM
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _forward_collect(graphdef, state, tokens):
-    model = nnx.merge(graphdef, state)
+def capture_intermediates(model: CausalLM, fn: Callable[[CausalLM], Any]) -> tuple[Any, dict[str, jax.Array]]:
+    """Runs fn(model) and returns its result and the values the blocks sowed, stacked over layers
+    (name -> [L, ...])."""
     if hasattr(nnx, "capture"):  # flax >= 0.12.8: sow outside capture is deprecated
-        logits, inter = nnx.capture(lambda m, t: m(t, collect=True), nnx.Intermediate)(model, tokens)
+        out, inter = nnx.capture(fn, nnx.Intermediate)(model)
     else:
-        logits = model(tokens, collect=True)
+        out = fn(model)
         inter = nnx.pop(model, nnx.Intermediate)
     per_layer: dict[str, list] = {}
     for path, var in sorted(nnx.to_flat_state(inter), key=lambda pv: (pv[0][1], pv[0][2])):
         per_layer.setdefault(path[2], []).append(var.get_value()[0])
-    return logits, {k: jnp.stack(v) for k, v in per_layer.items()}
+    return out, {k: jnp.stack(v) for k, v in per_layer.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _forward_collect(graphdef, state, tokens):
+    return capture_intermediates(nnx.merge(graphdef, state), lambda m: m(tokens, collect=True))
 
 
 def forward_with_stats(model: CausalLM, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

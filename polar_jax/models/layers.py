@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.activations import get_activation
 from polar_jax.config import ModelConfig, RopeConfig
 
 F32 = jnp.float32
@@ -54,16 +55,12 @@ class LayerNorm(nnx.Module):
         return (y * self.weight[...].astype(F32) + self.bias[...].astype(F32)).astype(x.dtype)
 
 
-def activation(name: str, x: jax.Array) -> jax.Array:
-    if name == "relu":
-        return jax.nn.relu(x)
-    if name == "silu":
-        return jax.nn.silu(x)
-    if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
-    if name == "gelu_new":
-        return jax.nn.gelu(x, approximate=True)
-    raise ValueError(f"unknown activation {name!r}")
+# HF activation names -> the names of the one shared implementation (pallas_kernels.activations).
+_CANONICAL_ACTIVATION = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "swish": "silu"}
+
+
+def canonical_activation(name: str) -> str:
+    return _CANONICAL_ACTIVATION.get(name, name)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> jax.Array:
@@ -112,25 +109,6 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | Non
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
-def cached_decode_attention(
-    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array, window: int | None, scale: float
-) -> jax.Array:
-    """One query per sequence over its cache. q [B,Hq,D]; caches [B,S,Hkv,D]; lengths [B] count the keys
-    already written (the new token included). Returns [B,Hq,D]."""
-    b, hq, d = q.shape
-    s, hkv = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(b, hkv, hq // hkv, d)
-    scores = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache, preferred_element_type=F32) * scale
-    kpos = jnp.arange(s)[None, :]
-    allowed = kpos < lengths[:, None]
-    if window is not None:
-        allowed &= kpos >= lengths[:, None] - window
-    scores = jnp.where(allowed[:, None, None, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgs,bskd->bkgd", probs, v_cache, preferred_element_type=F32)
-    return out.reshape(b, hq, d).astype(q.dtype)
-
-
 class Attention(nnx.Module):
     """Q/K/V/O projections; the attention itself is chosen by the caller (full, prefill or cached decode)."""
 
@@ -173,7 +151,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, gated: bool, bias: bool):
         d, n = cfg.hidden_size, cfg.intermediate_size
-        self.gated, self.act = gated, cfg.activation
+        self.gated, self.act = gated, canonical_activation(cfg.activation)
         self.up = _random_param(rngs, (n, d), dtype, 1.0 / math.sqrt(d))
         self.gate = _random_param(rngs, (n, d), dtype, 1.0 / math.sqrt(d)) if gated else None
         self.down = _random_param(rngs, (n, d), dtype, 1.0 / math.sqrt(n))
@@ -187,8 +165,8 @@ class MLP(nnx.Module):
             up = up + self.up_bias[...].astype(F32)
         if self.gated:
             gate = jnp.einsum("...d,nd->...n", x, self.gate[...], preferred_element_type=F32)
-            return (activation(self.act, gate.astype(x.dtype)) * up.astype(x.dtype)).astype(x.dtype)
-        return activation(self.act, up.astype(x.dtype))
+            return (get_activation(self.act)(gate.astype(x.dtype)) * up.astype(x.dtype)).astype(x.dtype)
+        return get_activation(self.act)(up.astype(x.dtype))
 
     def project_down(self, h: jax.Array) -> jax.Array:
         y = jnp.einsum("...n,nd->...d", h, self.down[...], preferred_element_type=F32)

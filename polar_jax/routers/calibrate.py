@@ -2,7 +2,16 @@
 
 MLP (PAPER.md method 3): for each layer and batch size B, the smallest k (a multiple of the kernel tile)
 whose mean recall of the true union of active neurons, over random batches of B tokens, reaches the
-target. The k for batch sizes in between is interpolated by `MLPTable.k_for`.
+target. The k for batch sizes in between is interpolated by `MLPTable.k_for`; k never decreases with B
+(the union of more sequences never needs fewer neurons: a running maximum removes sampling noise).
+
+MLP threshold rule (no sort at decode time): for each layer and B, the largest router-logit threshold t
+such that the union over the batch of {neurons whose logit > t in some row} recalls the true union at the
+target on average, and the most neurons that rule selected over the calibration batches (the static
+capacity of the compiled step, with a margin).
+
+Attention, input-adaptive budgets: per layer and k = 1..U, the logit threshold whose per-token count of
+units above it, clipped to [floor, cap], averages k.
 
 Attention: a global density (layer 0 dense) and, optionally, per-layer densities allocated from measured
 head importance: for each layer the fraction of attention-output mass (sum of squared unit norms) kept by
@@ -21,7 +30,8 @@ from tqdm.auto import tqdm
 from polar_jax.errors import InputError
 from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.collect import CollectedData
-from polar_jax.routers.config import CALIBRATION_BATCH_SIZES, MLPTable, check_density
+from polar_jax.routers.config import (CALIBRATION_BATCH_SIZES, MLPTable, allocate_units,  # noqa: F401 (re-export)
+                                      budget_bounds, check_density)
 
 
 def union_recall_curve(scores: np.ndarray, labels: np.ndarray, batch: int, n_batches: int,
@@ -59,8 +69,79 @@ def calibrate_mlp_layer(scores: np.ndarray, labels: np.ndarray, target: float, t
                         seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     # Small batches need more draws: the mean recall at B=1 is set by the rare hard tokens.
-    return [smallest_k(union_recall_curve(scores, labels, b, max(n_batches, 2048 // b), rng), target, tile)
-            for b in batch_sizes]
+    row = [smallest_k(union_recall_curve(scores, labels, b, max(n_batches, 2048 // b), rng), target, tile)
+           for b in batch_sizes]
+    return monotone_k(row, labels.shape[1])
+
+
+def monotone_k(row: Sequence[int], n: int) -> list[int]:
+    """k per batch size made non-decreasing (running maximum) and capped at N."""
+    return [int(min(n, v)) for v in np.maximum.accumulate(np.asarray(row, np.int64))]
+
+
+def calibrate_mlp_thresholds(logits: np.ndarray, labels: np.ndarray, target: float, tile: int,
+                             batch_sizes: Sequence[int] = CALIBRATION_BATCH_SIZES, n_batches: int = 64,
+                             seed: int = 0, margin: float = 1.1) -> tuple[list[float], list[int], list[float]]:
+    """Threshold rule for one layer: (thresholds, capacities, mean kept fraction) per batch size.
+
+    logits [n, N] are the router's raw logits, labels [n, N] the true activity."""
+    rng = np.random.default_rng(seed)
+    n, width = labels.shape
+    thresholds, capacity, kept = [], [], []
+    for b in batch_sizes:
+        if b > n:
+            raise InputError(f"calibration needs at least {b} held-out tokens, have {n}: collect more text")
+        draws = max(n_batches, 2048 // b)
+        maxes, vals, wts, base = [], [], [], 0.0
+        for _ in range(draws):
+            idx = rng.choice(n, size=b, replace=False)
+            m = logits[idx].max(axis=0)
+            union = labels[idx].any(axis=0)
+            maxes.append(m)
+            size = int(union.sum())
+            if size == 0:
+                base += 1.0 / draws  # nothing to find: full recall at any threshold
+                continue
+            vals.append(m[union])
+            wts.append(np.full(size, 1.0 / (size * draws)))
+        t = _largest_threshold(np.concatenate(vals) if vals else np.zeros(0), np.concatenate(wts) if wts else
+                               np.zeros(0), target - base)
+        counts = np.array([(m > t).sum() for m in maxes])
+        thresholds.append(float(t))
+        capacity.append(int(min(width, np.ceil(counts.max() * margin / tile) * tile)) if counts.max() > 0 else tile)
+        kept.append(float(counts.mean() / width))
+    return thresholds, [int(c) for c in np.maximum.accumulate(capacity)], kept
+
+
+def _largest_threshold(vals: np.ndarray, wts: np.ndarray, need: float) -> float:
+    """Largest t with sum(wts[vals > t]) >= need (t halfway below the deciding value)."""
+    if vals.size == 0 or need <= 0:
+        return float(vals.max()) if vals.size else 0.0
+    order = np.argsort(-vals, kind="stable")
+    v, c = vals[order], np.cumsum(wts[order])
+    j = int(np.searchsorted(c, need - 1e-12))
+    if j >= v.size:
+        return float(v[-1]) - 1.0  # unreachable target: keep everything the router ever predicts
+    below = v[j + 1:]
+    below = below[below < v[j]]
+    return float((v[j] + below[0]) / 2) if below.size else float(v[j]) - 1e-3 * (1 + abs(float(v[j])))
+
+
+def adaptive_thresholds(logits: np.ndarray, floor_frac: float, cap_frac: float) -> list[float]:
+    """Per k = 1..U, the threshold whose per-token count of units above it, clipped to the budget's
+    [floor, cap], averages k (bisection: the clipped mean falls as the threshold rises)."""
+    units = logits.shape[1]
+    lo0, hi0 = float(logits.min()) - 1.0, float(logits.max()) + 1.0
+    out = []
+    for k in range(1, units + 1):
+        floor, cap = budget_bounds(k, units, floor_frac, cap_frac)
+        lo, hi = lo0, hi0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            mean = np.clip((logits > mid).sum(axis=1), floor, cap).mean()
+            lo, hi = (mid, hi) if mean > k else (lo, mid)
+        out.append(float((lo + hi) / 2))
+    return out
 
 
 def importance_curve(router_scores: np.ndarray, norms: np.ndarray) -> np.ndarray:
@@ -69,18 +150,6 @@ def importance_curve(router_scores: np.ndarray, norms: np.ndarray) -> np.ndarray
     order = np.argsort(-router_scores, axis=-1, kind="stable")
     kept = np.cumsum(np.take_along_axis(mass, order, axis=-1), axis=-1) / np.maximum(mass.sum(-1, keepdims=True), 1e-30)
     return np.concatenate([[0.0], kept.mean(axis=0)])
-
-
-def allocate_units(curves: Sequence[Sequence[float]], total: int, units: int) -> list[int]:
-    """Units per layer summing to `total` (each in [1, U]), greedily where the kept mass grows most."""
-    n = len(curves)
-    total = max(n, min(total, n * units))
-    ks = [1] * n
-    for _ in range(total - n):
-        gains = [curves[i][ks[i] + 1] - curves[i][ks[i]] if ks[i] < units else -np.inf for i in range(n)]
-        # Equal gains go to the layer holding fewest units (then the lower layer): spreads flat curves.
-        ks[max(range(n), key=lambda i: (round(float(gains[i]), 9), -ks[i], -i))] += 1
-    return ks
 
 
 def calibrate(
@@ -110,27 +179,37 @@ def calibrate(
     train = c.train or {}
     _, val = data.split(float(train.get("val_fraction", 0.1)), int(train.get("seed", 0)))
     importance: list[tuple[float, ...]] = []
-    ks: dict[float, list[list[int]]] = {r: [] for r in recalls}
+    head_thresholds: list[tuple[float, ...]] = []
+    tables: dict[float, dict[str, list]] = {r: {"k": [], "thresholds": [], "capacity": [], "union": []}
+                                            for r in recalls}
     for layer in tqdm(range(c.num_layers), desc="calibrate", unit="layer", disable=not progress):
         if layer in c.dense_layers:
             importance.append(tuple(np.linspace(0, 1, c.attn_units + 1)))
+            head_thresholds.append(tuple([float("-inf")] * c.attn_units))
             for r in recalls:
-                ks[r].append([c.ffn] * len(bs))
+                for key, value in (("k", c.ffn), ("thresholds", float("-inf")), ("capacity", c.ffn), ("union", 1.0)):
+                    tables[r][key].append([value] * len(bs))
             continue
         x = data.field("router_input", layer)[val]
         w, b = bundle.attn(layer)
-        curve = importance_curve(x @ w + b, data.field("unit_norm", layer)[val])
+        attn_logits = x @ w + b
+        curve = importance_curve(attn_logits, data.field("unit_norm", layer)[val])
         importance.append(tuple(float(v) for v in curve))
+        head_thresholds.append(tuple(adaptive_thresholds(attn_logits, c.attn_budget_floor, c.attn_budget_cap)))
         log(f"layer {layer}: attention mass kept by router top-k, k=1..{c.attn_units}: "
             + " ".join(f"{v:.3f}" for v in curve[1:]))
         if c.mlp_router:
             a, bb = bundle.mlp(layer)
-            scores = np.maximum((x @ a) @ bb, 0.0)  # ReLU'd logits, summed over the batch (decode rule)
+            logits = (x @ a) @ bb
+            scores = np.maximum(logits, 0.0)  # ReLU'd logits, summed over the batch (top-k rule)
             labels = data.field("mlp_active", layer)[val]
             for r in recalls:
                 row = calibrate_mlp_layer(scores, labels, r, tile, bs, n_batches, seed=layer)
-                ks[r].append(row)
-                log(f"layer {layer}: MLP k at recall {r} for B={bs}: {row}")
+                thr, cap, kept = calibrate_mlp_thresholds(logits, labels, r, tile, bs, n_batches, seed=layer)
+                for key, value in (("k", row), ("thresholds", thr), ("capacity", cap), ("union", kept)):
+                    tables[r][key].append(value)
+                log(f"layer {layer}: MLP at recall {r} for B={bs}: top-k {row}; threshold rule keeps "
+                    + " ".join(f"{100 * v:.0f}%" for v in kept))
     if layer_densities is not None:
         layer_densities = tuple(check_density(v, "layer density") for v in layer_densities)
         if len(layer_densities) != c.num_layers:
@@ -138,8 +217,12 @@ def calibrate(
     new = dataclasses.replace(
         c, attn_importance=tuple(importance), mlp_tile=tile, mlp_dense_threshold=dense_threshold,
         attn_density=check_density(attn_density) if attn_density is not None else c.attn_density,
-        attn_layer_densities=layer_densities,
+        attn_layer_densities=layer_densities, attn_thresholds=tuple(head_thresholds),
     )
     if c.mlp_router:
-        new = new.with_tables([MLPTable(float(r), tuple(bs), tuple(tuple(row) for row in ks[r])) for r in recalls])
+        def rows(r, key):
+            return tuple(tuple(row) for row in tables[r][key])
+
+        new = new.with_tables([MLPTable(float(r), tuple(bs), rows(r, "k"), rows(r, "thresholds"), rows(r, "capacity"),
+                                        rows(r, "union")) for r in recalls])
     return SparsityBundle(new, bundle.params, bundle.signature)

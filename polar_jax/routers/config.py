@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 from polar_jax.errors import InputError
 
@@ -34,36 +34,94 @@ def units_kept(rho: float, units: int) -> int:
     return max(1, min(units, int(math.floor(rho * units + 1e-9))))
 
 
+def _log2_interp(bs: tuple[int, ...], values: tuple, batch: int) -> float:
+    """Value at any batch size: exact at calibrated sizes, linear in log2(B) in between, clamped to the
+    ends outside the calibrated range."""
+    if batch <= bs[0]:
+        return float(values[0])
+    if batch >= bs[-1]:
+        return float(values[-1])
+    j = next(i for i, b in enumerate(bs) if b >= batch)
+    if bs[j] == batch:
+        return float(values[j])
+    lo, hi = math.log2(bs[j - 1]), math.log2(bs[j])
+    w = (math.log2(batch) - lo) / (hi - lo)
+    return float(values[j - 1]) + w * (float(values[j]) - float(values[j - 1]))
+
+
 @dataclasses.dataclass(frozen=True)
 class MLPTable:
-    """k per (layer, calibrated batch size) for one recall target; layer 0 holds N (dense)."""
+    """What the MLP keeps per (layer, calibrated batch size) for one recall target; layer 0 holds N (dense).
+
+    - `k`: the paper's rule, the union top-k of batch-summed scores (non-decreasing in B, <= N).
+    - `thresholds` (optional): the threshold rule, a neuron is kept when any live row's router logit
+      exceeds the threshold; no sort is needed at decode time. `capacity` is the most neurons that
+      rule selected in calibration (plus a margin), the static slot count of the compiled step; a union
+      that does not fit runs the dense MLP. `union` is the mean fraction of N the rule kept.
+    """
 
     recall: float
     batch_sizes: tuple[int, ...]
     k: tuple[tuple[int, ...], ...]  # [layer][batch-size index]
+    thresholds: tuple[tuple[float, ...], ...] | None = None
+    capacity: tuple[tuple[int, ...], ...] | None = None
+    union: tuple[tuple[float, ...], ...] | None = None
 
     def k_for(self, layer: int, batch: int, tile: int, n: int) -> int:
         """k at any batch size: exact at calibrated sizes, linear in log2(B) in between (rounded up to the
         tile), clamped to the ends outside the calibrated range."""
-        bs, ks = self.batch_sizes, self.k[layer]
-        if batch <= bs[0]:
-            return ks[0]
-        if batch >= bs[-1]:
-            return ks[-1]
-        j = next(i for i, b in enumerate(bs) if b >= batch)
-        if bs[j] == batch:
-            return ks[j]
-        lo, hi = math.log2(bs[j - 1]), math.log2(bs[j])
-        w = (math.log2(batch) - lo) / (hi - lo)
-        k = ks[j - 1] + w * (ks[j] - ks[j - 1])
+        k = _log2_interp(self.batch_sizes, self.k[layer], batch)
+        if batch in self.batch_sizes or batch <= self.batch_sizes[0] or batch >= self.batch_sizes[-1]:
+            return int(k)
         return min(n, int(math.ceil(k / tile - 1e-9)) * tile)
 
+    @property
+    def has_thresholds(self) -> bool:
+        return self.thresholds is not None and self.capacity is not None
+
+    def threshold_for(self, layer: int, batch: int) -> float:
+        """The threshold rule's logit threshold for a decode batch of `batch` live rows."""
+        return _log2_interp(self.batch_sizes, self.thresholds[layer], batch)
+
+    def capacity_for(self, layer: int, batch: int, n: int) -> int:
+        """Static slots for a batch of up to `batch` rows: the capacity of the smallest calibrated size that
+        covers it (N beyond the calibrated range)."""
+        for b, c in zip(self.batch_sizes, self.capacity[layer]):
+            if b >= batch:
+                return min(n, int(c))
+        return n
+
     def to_dict(self) -> dict[str, Any]:
-        return {"recall": self.recall, "batch_sizes": list(self.batch_sizes), "k": [list(r) for r in self.k]}
+        d: dict[str, Any] = {"recall": self.recall, "batch_sizes": list(self.batch_sizes), "k": [list(r) for r in self.k]}
+        for name in ("thresholds", "capacity", "union"):
+            if getattr(self, name) is not None:
+                d[name] = [list(r) for r in getattr(self, name)]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MLPTable":
-        return cls(float(d["recall"]), tuple(int(b) for b in d["batch_sizes"]), tuple(tuple(int(x) for x in r) for r in d["k"]))
+        def table(name, kind):
+            return None if d.get(name) is None else tuple(tuple(kind(x) for x in r) for r in d[name])
+
+        return cls(float(d["recall"]), tuple(int(b) for b in d["batch_sizes"]), table("k", int),
+                   table("thresholds", float), table("capacity", int), table("union", float))
+
+
+def budget_bounds(k: int, units: int, floor: float, cap: float) -> tuple[int, int]:
+    """Clip bounds of an adaptive budget averaging k units: [max(1, floor*k), min(U, cap*k)]."""
+    return max(1, int(math.floor(floor * k + 1e-9))), min(units, max(k, int(math.ceil(cap * k - 1e-9))))
+
+
+def allocate_units(curves: Sequence[Sequence[float]], total: int, units: int) -> list[int]:
+    """Units per layer summing to `total` (each in [1, U]), greedily where the kept mass grows most."""
+    n = len(curves)
+    total = max(n, min(total, n * units))
+    ks = [1] * n
+    for _ in range(total - n):
+        gains = [curves[i][ks[i] + 1] - curves[i][ks[i]] if ks[i] < units else -math.inf for i in range(n)]
+        # Equal gains go to the layer holding fewest units (then the lower layer): spreads flat curves.
+        ks[max(range(n), key=lambda i: (round(float(gains[i]), 9), -ks[i], -i))] += 1
+    return ks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +136,11 @@ class SparsityConfig:
     attn_layer_densities: tuple[float, ...] | None = None  # explicit per-layer densities (layer 0 = 1.0)
     attn_importance: tuple[tuple[float, ...], ...] | None = None  # [layer][k] mass kept by top-k router units
     attn_train_density: float = 0.5
+    # input-adaptive head budgets: [layer][k-1] router-logit threshold whose clipped per-token count
+    # averages k units (k = 1..U), and the clip bounds as fractions of k
+    attn_thresholds: tuple[tuple[float, ...], ...] | None = None
+    attn_budget_floor: float = 0.5
+    attn_budget_cap: float = 2.0
     mlp_tables: tuple[MLPTable, ...] = ()
     mlp_tile: int = 32
     mlp_dense_threshold: float = 0.9
@@ -96,14 +159,27 @@ class SparsityConfig:
         if per_layer:
             if self.attn_importance is None:
                 raise InputError("this bundle has no head-importance curves: run `polar-jax calibrate` on it first")
-            from polar_jax.routers.calibrate import allocate_units
-
             ks = allocate_units([self.attn_importance[i] for i in sparse], units_kept(rho, u) * len(sparse), u)
             out = [u] * n
             for i, k in zip(sparse, ks):
                 out[i] = k
             return tuple(out)
         return tuple(u if i in self.dense_layers else units_kept(rho, u) for i in range(n))
+
+    def adaptive_budgets(self, rho: float | None = None, per_layer: bool = False
+                         ) -> tuple[tuple[float, int, int] | None, ...]:
+        """Per layer (threshold, floor, cap) of the input-adaptive head budgets whose mean matches the
+        fixed budget at density rho; None for dense layers."""
+        if self.attn_thresholds is None:
+            raise InputError("this bundle has no head-budget thresholds: run `polar-jax calibrate` on it first")
+        out: list[tuple[float, int, int] | None] = []
+        for i, k in enumerate(self.attn_k(rho, per_layer)):
+            if k >= self.attn_units:
+                out.append(None)
+                continue
+            floor, cap = budget_bounds(k, self.attn_units, self.attn_budget_floor, self.attn_budget_cap)
+            out.append((float(self.attn_thresholds[i][k - 1]), floor, cap))
+        return tuple(out)
 
     # ---- MLP ------------------------------------------------------------------------------------------
     def mlp_table(self, recall: float) -> MLPTable:
@@ -151,6 +227,7 @@ class SparsityConfig:
         for key in ("attn_layer_densities", "dense_layers"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
-        if d.get("attn_importance") is not None:
-            d["attn_importance"] = tuple(tuple(float(x) for x in r) for r in d["attn_importance"])
+        for key in ("attn_importance", "attn_thresholds"):
+            if d.get(key) is not None:
+                d[key] = tuple(tuple(float(x) for x in r) for r in d[key])
         return cls(**d)

@@ -1,11 +1,20 @@
 """Sparsity as the model code consumes it: masked-evaluation sparsifiers and real decode selectors.
 
-Both are JAX pytrees (router weights are leaves; densities, k tables and flags are static), so they pass
-through `jax.jit` as ordinary arguments. Layer 0 (and any dense layer) returns None.
+Both are JAX pytrees (router weights are leaves; densities, tables and flags are static), so they pass
+through `jax.jit` as ordinary arguments. Layer 0 (and any dense layer) returns None. They apply the same
+rules from `polar_jax.selection` to the same router logits, so a masked evaluation predicts exactly what
+the sparse decode step computes:
+- heads: each sequence keeps its k best units (fixed budget), or the units whose logit passes a
+  calibrated threshold clipped to [floor, cap] (input-adaptive budgets, same mean);
+- MLP, threshold rule (default when the bundle is calibrated for it): a neuron is kept when any live
+  row's logit passes the layer's threshold for that many rows; a union larger than the calibrated
+  capacity runs the dense MLP;
+- MLP, top-k rule (the paper's): top-k of ReLU'd logits summed over the live rows, k from the
+  calibrated table for the number of live rows.
 
 Decode semantics in masked evaluation: a position's units are chosen from that position's own router
-input; the MLP neurons are the top-k of router scores summed over the batch rows at that position (the
-decode batch), mask shape [1, T, N]. Positions before `start` stay dense (a densely prefilled prompt).
+input; the MLP neurons from all batch rows at that position (the decode batch), mask [1, T, N].
+Positions before `start` stay dense (a densely prefilled prompt).
 """
 
 from __future__ import annotations
@@ -16,83 +25,135 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from pallas_kernels import union_select
 from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
 from polar_jax.models.base import head_output_norms
 from polar_jax.models.collect import group_norms
 from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.config import SparsityConfig, check_density, units_kept
-from polar_jax.routers.modules import attn_logits, mlp_logits
-from polar_jax.routers.topk import batch_union_scores, keep_prefix_dense, topk_index, topk_mask
+from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_counts, keep_prefix_dense, top_units,
+                                 topk_mask, union_scores, union_threshold_mask, union_topk, unit_mask)
 
 _ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b"]
-_ROUTER_META = ["attn_k", "units", "plan", "mlp_recall", "use_attn", "use_mlp", "start"]
+_ROUTER_META = ["attn_k", "budgets", "units", "plan", "mlp_recall", "mlp_rule", "use_attn", "use_mlp", "start",
+                "select_impl"]
+MLP_RULES = ("threshold", "topk")
 
 
 @dataclasses.dataclass(frozen=True)
-class _RouterScores:
-    """Router weights and k tables (fields shared by the sparsifier and the selector), logits per layer."""
+class _Routers:
+    """Router weights and what each layer keeps (shared by the sparsifier and the selector)."""
 
     attn_w: tuple
     attn_b: tuple
     mlp_a: tuple
     mlp_b: tuple
     attn_k: tuple[int, ...]
+    budgets: tuple[tuple[float, int, int] | None, ...] | None  # adaptive heads: (threshold, floor, cap)
     units: int
     plan: SparsityConfig | None
     mlp_recall: float | None
+    mlp_rule: str = "topk"
     use_attn: bool = True
     use_mlp: bool = True
     start: int = 0  # masked eval: positions before it stay dense; decode ignores it (prefill is dense)
+    select_impl: str = "auto"  # the fused router + threshold + compaction op
 
-    def _attn_k(self, layer: int) -> int | None:
-        if not self.use_attn or self.attn_w[layer] is None or self.attn_k[layer] >= self.units:
-            return None
-        return self.attn_k[layer]
+    def _attn_on(self, layer: int) -> bool:
+        return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
 
-    def _mlp_k(self, layer: int, batch: int) -> int | None:
-        if not self.use_mlp or self.plan is None or self.mlp_a[layer] is None:
-            return None
-        return self.plan.mlp_k(self.mlp_recall, batch)[layer]
+    def _attn_logits(self, layer: int, x: jax.Array) -> jax.Array:
+        w = self.attn_w[layer]
+        return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32) + self.attn_b[layer].astype(jnp.float32)
+
+    def _attn_counts(self, layer: int, logits: jax.Array) -> tuple[jax.Array, int]:
+        """Per-row unit counts [...] and the slot capacity."""
+        if self.budgets is not None:
+            t, floor, cap = self.budgets[layer]
+            return adaptive_counts(logits, t, floor, cap), cap
+        k = self.attn_k[layer]
+        return jnp.full(logits.shape[:-1], k, jnp.int32), k
+
+    def _mlp_on(self, layer: int, batch: int) -> bool:
+        if not self.use_mlp or self.plan is None or self.mlp_a[layer] is None or layer in self.plan.dense_layers:
+            return False
+        table = self.plan.mlp_table(self.mlp_recall)
+        if self.mlp_rule == "threshold":
+            return table.capacity_for(layer, batch, self.plan.ffn) < self.plan.ffn
+        return self.plan.mlp_k(self.mlp_recall, batch)[layer] is not None
+
+    def _mlp_hidden(self, layer: int, x: jax.Array) -> jax.Array:
+        a = self.mlp_a[layer]
+        return jnp.dot(x.astype(a.dtype), a, preferred_element_type=jnp.float32).astype(a.dtype)
+
+    def _mlp_logits(self, layer: int, x: jax.Array) -> jax.Array:
+        return jnp.dot(self._mlp_hidden(layer, x), self.mlp_b[layer], preferred_element_type=jnp.float32)
+
+    def _by_live_count(self, layer: int, batch: int, kind: str) -> np.ndarray:
+        """A constant [batch + 1] table indexed by the number of live rows: thresholds or k."""
+        table = self.plan.mlp_table(self.mlp_recall)
+        n = self.plan.ffn
+        if kind == "threshold":
+            return np.asarray([table.threshold_for(layer, max(1, b)) for b in range(batch + 1)], np.float32)
+        ks = [min(n, table.k_for(layer, max(1, b), self.plan.mlp_tile, n)) for b in range(batch + 1)]
+        return np.maximum.accumulate(np.asarray(ks, np.int32))  # k never shrinks as rows join
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=_ROUTER_DATA, meta_fields=_ROUTER_META)
 @dataclasses.dataclass(frozen=True)
-class RouterSparsifier(_RouterScores):
+class RouterSparsifier(_Routers):
     def heads_mask(self, layer: int, router_input: jax.Array, head_out: jax.Array) -> jax.Array | None:
-        k = self._attn_k(layer)
-        if k is None:
+        if not self._attn_on(layer):
             return None
-        mask = topk_mask(attn_logits(self.attn_w[layer], self.attn_b[layer], router_input), k)
-        return keep_prefix_dense(mask, self.start)
+        logits = self._attn_logits(layer, router_input)
+        counts, _ = self._attn_counts(layer, logits)
+        return keep_prefix_dense(unit_mask(logits, counts), self.start)
 
     def neurons_mask(self, layer: int, router_input: jax.Array, act: jax.Array) -> jax.Array | None:
-        k = self._mlp_k(layer, router_input.shape[0])
-        if k is None:
+        batch = router_input.shape[0]
+        if not self._mlp_on(layer, batch):
             return None
-        scores = batch_union_scores(mlp_logits(self.mlp_a[layer], self.mlp_b[layer], router_input))  # [T, N]
-        return keep_prefix_dense(topk_mask(scores, k)[None], self.start)
+        logits = self._mlp_logits(layer, router_input)  # [B, T, N]
+        if self.mlp_rule == "threshold":
+            table = self.plan.mlp_table(self.mlp_recall)
+            keep = union_threshold_mask(logits, table.threshold_for(layer, batch), axis=0)  # [T, N]
+            cap = table.capacity_for(layer, batch, self.plan.ffn)
+            overflow = jnp.sum(keep, axis=-1, keepdims=True) > cap  # such a position runs the dense MLP
+            mask = jnp.where(overflow, True, keep).astype(jnp.float32)
+        else:
+            k = int(self._by_live_count(layer, batch, "k")[batch])
+            mask = topk_mask(union_scores(logits, axis=0), k)
+        return keep_prefix_dense(mask[None], self.start)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=_ROUTER_DATA, meta_fields=_ROUTER_META)
 @dataclasses.dataclass(frozen=True)
-class RouterSelector(_RouterScores):
-    """DecodeSelector for `model.decode` / `generate`: per-sequence top-k units, one union index vector."""
+class RouterSelector(_Routers):
+    """DecodeSelector for `model.decode` / `generate`: per-sequence units, one union of neurons."""
 
-    def attention(self, layer: int, router_input: jax.Array) -> tuple[jax.Array, jax.Array] | None:
-        k = self._attn_k(layer)
-        if k is None:
+    def attention(self, layer: int, router_input: jax.Array, live: jax.Array) -> AttentionSelection | None:
+        if not self._attn_on(layer):
             return None
-        groups = topk_index(attn_logits(self.attn_w[layer], self.attn_b[layer], router_input), k)  # [B, k]
-        return groups, jnp.full((router_input.shape[0],), k, jnp.int32)
+        logits = self._attn_logits(layer, router_input)  # [B, U]
+        counts, cap = self._attn_counts(layer, logits)
+        return AttentionSelection(top_units(logits, cap), counts)
 
-    def mlp(self, layer: int, router_input: jax.Array) -> tuple[jax.Array, jax.Array] | None:
-        k = self._mlp_k(layer, router_input.shape[0])
-        if k is None:
+    def mlp(self, layer: int, router_input: jax.Array, live: jax.Array) -> MLPSelection | None:
+        batch = router_input.shape[0]
+        if not self._mlp_on(layer, batch):
             return None
-        scores = batch_union_scores(mlp_logits(self.mlp_a[layer], self.mlp_b[layer], router_input))  # [N]
-        return topk_index(scores, k), jnp.int32(k)
+        n_live = jnp.sum(live, dtype=jnp.int32)
+        if self.mlp_rule == "threshold":
+            cap = self.plan.mlp_table(self.mlp_recall).capacity_for(layer, batch, self.plan.ffn)
+            threshold = jnp.asarray(self._by_live_count(layer, batch, "threshold"))[n_live]
+            idx, count = union_select(self._mlp_hidden(layer, router_input), self.mlp_b[layer], live, threshold,
+                                      cap, impl=self.select_impl)
+            return MLPSelection(idx, jnp.minimum(count, cap), count > cap)
+        ks = self._by_live_count(layer, batch, "k")
+        return union_topk(self._mlp_logits(layer, router_input), jnp.asarray(ks)[n_live], int(ks[batch]), live)
 
 
 @functools.partial(
@@ -132,40 +193,57 @@ def attention_units(cfg: ModelConfig) -> tuple[int, str]:
 
 
 def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recall: float | None,
-                   per_layer: bool, attn: bool, mlp: bool) -> dict[str, Any]:
+                   per_layer: bool, attn: bool, mlp: bool, adaptive: bool, mlp_rule: str | None,
+                   dtype: Any, select_impl: str) -> dict[str, Any]:
     c = bundle.config
     if attn_density is not None:
         check_density(attn_density)
-    if mlp and c.mlp_router:
+    use_mlp = bool(mlp and c.mlp_router)
+    rule = "topk"
+    if use_mlp:
         if mlp_recall is None:
             raise InputError("mlp_recall is required for MLP sparsity")
         check_density(mlp_recall, "MLP recall target")
-        c.mlp_table(mlp_recall)  # clear error now rather than inside jit
+        table = c.mlp_table(mlp_recall)  # clear error now rather than inside jit
+        if mlp_rule is not None and mlp_rule not in MLP_RULES:
+            raise InputError(f"mlp_rule must be one of {MLP_RULES}, got {mlp_rule!r}")
+        rule = mlp_rule or ("threshold" if table.has_thresholds else "topk")
+        if rule == "threshold" and not table.has_thresholds:
+            raise InputError("this bundle has no MLP thresholds: re-run `polar-jax calibrate` on it")
     layers = range(c.num_layers)
 
     def arrays(get, j):
-        return tuple(None if get(i) is None else jnp.asarray(get(i)[j]) for i in layers)
+        return tuple(None if get(i) is None else jnp.asarray(get(i)[j], dtype) for i in layers)
 
     return dict(
         attn_w=arrays(bundle.attn, 0), attn_b=arrays(bundle.attn, 1),
         mlp_a=arrays(bundle.mlp, 0), mlp_b=arrays(bundle.mlp, 1),
-        attn_k=c.attn_k(attn_density, per_layer), units=c.attn_units,
+        attn_k=c.attn_k(attn_density, per_layer),
+        budgets=c.adaptive_budgets(attn_density, per_layer) if adaptive and attn else None,
+        units=c.attn_units,
         plan=dataclasses.replace(c, train=None),  # hashable static copy
-        mlp_recall=mlp_recall if (mlp and c.mlp_router) else None,
-        use_attn=attn, use_mlp=mlp and c.mlp_router,
+        mlp_recall=mlp_recall if use_mlp else None, mlp_rule=rule,
+        use_attn=attn, use_mlp=use_mlp, select_impl=select_impl,
     )
 
 
 def router_sparsifier(bundle: SparsityBundle, attn_density: float | None = None, mlp_recall: float | None = 0.99,
-                      per_layer: bool = False, attn: bool = True, mlp: bool = True, start: int = 0) -> RouterSparsifier:
-    """Masked-evaluation sparsifier from trained routers. `attn`/`mlp` switch each part off (dense)."""
-    return RouterSparsifier(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp), start=start)
+                      per_layer: bool = False, attn: bool = True, mlp: bool = True, start: int = 0,
+                      adaptive: bool = False, mlp_rule: str | None = None) -> RouterSparsifier:
+    """Masked-evaluation sparsifier from trained routers. `attn`/`mlp` switch each part off (dense);
+    `adaptive` uses input-adaptive head budgets; `mlp_rule` "threshold" | "topk" (default: threshold
+    when the bundle is calibrated for it)."""
+    return RouterSparsifier(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp, adaptive,
+                                             mlp_rule, jnp.float32, "xla"), start=start)
 
 
 def router_selector(bundle: SparsityBundle, attn_density: float | None = None, mlp_recall: float | None = 0.99,
-                    per_layer: bool = False, attn: bool = True, mlp: bool = True) -> RouterSelector:
-    """Decode selector from trained routers (same choices as `router_sparsifier` on the same inputs)."""
-    return RouterSelector(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp))
+                    per_layer: bool = False, attn: bool = True, mlp: bool = True, adaptive: bool = False,
+                    mlp_rule: str | None = None, dtype: Any = jnp.float32, select_impl: str = "auto") -> RouterSelector:
+    """Decode selector from trained routers (same choices as `router_sparsifier` on the same inputs).
+    `dtype`: the router weights' dtype (the model's on a GPU: half the bytes of float32)."""
+    return RouterSelector(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp, adaptive,
+                                           mlp_rule, dtype, select_impl))
 
 
 def oracle_sparsifier(cfg: ModelConfig, attn_density: float, mlp: bool = True, start: int = 0,

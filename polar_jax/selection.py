@@ -1,0 +1,135 @@
+"""What a sparse decode step computes, as typed values, and the selection rules that produce them.
+
+- `AttentionSelection(groups [B, A], n_active [B])`: per sequence, the KV groups (query heads for MHA)
+  it attends over: the first `n_active[b]` slots of `groups[b]` are live. A row with `n_active` 0 reads
+  no KV at all (a padded or finished row).
+- `MLPSelection(idx [A], n_active, dense)`: the neurons the whole batch computes (the union over live
+  rows): the first `n_active` entries of `idx` are live; `dense` (a traced bool) asks for the dense MLP
+  instead (the union did not fit the static capacity A).
+
+The rules are pure `jnp` so the masked (simulated) evaluation and the real decode step choose exactly
+the same units from the same scores. None of them sorts: on the GPU `lax.top_k`/`argsort` over 16k MLP
+scores cost about 50 us per layer (H200, benchmarks/results/decode_diag_2026-11-28.md), more than the
+MLP sparsity saves.
+- Heads: `rank_units` ranks every unit against every other one ([B, U, U] comparisons, one fused
+  kernel; U <= 128), giving the per-sequence top-k in score order; `adaptive_counts` turns a calibrated
+  threshold into per-sequence budgets (input-adaptive heads) with a floor and a cap.
+- MLP: `union_threshold_mask` keeps a neuron when any live row's router logit passes the layer's
+  calibrated threshold (the union of per-row predictions), and `compact` turns the mask into ascending
+  indices (so the gather kernels stream the weight rows in memory order) with a cumulative sum.
+  `union_topk` is the paper's rule (top-k of batch-summed ReLU scores), kept as a reference mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionSelection:
+    groups: jax.Array  # [B, A] int32: KV group per slot (slots >= n_active[b] are ignored)
+    n_active: jax.Array  # [B] int32: live slots per row, 0 for a row that reads no KV
+
+    @classmethod
+    def all_groups(cls, batch: int, num_groups: int) -> "AttentionSelection":
+        """Every group for every row (dense attention through the selective kernel)."""
+        groups = jnp.broadcast_to(jnp.arange(num_groups, dtype=jnp.int32), (batch, num_groups))
+        return cls(groups, jnp.full((batch,), num_groups, jnp.int32))
+
+    def for_live(self, live: jax.Array | None) -> "AttentionSelection":
+        """Rows that are not live read nothing."""
+        if live is None:
+            return self
+        return AttentionSelection(self.groups, jnp.where(live, self.n_active, 0).astype(jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MLPSelection:
+    idx: jax.Array  # [A] int32 neuron ids (entries >= n_active are ignored)
+    n_active: jax.Array  # int32 scalar
+    dense: jax.Array  # bool scalar: compute the dense MLP instead
+
+    @classmethod
+    def of(cls, idx: jax.Array, n_active: jax.Array | int) -> "MLPSelection":
+        return cls(jnp.asarray(idx, jnp.int32), jnp.asarray(n_active, jnp.int32), jnp.asarray(False))
+
+
+# ---- heads ------------------------------------------------------------------------------------------
+def rank_units(scores: jax.Array) -> jax.Array:
+    """Rank of every unit within its row (0 = highest score; ties go to the lower index): [..., U]."""
+    s = scores
+    above = s[..., None, :] > s[..., :, None]  # [..., i, j]: unit j beats unit i
+    u = s.shape[-1]
+    j_before_i = jnp.arange(u)[None, :] < jnp.arange(u)[:, None]
+    tie_before = (s[..., None, :] == s[..., :, None]) & j_before_i
+    return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)
+
+
+def top_units(scores: jax.Array, k: int) -> jax.Array:
+    """Per row, the k best units in score order ([..., U] -> [..., k] int32), without a sort."""
+    ranks = rank_units(scores)
+    hit = ranks[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, U]
+    return jnp.argmax(hit, axis=-1).astype(jnp.int32)
+
+
+def unit_mask(scores: jax.Array, counts: jax.Array | int) -> jax.Array:
+    """0/1 float mask of each row's `counts` best units ([..., U]; counts broadcast over [...])."""
+    counts = jnp.asarray(counts, jnp.int32)
+    return (rank_units(scores) < counts[..., None]).astype(jnp.float32)
+
+
+def adaptive_counts(scores: jax.Array, threshold: jax.Array | float, floor: int, cap: int) -> jax.Array:
+    """Input-adaptive budgets: per row, the units scoring above `threshold`, clipped to [floor, cap]."""
+    n = jnp.sum(scores > threshold, axis=-1, dtype=jnp.int32)
+    return jnp.clip(n, floor, cap).astype(jnp.int32)
+
+
+# ---- MLP union --------------------------------------------------------------------------------------
+def union_threshold_mask(logits: jax.Array, threshold: jax.Array | float, live: jax.Array | None = None,
+                         axis: int = 0) -> jax.Array:
+    """Neurons predicted active for any live row: max over rows (`axis`) of the logits > threshold."""
+    if live is not None:
+        shape = [1] * logits.ndim
+        shape[axis] = live.shape[0]
+        logits = jnp.where(live.reshape(shape), logits, -jnp.inf)
+    return jnp.max(logits, axis=axis) > threshold
+
+
+def union_scores(logits: jax.Array, live: jax.Array | None = None, axis: int = 0) -> jax.Array:
+    """The paper's batch scores: ReLU'd router logits summed over the live rows."""
+    r = jax.nn.relu(logits)
+    if live is not None:
+        shape = [1] * logits.ndim
+        shape[axis] = live.shape[0]
+        r = jnp.where(live.reshape(shape), r, 0.0)
+    return jnp.sum(r, axis=axis)
+
+
+def union_topk(logits: jax.Array, k: jax.Array | int, capacity: int,
+               live: jax.Array | None = None) -> MLPSelection:
+    """The paper's union rule (reference mode; sorts): the top `k` (<= capacity) neurons of
+    `union_scores`, in score order."""
+    idx = jax.lax.top_k(union_scores(logits, live), capacity)[1]
+    return MLPSelection.of(idx, jnp.minimum(jnp.asarray(k, jnp.int32), capacity))
+
+
+def topk_mask(scores: jax.Array, k: int) -> jax.Array:
+    """0/1 float mask over the last axis with exactly k ones (the k largest; ties by index)."""
+    _, idx = jax.lax.top_k(scores, k)
+    return jnp.sum(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.float32), axis=-2)
+
+
+def keep_prefix_dense(mask: jax.Array, start: int, time_axis: int = 1) -> jax.Array:
+    """Masked evaluation: positions before `start` stay dense (the prompt is prefilled densely)."""
+    if start <= 0:
+        return mask
+    t = mask.shape[time_axis]
+    shape = [1] * mask.ndim
+    shape[time_axis] = t
+    before = (jnp.arange(t) < start).reshape(shape)
+    return jnp.where(before, 1.0, mask)
