@@ -110,7 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench_decode(args: argparse.Namespace) -> int:
     from polar_jax.bench.decode_bench import main as bench_main
 
     return bench_main(args.rest)
@@ -149,9 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sparsity_args(g)
     g.set_defaults(fn=cmd_generate)
 
-    b = sub.add_parser("bench", help="decode-step benchmark (see polar_jax/bench/decode_bench.py --help)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=cmd_bench)
+    b = sub.add_parser("bench", help="benchmarks (GPU; --tiny checks the code path on CPU)")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    bd = bsub.add_parser("decode", add_help=False,
+                         help="end-to-end decode step, sparse variants vs dense (`polar-jax bench decode --help`)")
+    bd.add_argument("rest", nargs=argparse.REMAINDER)
+    bd.set_defaults(fn=cmd_bench_decode)
 
     try:
         from polar_jax.routers.cli import register
@@ -165,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from polar_jax.errors import PolarError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "decode"]:
+        # the benchmark owns its flags (argparse cannot forward options through nested sub-commands)
+        args = argparse.Namespace(fn=cmd_bench_decode, rest=argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except PolarError as e:

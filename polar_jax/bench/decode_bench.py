@@ -1,239 +1,392 @@
-"""Dense decode-step benchmark against the memory roofline.
+"""End-to-end decode benchmark: the whole jitted step, sparse variants against our own dense step.
 
-A model of real dimensions with random bf16 weights (LLaMA-2-7B, LLaMA-3.1-8B shapes), a KV cache filled
-with random values holding `--context` tokens per sequence, and the jitted decode step (cache donated)
-timed over back-to-back steps. The roofline is the bytes one step must read (all weights except the unused
-embedding rows, plus the live KV of every sequence) over the HBM bandwidth measured in the same run.
+For each shape (real dimensions, all layers, random bf16 weights), batch size and context, every
+variant is timed in the same process, interleaved: `dense`, `heads` (per-sequence head / KV-group
+selection), `mlp` (union neuron selection, ReLU models), `both`, and `auto` (what the step-level policy
+picks from the committed table). Routers have the paper's architecture and rank with random weights, so
+their cost is counted; MLP union densities follow PAPER.md's OPT table by batch size, reached by
+thresholds calibrated on the step's own router inputs.
 
-    PYTHONPATH=. python -m polar_jax.bench.decode_bench --out benchmarks/results     # on a GPU
-    python -m polar_jax.bench.decode_bench --tiny                                    # code path check on CPU
+A step is timed as the wall clock of one executable that runs `--steps` decode steps in a device loop
+(as `generate` does: no host round trip per token, stable buffers for CUDA-graph replay); the KV cache
+is donated and its lengths reset before each run so the context stays fixed. Each worker process
+reports the median of `--repeats` runs; `--processes K` starts K fresh worker processes (sharing a
+persistent compilation cache, which also pins XLA's autotuning choices) and reports the median and
+spread across them. `--breakdown` adds a CUPTI profile of each variant, mapped to the step's parts.
+
+    polar-jax bench decode --shapes opt-6.7b --batches 1 8 32 --contexts 2048 --processes 3 --out DIR   # GPU
+    polar-jax bench decode --tiny                                                                      # CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from polar_jax.cache import KVCache
-from polar_jax.config import ModelConfig, RopeConfig
-from polar_jax.decode import decode_step, split_model
+from polar_jax.bench import breakdown as bd
+from polar_jax.bench.report import print_table, write_report
+from polar_jax.bench.shapes import LARGE, SHAPES
+from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
+from polar_jax.config import ModelConfig
+from polar_jax.errors import InputError
 from polar_jax.models import build_model
+from polar_jax.models.collect import capture_intermediates
+from polar_jax.policy import PARTS, choose_variant, model_class
+from polar_jax.routers.sparsify import router_selector
 
-SHAPES = {
-    "llama2-7b": ModelConfig(
-        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
-        num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=4096, dtype="bfloat16",
-    ),
-    "llama3.1-8b": ModelConfig(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=131072, dtype="bfloat16",
-        rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                        original_max_position_embeddings=8192),
-    ),
-    "tiny": ModelConfig(
-        model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, dtype="float32",
-    ),
-}
+VARIANTS = ("dense", "heads", "mlp", "both", "auto")
+MEMORY_LIMIT = 120e9  # bytes of weights + KV the benchmark allows on one GPU (H200: ~141 GB)
 
 
-def _loop_time(fn, x, reps: int) -> float:
-    """Seconds per call over `reps` back-to-back calls (one sync at the end), after ~0.5 s of warm-up so
-    the GPU clocks have ramped up (a cold card runs its first milliseconds far below full speed)."""
-    fn(x).block_until_ready()
-    t = time.perf_counter()
-    while time.perf_counter() - t < 0.5:
-        fn(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        y = fn(x)
-    y.block_until_ready()
-    return (time.perf_counter() - t) / reps
+# ---- bytes one step must read --------------------------------------------------------------------------
+def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int, attn_frac: float = 1.0,
+               mlp_frac: float = 1.0, router: int = 0) -> dict[str, float]:
+    """Bytes per decode step by part. `attn_frac` / `mlp_frac`: mean fraction of KV groups / neurons
+    the sparse layers keep (layer 0 is dense); `router`: the routers' weight bytes."""
+    d, n, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    hq, hkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    sparse_share = lambda frac: (1 + (L - 1) * frac) / L  # noqa: E731
+    proj = L * (d * hq * hd * 2 + d * hkv * hd * 2) * itemsize
+    mlp = L * (3 if cfg.gated_mlp else 2) * d * n * itemsize * sparse_share(mlp_frac)
+    kv = 2 * L * batch * context * hkv * hd * itemsize * sparse_share(attn_frac)
+    other = (cfg.vocab_size * cfg.embed_dim + 2 * batch * d + 4 * L * d) * itemsize
+    parts = {"attn_proj": proj, "kv": kv, "mlp": mlp, "router": float(router), "other": other}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("cache",))
+def run_steps(graphdef, state, cache, tokens, selector, steps: int):
+    """`steps` decode steps in one executable (a device loop, as in `generate`)."""
+    model = nnx.merge(graphdef, state)
+
+    def body(_, carry):
+        cache, _ = carry
+        logits, cache = model.decode(tokens, cache, selector)
+        return cache, logits.astype(jnp.float32)
+
+    logits0 = jnp.zeros((tokens.shape[0], model.config.vocab_size), jnp.float32)
+    cache, logits = jax.lax.fori_loop(0, steps, body, (cache, logits0))
+    return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def probe_step(graphdef, state, cache, tokens, selector):
+    """One decode step that also returns each layer's router input and selection sizes."""
+    model = nnx.merge(graphdef, state)
+    (logits, cache), inter = capture_intermediates(model, lambda m: m.decode(tokens, cache, selector, collect=True))
+    return logits, cache, inter
+
+
+def _reset(cache, context: int):
+    return dataclasses.replace(cache, lengths=jnp.full_like(cache.lengths, context))
 
 
 def measure_bandwidth(nbytes: int = 4 << 30, reps: int = 20) -> dict[str, float]:
-    """HBM bandwidth in bytes/s two ways: an elementwise copy (bytes read + bytes written) and a full
-    reduction (bytes read only, closer to a decode step, which almost only reads)."""
+    """HBM bandwidth in bytes/s: an elementwise pass (read + write counted) and a full reduction (read)."""
     x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0)  # a plain copy could be elided; this reads and writes every element
-    read = jax.jit(lambda a: jnp.sum(a))
-    return {"copy_Bps": 2 * x.nbytes / _loop_time(copy, x, reps), "read_Bps": x.nbytes / _loop_time(read, x, reps)}
-
-
-def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int) -> dict[str, int]:
-    d, n, hq, hkv, hd, L = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                            cfg.head_dim, cfg.num_layers)
-    per_layer = d * hq * hd * 2 + d * hkv * hd * 2 + 3 * d * n + 2 * d
-    weights = (L * per_layer + d + cfg.vocab_size * d + batch * d) * itemsize  # head read whole, embed rows only
-    kv = 2 * L * batch * context * hkv * hd * itemsize
-    return {"weights": weights, "kv": kv, "total": weights + kv}
-
-
-def random_cache(cfg: ModelConfig, batch: int, capacity: int, context: int, dtype) -> KVCache:
-    key = jax.random.key(1)
-    shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-    ks, vs = [], []
-    for i in range(cfg.num_layers):
-        k1, k2, key = jax.random.split(key, 3)
-        ks.append(jax.random.normal(k1, shape, dtype))
-        vs.append(jax.random.normal(k2, shape, dtype))
-    return KVCache(tuple(ks), tuple(vs), jnp.full((batch,), context, jnp.int32))
-
-
-def time_decode(model, batch: int, context: int, attn_impl: str, steps: int, repeats: int) -> dict:
-    cfg = model.config
-    capacity = context + steps * (repeats + 1) + 8
-    graphdef, state = split_model(model)
-    cache = random_cache(cfg, batch, capacity, context, model.dtype)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, batch), jnp.int32)
-    t0 = time.perf_counter()
-    logits, cache = decode_step(graphdef, state, cache, tokens, None, attn_impl)
-    first_logits = np.asarray(logits.astype(jnp.float32))  # same seeded cache for every impl: comparable
-    compile_s = time.perf_counter() - t0
-    for _ in range(steps):  # warm-up
-        logits, cache = decode_step(graphdef, state, cache, tokens, None, attn_impl)
-    logits.block_until_ready()
-    per_step = []
-    for _ in range(repeats):
+    out = {}
+    for name, fn, factor in (("copy_Bps", jax.jit(lambda a: a + 1.0), 2), ("read_Bps", jax.jit(jnp.sum), 1)):
+        fn(x).block_until_ready()
         t = time.perf_counter()
-        for _ in range(steps):
-            logits, cache = decode_step(graphdef, state, cache, tokens, None, attn_impl)
-        logits.block_until_ready()
-        per_step.append((time.perf_counter() - t) / steps)
-    assert bool(jnp.all(jnp.isfinite(logits))), "non-finite logits"
+        for _ in range(reps):
+            y = fn(x)
+        y.block_until_ready()
+        out[name] = factor * x.nbytes * reps / (time.perf_counter() - t)
+    return out
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str
+    selector: Any
+    chose: str  # what it runs (for auto: the policy's choice)
+    sizes: dict = dataclasses.field(default_factory=dict)
+    times: list = dataclasses.field(default_factory=list)
+    breakdown: dict | None = None
+    logits: np.ndarray | None = None
+
+
+def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int, bundle, attn_density: float,
+                   dtype, policy_table: dict | None) -> list[Variant]:
+    out = []
+    for name in names:
+        chose = name
+        if name == "auto":
+            chose = choose_variant(cfg, batch, context, cfg.relu_mlp, table=policy_table)
+        attn, mlp = PARTS[chose]
+        if mlp and not cfg.relu_mlp:
+            continue
+        sel = None
+        if attn or mlp:
+            sel = router_selector(bundle, attn_density=attn_density, mlp_recall=0.99 if mlp else None, attn=attn,
+                                  mlp=mlp, dtype=dtype)
+        out.append(Variant(name, sel, chose))
+    return out
+
+
+def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argparse.Namespace, bundle,
+                policy_table: dict | None) -> list[dict]:
+    graphdef, state = nnx.split(model)
+    dtype = model.dtype
+    cache = random_cache(cfg, batch, context + args.steps + 8, context, dtype)
+    tokens = jnp.asarray(np.random.default_rng(batch).integers(0, cfg.vocab_size, batch), jnp.int32)
+    density = args.mlp_density if args.mlp_density is not None else paper_union(batch)
+    if cfg.relu_mlp:  # thresholds from this step's own router inputs
+        _, cache, inter = probe_step(graphdef, state, cache, tokens, None)
+        cache = _reset(cache, context)
+        bundle = calibrate_union(bundle, np.asarray(inter["router_input"][:, :, 0], np.float32), batch, density)
+    variants = build_variants(cfg, args.variants, batch, context, bundle, args.attn_density, dtype, policy_table)
+    compile_s = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps)
+        v.logits = np.asarray(logits[:, :64])
+        compile_s[v.name] = time.perf_counter() - t0
+        if v.selector is not None:
+            _, cache, inter = probe_step(graphdef, state, _reset(cache, context), tokens, v.selector)
+            for key in ("attn_n_active", "mlp_n_active"):
+                if key in inter:
+                    v.sizes[key] = np.asarray(inter[key]).tolist()
+    for _ in range(args.repeats):  # interleaved: every variant once per round
+        for v in variants:
+            c = _reset(cache, context)
+            t = time.perf_counter()
+            logits, cache = run_steps(graphdef, state, c, tokens, v.selector, args.steps)
+            logits.block_until_ready()
+            v.times.append((time.perf_counter() - t) / args.steps)
+    if args.breakdown:
+        for v in variants:
+            hlo = run_steps.lower(graphdef, state, cache, tokens, v.selector, args.steps).compile().as_text()
+            scopes = bd.hlo_scopes(hlo)
+            with bd.Cupti() as prof:
+                logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps)
+                logits.block_until_ready()
+            if prof.records:
+                v.breakdown = bd.breakdown(prof.records, scopes, args.steps)
+    rows = []
+    dense = next((v for v in variants if v.name == "dense"), None)
+    for v in variants:
+        row = {"batch": batch, "context": context, "variant": v.name, "runs": v.chose,
+               "step_s": statistics.median(v.times), "step_s_all": v.times, "compile_s": compile_s[v.name],
+               "mlp_target_density": density if cfg.relu_mlp else None, "attn_density": args.attn_density,
+               "sizes": v.sizes, "breakdown_ms": v.breakdown}
+        if dense is not None and v is not dense:
+            a, b = v.logits.astype(np.float64), dense.logits.astype(np.float64)
+            row["logits_rel_diff_vs_dense"] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+        rows.append(row)
     del cache
-    return {"step_s": statistics.median(per_step), "step_s_all": per_step, "compile_s": compile_s,
-            "first_logits": first_logits}
+    return rows
 
 
-def run(args: argparse.Namespace) -> dict:
+def _fractions(cfg: ModelConfig, sizes: dict) -> tuple[float, float]:
+    """Mean kept fraction over the sparse layers: KV groups (per live row) and MLP neurons (-1 = dense)."""
+    attn = 1.0
+    if "attn_n_active" in sizes:
+        attn = float(np.mean(sizes["attn_n_active"])) / cfg.num_kv_heads
+    mlp = 1.0
+    if "mlp_n_active" in sizes:
+        n = np.asarray(sizes["mlp_n_active"], np.float64)
+        mlp = float(np.mean(np.where(n < 0, cfg.intermediate_size, n))) / cfg.intermediate_size
+    return attn, mlp
+
+
+def worker(args: argparse.Namespace) -> dict:
     dev = jax.devices()[0]
-    results = {
-        "device": getattr(dev, "device_kind", str(dev)),
-        "backend": jax.default_backend(),
-        "jax_version": jax.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join(["python", "-m", "polar_jax.bench.decode_bench", *sys.argv[1:]]),
-        "host": platform.node(),
-        "context": args.context,
-        "rows": [],
-    }
     bws = measure_bandwidth(args.bw_bytes)
-    bw = max(bws.values())  # the higher ceiling: the roofline fraction is then a conservative number
-    results.update(copy_bandwidth_Bps=bws["copy_Bps"], read_bandwidth_Bps=bws["read_Bps"], bandwidth_Bps=bw)
-    print(f"device {results['device']}, jax {jax.__version__}, copy {bws['copy_Bps'] / 1e12:.2f} TB/s, "
+    policy_table = json.loads(Path(args.policy).read_text()) if args.policy else None
+    out = {"device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
+           "jax_version": jax.__version__, "pid": os.getpid(), "bandwidth": bws, "rows": []}
+    print(f"[{os.getpid()}] {out['device']}, jax {jax.__version__}, copy {bws['copy_Bps'] / 1e12:.2f} TB/s, "
           f"read {bws['read_Bps'] / 1e12:.2f} TB/s", flush=True)
-    reference_logits: dict = {}
     for shape in args.shapes:
         cfg = SHAPES[shape]
         dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
         model = build_model(cfg, dtype=dtype)
-        for impl in args.attn_impls:
+        bundle = random_bundle(cfg, args.rank, dtype)
+        for context in args.contexts:
             for batch in args.batches:
-                try:
-                    t = time_decode(model, batch, args.context, impl, args.steps, args.repeats)
-                except Exception as e:  # keep the other rows: one failing configuration is a finding, not a crash
-                    print(f"{shape} {impl} B={batch}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
-                    results["rows"].append({"shape": shape, "attn_impl": impl, "batch": batch, "error": str(e)[:2000]})
+                need = step_bytes(cfg, batch, context + args.steps + 8, jnp.dtype(dtype).itemsize)
+                if need["attn_proj"] + need["mlp"] + need["kv"] + need["other"] > MEMORY_LIMIT:
+                    print(f"  {shape} B={batch} L={context}: skipped (does not fit one GPU)", flush=True)
                     continue
-                first = t.pop("first_logits")
-                ref = reference_logits.setdefault((shape, batch), first)  # the first impl listed is the reference
-                t["max_abs_logit_diff_vs_first_impl"] = float(np.max(np.abs(first - ref)))
-                t["logit_scale"] = float(np.max(np.abs(ref)))
-                b = step_bytes(cfg, batch, args.context, jnp.dtype(dtype).itemsize)
-                floor = b["total"] / bw
-                row = {
-                    "shape": shape, "attn_impl": impl, "batch": batch, **t,
-                    "tokens_per_s": batch / t["step_s"], "bytes": b, "roofline_s": floor,
-                    "roofline_fraction": floor / t["step_s"], "achieved_Bps": b["total"] / t["step_s"],
-                }
-                results["rows"].append(row)
-                print(f"{shape:12s} {impl:6s} B={batch:4d}  step {t['step_s'] * 1e3:8.3f} ms  "
-                      f"{row['tokens_per_s']:9.1f} tok/s  roofline {floor * 1e3:7.3f} ms  "
-                      f"= {100 * row['roofline_fraction']:5.1f}%  (compile {t['compile_s']:.1f}s, "
-                      f"logit diff {t['max_abs_logit_diff_vs_first_impl']:.3g} of {t['logit_scale']:.3g})", flush=True)
+                for r in bench_point(model, cfg, batch, context, args, bundle, policy_table):
+                    r["shape"] = shape
+                    r["model_class"] = model_class(cfg)
+                    out["rows"].append(r)
+                    print(f"  {shape:12s} B={batch:4d} L={context:5d} {r['variant']:6s}({r['runs']:5s}) "
+                          f"{1e3 * r['step_s']:8.3f} ms", flush=True)
         del model
+    return out
+
+
+# ---- driver: fresh processes, merge, derived numbers ----------------------------------------------------
+def _worker_argv(args: argparse.Namespace, json_out: str) -> list[str]:
+    argv = [sys.executable, "-m", "polar_jax.bench.decode_bench", "--worker", json_out, "--shapes", *args.shapes,
+            "--batches", *map(str, args.batches), "--contexts", *map(str, args.contexts), "--variants",
+            *args.variants, "--attn-density", str(args.attn_density), "--rank", str(args.rank), "--steps",
+            str(args.steps), "--repeats", str(args.repeats), "--bw-bytes", str(args.bw_bytes)]
+    if args.mlp_density is not None:
+        argv += ["--mlp-density", str(args.mlp_density)]
+    if args.policy:
+        argv += ["--policy", args.policy]
+    return argv
+
+
+def run_processes(args: argparse.Namespace) -> list[dict]:
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ)
+        env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tmp, "jax_cache"))
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+        for i in range(args.processes):
+            path = os.path.join(tmp, f"worker{i}.json")
+            argv = _worker_argv(args, path)
+            if args.breakdown and i == 0:
+                argv.append("--breakdown")
+            subprocess.run(argv, check=True, env=env)
+            results.append(json.loads(Path(path).read_text()))
     return results
 
 
-def write_report(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"decode_dense_{results['date']}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    lines = [
-        f"# Dense decode step vs memory roofline ({results['device']})",
-        "",
-        f"jax {results['jax_version']}, {results['date']}, context {results['context']} cached tokens per sequence, "
-        f"random bf16 weights and KV. Measured bandwidth: copy {results['copy_bandwidth_Bps'] / 1e12:.2f} TB/s "
-        f"(read + write counted), read-only reduction {results['read_bandwidth_Bps'] / 1e12:.2f} TB/s. "
-        "Roofline = (weights + live KV bytes) / the higher of the two. Attention `xla` = einsum over the cache, "
-        "`pallas` = the select_decode kernel with every KV group active.",
-        "",
-        f"Command: `{results['command']}`",
-        "",
-        "| shape | attention | B | step (ms) | tokens/s | bytes/step (GB) | roofline (ms) | % of roofline |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['shape']} | {r['attn_impl']} | {r['batch']} | failed: {r['error'][:80]} | | | | |")
+def merge(workers: list[dict], args: argparse.Namespace) -> dict:
+    """Median and spread over processes of each point's per-process median; derived ratios."""
+    first = workers[0]
+    bw = max(max(w["bandwidth"].values()) for w in workers)
+    merged = {"device": first["device"], "jax_version": first["jax_version"], "backend": first["backend"],
+              "date": datetime.date.today().isoformat(), "host": platform.node(),
+              "command": "polar-jax bench decode " + " ".join(args.argv), "processes": len(workers),
+              "bandwidth_Bps": bw, "bandwidths": [w["bandwidth"] for w in workers], "rows": []}
+    keys = {}
+    for w in workers:
+        for r in w["rows"]:
+            keys.setdefault((r["shape"], r["batch"], r["context"], r["variant"]), []).append(r)
+    for (shape, batch, context, variant), rs in keys.items():
+        cfg = SHAPES[shape]
+        times = [r["step_s"] for r in rs]
+        row = dict(rs[0])
+        row.update(step_s=statistics.median(times), step_s_processes=times, spread=(min(times), max(times)),
+                   breakdown_ms=next((r["breakdown_ms"] for r in rs if r.get("breakdown_ms")), None))
+        attn, mlp = _fractions(cfg, row["sizes"])
+        item = 2 if cfg.dtype == "bfloat16" else 4
+        sel = row["runs"]
+        router = 0
+        if sel != "dense":
+            router = _router_bytes(cfg, args.rank, PARTS[sel], item)
+        b = step_bytes(cfg, batch, context, item, attn, mlp, router)
+        row.update(attn_fraction=attn, mlp_fraction=mlp, bytes=b, tokens_per_s=batch / row["step_s"],
+                   roofline_fraction=b["total"] / bw / row["step_s"])
+        merged["rows"].append(row)
+    by_point = {}
+    for r in merged["rows"]:
+        by_point.setdefault((r["shape"], r["batch"], r["context"]), {})[r["variant"]] = r
+    for variants in by_point.values():
+        dense = variants.get("dense")
+        if dense is None:
             continue
-        lines.append(
-            f"| {r['shape']} | {r['attn_impl']} | {r['batch']} | {r['step_s'] * 1e3:.3f} | {r['tokens_per_s']:.1f} | "
-            f"{r['bytes']['total'] / 1e9:.2f} | {r['roofline_s'] * 1e3:.3f} | {100 * r['roofline_fraction']:.1f}% |"
-        )
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
+        for r in variants.values():
+            r["speedup"] = dense["step_s"] / r["step_s"]
+            no_router = r["bytes"]["total"] - r["bytes"]["router"]
+            r["amdahl_bound"] = dense["bytes"]["total"] / no_router
+            r["bound_fraction"] = r["speedup"] / r["amdahl_bound"]
+    return merged
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for shape, impl in sorted({(r["shape"], r["attn_impl"]) for r in results["rows"]}):
-            rows = [r for r in results["rows"] if r["shape"] == shape and r["attn_impl"] == impl and "error" not in r]
-            ax.plot([r["batch"] for r in rows], [100 * r["roofline_fraction"] for r in rows], "o-", label=f"{shape} ({impl})")
-        ax.axhline(80, color="gray", ls="--", label="goal 80%")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("% of memory roofline")
-        ax.set_ylim(0, 105)
-        ax.set_title(f"Dense decode step, {results['context']} cached tokens, {results['device']}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"{stem}.png", dpi=120)
-    except ImportError:
-        pass
+def _router_bytes(cfg: ModelConfig, rank: int, parts: tuple[bool, bool], itemsize: int) -> int:
+    attn, mlp = parts
+    units = cfg.num_kv_heads if cfg.num_kv_heads < cfg.num_heads else cfg.num_heads
+    per = (cfg.hidden_size + 1) * units if attn else 0
+    if mlp and cfg.relu_mlp:
+        per += rank * (cfg.hidden_size + cfg.intermediate_size)
+    return (cfg.num_layers - 1) * per * itemsize
+
+
+def policy_table(merged: dict) -> dict:
+    """The step-level policy's table from a run: per point, each variant's speedup over dense."""
+    entries = {}
+    for r in merged["rows"]:
+        if r["variant"] in PARTS and "speedup" in r:
+            e = entries.setdefault((r["shape"], r["batch"], r["context"]), {
+                "device": merged["device"], "model_class": r["model_class"], "shape": r["shape"],
+                "batch": r["batch"], "context": r["context"], "speedup": {}})
+            e["speedup"][r["variant"]] = round(r["speedup"], 4)
+    return {"source": merged.get("command"), "date": merged["date"], "jax_version": merged["jax_version"],
+            "entries": list(entries.values())}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="polar-jax bench decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["opt-6.7b", "llama2-7b"], choices=sorted(SHAPES))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--contexts", nargs="+", type=int, default=[2048])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--attn-density", type=float, default=0.3, help="fraction of heads / KV groups kept")
+    p.add_argument("--mlp-density", type=float, default=None,
+                   help="MLP union density (default: PAPER.md's OPT table by batch size)")
+    p.add_argument("--rank", type=int, default=1024, help="MLP router rank (the paper's: 1024)")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per timed executable")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant in each process")
+    p.add_argument("--processes", type=int, default=1, help="fresh worker processes (median and spread)")
+    p.add_argument("--breakdown", action="store_true", help="CUPTI profile per variant (first process)")
+    p.add_argument("--policy", default=None, help="policy table for the `auto` variant (default: the committed one)")
+    p.add_argument("--write-policy", type=Path, default=None, help="write the measured policy table here")
+    p.add_argument("--bw-bytes", type=int, default=4 << 30)
+    p.add_argument("--out", type=Path, default=None, help="folder for JSON / markdown / PNG results")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes and sizes: checks the code path on CPU")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.tiny:
+        args.shapes = ["tiny-opt", "tiny-llama"]
+        args.batches, args.contexts, args.steps, args.repeats, args.bw_bytes = [1, 4], [32], 2, 2, 1 << 20
+        args.rank = 16
+    for name, values in (("--batches", args.batches), ("--contexts", args.contexts)):
+        if any(v < 1 for v in values):
+            raise InputError(f"{name} must be positive, got {values}")
+    if args.steps < 1 or args.repeats < 1 or args.processes < 1:
+        raise InputError("--steps, --repeats and --processes must be >= 1")
+    if not 0 < args.attn_density <= 1:
+        raise InputError(f"--attn-density must be in (0, 1], got {args.attn_density}")
+    if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
+        raise InputError(f"--mlp-density must be in (0, 1], got {args.mlp_density}")
+    large = [s for s in args.shapes if s in LARGE]
+    if large and jax.default_backend() != "gpu" and args.worker is None:
+        raise InputError(f"shapes {large} need a GPU (this host has {jax.default_backend()}); use --tiny on CPU")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="polar-jax bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=["llama2-7b", "llama3.1-8b"], choices=sorted(SHAPES))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
-    p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--attn-impls", nargs="+", default=["xla"], choices=["xla", "pallas", "auto"])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--bw-bytes", type=int, default=4 << 30)
-    p.add_argument("--out", type=Path, default=None, help="folder for JSON/markdown/PNG results")
-    p.add_argument("--tiny", action="store_true", help="tiny shape, small sizes: checks the code path on CPU")
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.shapes, args.batches, args.context, args.steps, args.repeats, args.bw_bytes = (
-            ["tiny"], [1, 4], 64, 2, 2, 1 << 20)
-    results = run(args)
+    args = parse_args(argv)
+    if args.worker:
+        Path(args.worker).write_text(json.dumps(worker(args)))
+        return 0
+    workers = run_processes(args) if args.processes > 1 else [worker(args)]
+    merged = merge(workers, args)
+    print_table(merged)
+    if args.write_policy is not None:
+        args.write_policy.write_text(json.dumps(policy_table(merged), indent=1) + "\n")
     if args.out is not None:
-        write_report(results, args.out)
+        write_report(merged, args.out)
     return 0
 
 

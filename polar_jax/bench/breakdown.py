@@ -1,0 +1,100 @@
+"""Where a decode step's GPU time goes: CUPTI kernel records mapped to the step's parts.
+
+The model code runs each part of a layer under a named scope (`polar_jax.models.base.SCOPES`), so the
+optimised HLO of the step names the scope of every fusion and library call in its op metadata. A
+kernel record (name, duration) is mapped back to its HLO instruction by name, then to a part:
+attention projections, attention (cache append + the attention kernel), MLP, router + selection, or
+other (embedding, norms, residual adds, LM head, sampling). Pallas kernels are named by their op.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from typing import Iterable
+
+import jax
+
+from polar_jax.models.base import SCOPES
+
+PARTS = ("attn_proj", "attention", "mlp", "router", "other")
+_SCOPE_PART = {SCOPES["router"]: "router", SCOPES["attention"]: "attention", SCOPES["proj"]: "attn_proj",
+               SCOPES["mlp"]: "mlp"}
+_KERNEL_PART = (("union_", "router"), ("select_decode", "attention"), ("gather_", "mlp"))
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
+_FIELD = re.compile(r'(\w+)="([^"]*)"')
+
+
+class Cupti:
+    """Kernel records (name, ms) of everything launched inside the block. Unlike
+    `profiler.measure`, it does not call the function again, so donated buffers are fine."""
+
+    def __enter__(self) -> "Cupti":
+        self.records: list[tuple[str, float]] = []
+        self.ext = None
+        if jax.devices()[0].platform == "gpu":
+            from jax.experimental.mosaic.gpu import profiler
+
+            self.ext = profiler.mosaic_gpu_lib._mosaic_gpu_ext
+            self.ext._cupti_init()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.ext is not None:
+            self.records = [(str(k), float(ms)) for k, ms in self.ext._cupti_get_timings(True)]
+        return False
+
+
+def hlo_scopes(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name (and deduplicated name) -> its op_name metadata."""
+    out: dict[str, str] = {}
+    for line in hlo_text.splitlines():
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        fields = dict(_FIELD.findall(m.group(2)))
+        op = fields.get("op_name", "")
+        out.setdefault(m.group(1), op)
+        for key in ("deduplicated_name", "scheduling_name"):
+            if key in fields:
+                out.setdefault(fields[key], op)
+    return out
+
+
+def _candidates(kernel: str) -> Iterable[str]:
+    """HLO names a kernel name may come from: XLA names kernels after instructions with '.' -> '_'."""
+    yield kernel
+    parts = kernel.split("_")
+    for j in range(len(parts) - 1, 0, -1):
+        if not parts[j].isdigit():
+            break
+        yield "_".join(parts[:j]) + "." + ".".join(parts[j:])
+    base = re.sub(r"(__\d+)+$", "", kernel)
+    if base != kernel:
+        yield from _candidates(base)
+
+
+def part_of(kernel: str, scopes: dict[str, str]) -> str:
+    for prefix, part in _KERNEL_PART:
+        if kernel.startswith(prefix):
+            return part
+    for name in _candidates(kernel):
+        op = scopes.get(name)
+        if op is None:
+            continue
+        for scope, part in _SCOPE_PART.items():
+            if scope in op:
+                return part
+        return "other"
+    return "other"
+
+
+def breakdown(records: list[tuple[str, float]], scopes: dict[str, str], steps: int) -> dict[str, float]:
+    """Milliseconds per step of each part (and `total`, `kernels` per step)."""
+    out = collections.Counter({p: 0.0 for p in PARTS})
+    for name, ms in records:
+        out[part_of(name, scopes)] += ms
+    res = {p: out[p] / steps for p in PARTS}
+    res["total"] = sum(res[p] for p in PARTS)
+    res["kernels"] = len(records) / steps
+    return res

@@ -1,0 +1,114 @@
+"""Decode benchmark results: the table printed at the end of a run, and JSON + markdown + PNG files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PART_LABELS = {"attn_proj": "attention projections", "attention": "attention (KV)", "mlp": "MLP",
+               "router": "router + selection", "other": "other"}
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{1e3 * s:.3f}"
+
+
+def rows_sorted(merged: dict) -> list[dict]:
+    order = {"dense": 0, "heads": 1, "mlp": 2, "both": 3, "auto": 4}
+    return sorted(merged["rows"], key=lambda r: (r["shape"], r["context"], r["batch"], order.get(r["variant"], 9)))
+
+
+def table_lines(merged: dict) -> list[str]:
+    lines = ["| shape | B | context | variant (runs) | step ms (median; spread over processes) | tokens/s | "
+             "% roofline | speedup vs dense | Amdahl bound | % of bound | heads kept | MLP kept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows_sorted(merged):
+        lo, hi = r["spread"]
+        sp = r.get("speedup")
+        ratios = ["", "", ""] if sp is None else [f"{sp:.2f}x", f"{r['amdahl_bound']:.2f}x",
+                                                  f"{100 * r['bound_fraction']:.0f} %"]
+        lines.append(
+            f"| {r['shape']} | {r['batch']} | {r['context']} | {r['variant']} ({r['runs']}) | "
+            f"{_fmt_ms(r['step_s'])} ({_fmt_ms(lo)}–{_fmt_ms(hi)}) | {r['tokens_per_s']:.0f} | "
+            f"{100 * r['roofline_fraction']:.0f} % | " + " | ".join(ratios) + f" | {r['attn_fraction']:.2f} | "
+            f"{r['mlp_fraction']:.3f} |")
+    return lines
+
+
+def breakdown_lines(merged: dict) -> list[str]:
+    rows = [r for r in rows_sorted(merged) if r.get("breakdown_ms")]
+    if not rows:
+        return []
+    parts = list(PART_LABELS)
+    lines = ["| shape | B | context | variant | " + " | ".join(PART_LABELS[p] for p in parts) +
+             " | kernel total | kernels/step |", "|---|---|---|---|" + "---|" * (len(parts) + 2)]
+    for r in rows:
+        b = r["breakdown_ms"]
+        lines.append(f"| {r['shape']} | {r['batch']} | {r['context']} | {r['variant']} | "
+                     + " | ".join(f"{b[p]:.3f}" for p in parts) + f" | {b['total']:.3f} | {b['kernels']:.0f} |")
+    return lines
+
+
+def print_table(merged: dict) -> None:
+    print(f"\n{merged['device']}, jax {merged['jax_version']}, {merged['processes']} process(es), "
+          f"bandwidth {merged['bandwidth_Bps'] / 1e12:.2f} TB/s")
+    for line in table_lines(merged) + [""] + breakdown_lines(merged):
+        print(line)
+
+
+def write_report(merged: dict, out: Path, stem: str | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem or f"decode_sparse_{merged['date']}"
+    (out / f"{stem}.json").write_text(json.dumps(merged, indent=1))
+    lines = [f"# End-to-end decode step: sparse vs our dense ({merged['device']})", "",
+             f"jax {merged['jax_version']}, {merged['date']}, {merged['processes']} fresh process(es) per point "
+             f"(median; spread = min–max of the per-process medians). Measured bandwidth "
+             f"{merged['bandwidth_Bps'] / 1e12:.2f} TB/s (the higher of copy and read; roofline = bytes / it).",
+             "Amdahl bound = dense bytes / the sparse variant's bytes without its routers (what sparsity could "
+             "save); % of bound = speedup / bound.", "", f"Command: `{merged['command']}`", ""]
+    lines += table_lines(merged)
+    bl = breakdown_lines(merged)
+    if bl:
+        lines += ["", "## Where the time goes (CUPTI, ms per step, first process)", ""] + bl
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    _plots(merged, out / f"{stem}.png")
+    return out / f"{stem}.md"
+
+
+def _plots(merged: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["shape"], r["context"]) for r in merged["rows"]})
+    fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(5 * max(1, len(groups)), 8), squeeze=False)
+    for j, (shape, ctx) in enumerate(groups):
+        ax = axes[0][j]
+        rows = [r for r in merged["rows"] if r["shape"] == shape and r["context"] == ctx and "speedup" in r]
+        for v in ("heads", "mlp", "both", "auto"):
+            pts = sorted((r["batch"], r["speedup"]) for r in rows if r["variant"] == v)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=v)
+        ax.axhline(1.0, color="gray", ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{shape}, context {ctx}: speedup over dense")
+        ax.set_xlabel("batch size")
+        ax.legend()
+        ax = axes[1][j]
+        br = sorted((r["batch"], r["variant"], r["breakdown_ms"]) for r in rows if r.get("breakdown_ms")
+                    and r["variant"] in ("dense", "both", "heads"))
+        if br:
+            labels = [f"B={b}\n{v}" for b, v, _ in br]
+            bottom = [0.0] * len(br)
+            for part, label in PART_LABELS.items():
+                vals = [x[2][part] for x in br]
+                ax.bar(range(len(br)), vals, bottom=bottom, label=label)
+                bottom = [a + b for a, b in zip(bottom, vals)]
+            ax.set_xticks(range(len(br)), labels, fontsize=7)
+            ax.set_ylabel("ms per step (CUPTI)")
+            ax.legend(fontsize=7)
+        ax.set_title(f"{shape}: where the step's time goes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
