@@ -4,8 +4,9 @@
   it attends over: the first `n_active[b]` slots of `groups[b]` are live. A row with `n_active` 0 reads
   no KV at all (a padded or finished row).
 - `MLPSelection(idx [A], n_active, dense)`: the neurons the whole batch computes (the union over live
-  rows): the first `n_active` entries of `idx` are live; `dense` (a traced bool) asks for the dense MLP
-  instead (the union did not fit the static capacity A).
+  rows): the first `n_active` entries of `idx` are live; `dense` (static) asks for the dense MLP.
+  A union larger than the static capacity A keeps its A lowest neuron ids (`capped_union_mask` is the
+  same rule for masked evaluation); calibration sizes A so that this is rare.
 
 The rules are pure `jnp` so the masked (simulated) evaluation and the real decode step choose exactly
 the same units from the same scores. None of them sorts: on the GPU `lax.top_k`/`argsort` over 16k MLP
@@ -23,6 +24,7 @@ MLP sparsity saves.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,16 +49,16 @@ class AttentionSelection:
         return AttentionSelection(self.groups, jnp.where(live, self.n_active, 0).astype(jnp.int32))
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["idx", "n_active"], meta_fields=["dense"])
 @dataclasses.dataclass(frozen=True)
 class MLPSelection:
     idx: jax.Array  # [A] int32 neuron ids (entries >= n_active are ignored)
-    n_active: jax.Array  # int32 scalar
-    dense: jax.Array  # bool scalar: compute the dense MLP instead
+    n_active: jax.Array  # int32 scalar, <= A
+    dense: bool = False  # static: compute the dense MLP instead
 
     @classmethod
     def of(cls, idx: jax.Array, n_active: jax.Array | int) -> "MLPSelection":
-        return cls(jnp.asarray(idx, jnp.int32), jnp.asarray(n_active, jnp.int32), jnp.asarray(False))
+        return cls(jnp.asarray(idx, jnp.int32), jnp.asarray(n_active, jnp.int32))
 
 
 # ---- heads ------------------------------------------------------------------------------------------
@@ -98,6 +100,12 @@ def union_threshold_mask(logits: jax.Array, threshold: jax.Array | float, live: 
         shape[axis] = live.shape[0]
         logits = jnp.where(live.reshape(shape), logits, -jnp.inf)
     return jnp.max(logits, axis=axis) > threshold
+
+
+def capped_union_mask(keep: jax.Array, capacity: int) -> jax.Array:
+    """The union as the decode step computes it when it exceeds its capacity: the `capacity` lowest
+    neuron ids of the mask (last axis)."""
+    return keep & (jnp.cumsum(keep.astype(jnp.int32), axis=-1) <= capacity)
 
 
 def union_scores(logits: jax.Array, live: jax.Array | None = None, axis: int = 0) -> jax.Array:

@@ -50,7 +50,7 @@ def check_selector(model: CausalLM, selector: Any) -> None:
     if plan is not None and plan.num_layers != cfg.num_layers:
         problems.append(f"{plan.num_layers} layers vs the model's {cfg.num_layers}")
     for name, arrays, axis, want in (("attention router", selector.attn_w, 0, cfg.hidden_size),
-                                     ("MLP router", selector.mlp_a, 0, cfg.hidden_size),
+                                     ("MLP router", selector.mlp_a, 1, cfg.hidden_size),
                                      ("MLP router", selector.mlp_b, 1, cfg.intermediate_size)):
         shapes = {a.shape[axis] for a in arrays if a is not None}
         if shapes and shapes != {want}:

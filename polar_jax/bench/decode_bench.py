@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import gzip
 import json
 import os
 import platform
@@ -155,17 +156,30 @@ def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argpars
         cache = _reset(cache, context)
         bundle = calibrate_union(bundle, np.asarray(inter["router_input"][:, :, 0], np.float32), batch, density)
     variants = build_variants(cfg, args.variants, batch, context, bundle, args.attn_density, dtype, policy_table)
-    compile_s = {}
+    compile_s, failed = {}, []
     for v in variants:
         t0 = time.perf_counter()
-        logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps)
-        v.logits = np.asarray(logits[:, :64])
+        try:
+            logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps)
+            v.logits = np.asarray(logits[:, :64])
+            if v.selector is not None and args.sizes:
+                _, cache, inter = probe_step(graphdef, state, _reset(cache, context), tokens, v.selector)
+                for key in ("attn_n_active", "mlp_n_active"):
+                    if key in inter:
+                        v.sizes[key] = np.asarray(inter[key]).tolist()
+        except Exception as e:  # one failing variant is a finding, not the end of the run
+            print(f"  B={batch} L={context} {v.name}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+            failed.append(v)
+            continue
         compile_s[v.name] = time.perf_counter() - t0
-        if v.selector is not None:
-            _, cache, inter = probe_step(graphdef, state, _reset(cache, context), tokens, v.selector)
-            for key in ("attn_n_active", "mlp_n_active"):
-                if key in inter:
-                    v.sizes[key] = np.asarray(inter[key]).tolist()
+    variants = [v for v in variants if v not in failed]
+    if cfg.relu_mlp and not args.sizes:  # by construction the thresholds keep `density` at this step
+        for v in variants:
+            if v.selector is not None and v.selector.use_mlp:
+                v.sizes["mlp_n_active"] = [max(1, int(round(density * cfg.intermediate_size)))]
+    for v in variants:
+        if v.selector is not None and v.selector.use_attn and "attn_n_active" not in v.sizes:
+            v.sizes["attn_n_active"] = [v.selector.attn_k[1]]
     for _ in range(args.repeats):  # interleaved: every variant once per round
         for v in variants:
             c = _reset(cache, context)
@@ -177,6 +191,10 @@ def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argpars
         for v in variants:
             hlo = run_steps.lower(graphdef, state, cache, tokens, v.selector, args.steps).compile().as_text()
             scopes = bd.hlo_scopes(hlo)
+            if args.save_hlo is not None:
+                args.save_hlo.mkdir(parents=True, exist_ok=True)
+                with gzip.open(args.save_hlo / f"{cfg.model_type}_{batch}_{context}_{v.name}.hlo.gz", "wt") as f:
+                    f.write(hlo)
             with bd.Cupti() as prof:
                 logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps)
                 logits.block_until_ready()
@@ -248,6 +266,8 @@ def _worker_argv(args: argparse.Namespace, json_out: str) -> list[str]:
         argv += ["--mlp-density", str(args.mlp_density)]
     if args.policy:
         argv += ["--policy", args.policy]
+    if args.sizes:
+        argv.append("--sizes")
     return argv
 
 
@@ -348,6 +368,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per variant in each process")
     p.add_argument("--processes", type=int, default=1, help="fresh worker processes (median and spread)")
     p.add_argument("--breakdown", action="store_true", help="CUPTI profile per variant (first process)")
+    p.add_argument("--sizes", action="store_true",
+                   help="measure each variant's selection sizes with an extra probe step (one more compile)")
+    p.add_argument("--save-hlo", type=Path, default=None, help="folder for the optimised HLO of each profiled step")
     p.add_argument("--policy", default=None, help="policy table for the `auto` variant (default: the committed one)")
     p.add_argument("--write-policy", type=Path, default=None, help="write the measured policy table here")
     p.add_argument("--bw-bytes", type=int, default=4 << 30)
@@ -383,10 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     workers = run_processes(args) if args.processes > 1 else [worker(args)]
     merged = merge(workers, args)
     print_table(merged)
-    if args.write_policy is not None:
-        args.write_policy.write_text(json.dumps(policy_table(merged), indent=1) + "\n")
     if args.out is not None:
         write_report(merged, args.out)
+    if args.write_policy is not None:
+        args.write_policy.parent.mkdir(parents=True, exist_ok=True)
+        args.write_policy.write_text(json.dumps(policy_table(merged), indent=1) + "\n")
     return 0
 
 

@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import (dense_decode_xla, gather_down, gather_up, gather_up_gated, mlp_prefers_dense,
-                            resolve_impl, select_decode)
+from pallas_kernels import dense_decode_xla, gather_down, gather_up, gather_up_gated, resolve_impl, select_decode
 from polar_jax.cache import KVCache, LayerKV
 from polar_jax.config import ModelConfig
 from polar_jax.models.layers import F32, MLP, Attention, LayerNorm, RMSNorm, apply_rope, causal_attention, rope_inv_freq
@@ -127,16 +126,12 @@ def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, i
 
 
 def decode_mlp(mlp: MLP, h: jax.Array, choice: MLPSelection | None, impl: str) -> jax.Array:
-    """h [B, d] -> [B, d]. With a selection: the selective kernels, or the dense MLP (a superset of the
-    selection) when the union overflowed its capacity or, on the GPU kernels, when it is denser than the
-    measured crossover where dense matmuls win."""
-    if choice is None:
+    """h [B, d] -> [B, d]: dense, or the selective kernels over the selected neurons. The choice between
+    them is static (a selector decides per layer at trace time): a run-time `lax.cond` here splits the
+    step's CUDA graph and cost ~0.5 ms per step at B=32 on the H200."""
+    if choice is None or choice.dense:
         return dense_mlp(mlp, h)
-    use_dense = choice.dense
-    if impl != "xla":
-        use_dense = use_dense | mlp_prefers_dense(h.shape[0], choice.n_active, mlp.up.shape[0])
-    return jax.lax.cond(use_dense, lambda h: dense_mlp(mlp, h),
-                        lambda h: selective_mlp(mlp, h, choice.idx, choice.n_active, impl), h)
+    return selective_mlp(mlp, h, choice.idx, choice.n_active, impl)
 
 
 class Block(nnx.Module):
@@ -201,7 +196,7 @@ class Block(nnx.Module):
             with jax.named_scope(SCOPES["router"]):
                 choice = step.selector.mlp(layer, router_input[:, 0], step.live) if step.selector is not None else None
             if step.collect and choice is not None:
-                self.sow(nnx.Intermediate, "mlp_n_active", jnp.where(choice.dense, -1, choice.n_active))
+                self.sow(nnx.Intermediate, "mlp_n_active", jnp.int32(-1) if choice.dense else choice.n_active)
             with jax.named_scope(SCOPES["mlp"]):
                 return decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl)[:, None]
         if step.mode == "prefill" or (step.sparsifier is None and not step.collect):
@@ -301,7 +296,7 @@ class CausalLM(nnx.Module):
         over the selected neurons (`gather_up` / `gather_down`); layers where it returns None stay dense.
         `attn_impl="auto"` runs dense attention through the Pallas kernel on CUDA GPUs and through the XLA
         einsum elsewhere. `collect` sows each layer's router input and selection sizes (`attn_n_active`
-        per row, `mlp_n_active`, -1 when the dense MLP ran) as `nnx.Intermediate`."""
+        per row, `mlp_n_active`, -1 for a dense MLP) as `nnx.Intermediate`."""
         b = tokens.shape[0]
         live = cache.live_rows()
         pos = cache.lengths.astype(jnp.int32)
