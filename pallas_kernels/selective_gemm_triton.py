@@ -79,7 +79,8 @@ def choose_up_config(M: int, K: int, A: int, gated: bool = False) -> UpConfig:
     sooner); for M=256 64x64 tiles with 256-wide steps. At 16 < M <= 64, once 32-row blocks
     would take more than one wave (two programs per SM), 64 rows x 64-wide k-steps with 6
     stages: half the re-reads of x per weight byte and half the programs (relu d=9216 M=64
-    25%: 66.0 vs 81.0 us, 2026-11-21)."""
+    25%: 66.0 vs 81.0 us, 2026-11-21). Not at M = 32: on the H200 (2026-11-28, d=4096, 6144 of 9216
+    slots live) 32 x 128 tiles with 4 stages ran 18.6 us against 22.0 us for 64 x 64."""
     block_m = min(pow2_at_least(M, 16), 64)
     block_a = 64 if M > 64 else 32
     if gated:
@@ -87,7 +88,7 @@ def choose_up_config(M: int, K: int, A: int, gated: bool = False) -> UpConfig:
     wide = M > 64
     block_k = 256 if wide and K > 128 else 128
     num_stages = 3 if wide else (6 if M <= 16 else 4)
-    if 16 < M <= 64 and not gated and cdiv(A, block_a) > 2 * NUM_SMS:
+    if 32 < M <= 64 and not gated and cdiv(A, block_a) > 2 * NUM_SMS:
         block_a, block_k, num_stages = 64, 64, 6
     split_k = up_split(M, K, A, block_m, block_a, block_k, gated)
     return UpConfig(block_m, block_a, block_k, split_k, num_warps=4, num_stages=num_stages)
