@@ -5,8 +5,9 @@ pays at small batch, head sparsity at large batch and long context) and on how m
 on the device. `polar-jax bench decode --write-policy` measures every variant at a grid of (batch,
 context) points and stores, per device kind and model class, the speedup of each variant over dense in
 `decode_policy.json`. `choose_variant` picks the fastest variant of the nearest measured point when it is
-at least `MARGIN` faster than dense, and dense otherwise, or when nothing was measured for this device
-and model class (it never guesses in favour of sparsity).
+at least `MARGIN` faster than dense, and dense otherwise: also when nothing was measured for this device
+and model class, or the nearest point is more than a doubling of batch or context away (it never
+guesses in favour of sparsity).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ PATH = Path(__file__).with_name("decode_policy.json")
 PARTS: dict[str, tuple[bool, bool]] = {"dense": (False, False), "heads": (True, False), "mlp": (False, True),
                                        "both": (True, True)}
 MARGIN = 1.02  # a variant must beat dense by this much in the table to be chosen (timing noise)
+MAX_DISTANCE = 1.0  # log2 units (batch doublings + context doublings) to the nearest measured point
 
 
 def model_class(cfg: ModelConfig) -> str:
@@ -62,6 +64,8 @@ def choose_variant(cfg: ModelConfig, batch: int, context: int, mlp_available: bo
         return abs(math.log2(e["batch"] / batch)) + abs(math.log2(e["context"] / max(context, 1)))
 
     best = min(entries, key=distance)
+    if distance(best) > MAX_DISTANCE:
+        return "dense"  # too far from anything measured: never guess in favour of sparsity
     speedups = {v: s for v, s in best["speedup"].items() if v in PARTS and (mlp_available or not PARTS[v][1])}
     if not speedups:
         return "dense"

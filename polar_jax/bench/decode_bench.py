@@ -305,6 +305,7 @@ def merge(workers: list[dict], args: argparse.Namespace) -> dict:
         times = [r["step_s"] for r in rs]
         row = dict(rs[0])
         row.update(step_s=statistics.median(times), step_s_processes=times, spread=(min(times), max(times)),
+                   processes=len(times),
                    breakdown_ms=next((r["breakdown_ms"] for r in rs if r.get("breakdown_ms")), None))
         attn, mlp = _fractions(cfg, row["sizes"])
         item = 2 if cfg.dtype == "bfloat16" else 4
@@ -353,6 +354,26 @@ def policy_table(merged: dict) -> dict:
             "entries": list(entries.values())}
 
 
+def merge_reports(paths: list[Path], argv: list[str]) -> dict:
+    """Merges reports of separate single-process runs (each a fresh process) into one report: the same
+    medians and spreads as `--processes K`, for runs that had to be split (a device call's time limit)."""
+    workers = []
+    for path in paths:
+        rep = json.loads(Path(path).read_text())
+        workers.append({"device": rep["device"], "jax_version": rep["jax_version"], "backend": rep["backend"],
+                        "bandwidth": rep["bandwidths"][0], "rows": rep["rows"],
+                        "command": rep["command"], "date": rep["date"]})
+    args = argparse.Namespace(argv=argv, rank=int(next((a for a in _after(argv, "--rank")), 1024)))
+    merged = merge(workers, args)
+    merged["commands"] = sorted({w["command"] for w in workers})
+    merged["date"] = max(w["date"] for w in workers)
+    return merged
+
+
+def _after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="polar-jax bench decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -377,6 +398,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="folder for JSON / markdown / PNG results")
     p.add_argument("--tiny", action="store_true", help="tiny shapes and sizes: checks the code path on CPU")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--merge", nargs="+", type=Path, default=None,
+                   help="merge the JSON reports of separate runs (fresh processes) instead of measuring")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if args.tiny:
@@ -393,13 +416,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
         raise InputError(f"--mlp-density must be in (0, 1], got {args.mlp_density}")
     large = [s for s in args.shapes if s in LARGE]
-    if large and jax.default_backend() != "gpu" and args.worker is None:
+    if large and jax.default_backend() != "gpu" and args.worker is None and not args.merge:
         raise InputError(f"shapes {large} need a GPU (this host has {jax.default_backend()}); use --tiny on CPU")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        merged = merge_reports(args.merge, args.argv)
+        print_table(merged)
+        if args.out is not None:
+            write_report(merged, args.out)
+        if args.write_policy is not None:
+            args.write_policy.parent.mkdir(parents=True, exist_ok=True)
+            args.write_policy.write_text(json.dumps(policy_table(merged), indent=1) + "\n")
+        return 0
     if args.worker:
         Path(args.worker).write_text(json.dumps(worker(args)))
         return 0

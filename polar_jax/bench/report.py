@@ -19,9 +19,9 @@ def rows_sorted(merged: dict) -> list[dict]:
 
 
 def table_lines(merged: dict) -> list[str]:
-    lines = ["| shape | B | context | variant (runs) | step ms (median; spread over processes) | tokens/s | "
-             "% roofline | speedup vs dense | Amdahl bound | % of bound | heads kept | MLP kept |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | B | context | variant (runs) | step ms: median (min–max over processes) | processes | "
+             "tokens/s | % roofline | speedup vs dense | Amdahl bound | % of bound | heads kept | MLP kept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows_sorted(merged):
         lo, hi = r["spread"]
         sp = r.get("speedup")
@@ -29,7 +29,7 @@ def table_lines(merged: dict) -> list[str]:
                                                   f"{100 * r['bound_fraction']:.0f} %"]
         lines.append(
             f"| {r['shape']} | {r['batch']} | {r['context']} | {r['variant']} ({r['runs']}) | "
-            f"{_fmt_ms(r['step_s'])} ({_fmt_ms(lo)}–{_fmt_ms(hi)}) | {r['tokens_per_s']:.0f} | "
+            f"{_fmt_ms(r['step_s'])} ({_fmt_ms(lo)}–{_fmt_ms(hi)}) | {r.get('processes', 1)} | {r['tokens_per_s']:.0f} | "
             f"{100 * r['roofline_fraction']:.0f} % | " + " | ".join(ratios) + f" | {r['attn_fraction']:.2f} | "
             f"{r['mlp_fraction']:.3f} |")
     return lines
@@ -49,10 +49,43 @@ def breakdown_lines(merged: dict) -> list[str]:
     return lines
 
 
+# Issue 10's GPU goals: (shape, batch, context, variant) -> the speedup over dense it asks for.
+SPEEDUP_GOALS = {("opt-6.7b", 32, 2048, "both"): 2.2, ("llama2-7b", 16, 4096, "heads"): 1.45,
+                 ("opt-6.7b", 1, 2048, "both"): 1.6}
+
+
+def goal_lines(merged: dict) -> list[str]:
+    """Each goal with the measured number and met / missed, computed from the rows (nothing typed)."""
+    rows = {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in merged["rows"]}
+    out = []
+    for key, want in SPEEDUP_GOALS.items():
+        r = rows.get(key)
+        got = "not measured" if r is None or "speedup" not in r else (
+            f"{r['speedup']:.2f}x ({100 * r['bound_fraction']:.0f} % of its {r['amdahl_bound']:.2f}x bound): "
+            + ("met" if r["speedup"] >= want else "missed"))
+        out.append(f"- {key[0]}, B={key[1]}, context {key[2]}, {key[3]}: >= {want}x wanted; {got}")
+    sparse = [r for r in merged["rows"] if r["variant"] in ("heads", "mlp", "both") and r["batch"] >= 16
+              and "bound_fraction" in r]
+    met = [r for r in sparse if r["bound_fraction"] >= 0.9]
+    worst = min(sparse, key=lambda r: r["bound_fraction"]) if sparse else None
+    out.append(f"- sparse points at B >= 16 within 90 % of their Amdahl bound: {len(met)} of {len(sparse)}"
+               + (f" (lowest: {worst['shape']} B={worst['batch']} {worst['variant']} at "
+                  f"{100 * worst['bound_fraction']:.0f} %)" if worst else ""))
+    auto = [r for r in merged["rows"] if r["variant"] == "auto" and "speedup" in r]
+    ok = [r for r in auto if r["speedup"] >= 0.98]
+    out.append(f"- `auto` at >= 0.98x dense: {len(ok)} of {len(auto)} points"
+               + (f" (lowest {min(r['speedup'] for r in auto):.2f}x)" if auto else ""))
+    for r in merged["rows"]:
+        if r["variant"] == "dense" and r["batch"] == 1:
+            out.append(f"- dense step at B=1 >= 75 % of the memory roofline: {r['shape']} "
+                       f"{100 * r['roofline_fraction']:.0f} %: " + ("met" if r["roofline_fraction"] >= 0.75 else "missed"))
+    return out
+
+
 def print_table(merged: dict) -> None:
-    print(f"\n{merged['device']}, jax {merged['jax_version']}, {merged['processes']} process(es), "
+    print(f"\n{merged['device']}, jax {merged['jax_version']}, up to {merged['processes']} process(es), "
           f"bandwidth {merged['bandwidth_Bps'] / 1e12:.2f} TB/s")
-    for line in table_lines(merged) + [""] + breakdown_lines(merged):
+    for line in table_lines(merged) + [""] + breakdown_lines(merged) + [""] + goal_lines(merged):
         print(line)
 
 
@@ -61,11 +94,17 @@ def write_report(merged: dict, out: Path, stem: str | None = None) -> Path:
     stem = stem or f"decode_sparse_{merged['date']}"
     (out / f"{stem}.json").write_text(json.dumps(merged, indent=1))
     lines = [f"# End-to-end decode step: sparse vs our dense ({merged['device']})", "",
-             f"jax {merged['jax_version']}, {merged['date']}, {merged['processes']} fresh process(es) per point "
+             f"jax {merged['jax_version']}, {merged['date']}, fresh processes per point as listed "
              f"(median; spread = min–max of the per-process medians). Measured bandwidth "
              f"{merged['bandwidth_Bps'] / 1e12:.2f} TB/s (the higher of copy and read; roofline = bytes / it).",
              "Amdahl bound = dense bytes / the sparse variant's bytes without its routers (what sparsity could "
-             "save); % of bound = speedup / bound.", "", f"Command: `{merged['command']}`", ""]
+             "save); % of bound = speedup / bound.", ""]
+    for cmd in merged.get("commands", [merged["command"]]):
+        lines.append(f"Command: `{cmd}`")
+    if "commands" in merged:
+        lines.append(f"Merged by: `{merged['command']}`")
+    lines.append("")
+    lines += ["## Goals", ""] + goal_lines(merged) + ["", "## All points", ""]
     lines += table_lines(merged)
     bl = breakdown_lines(merged)
     if bl:
