@@ -15,6 +15,7 @@ from polar_jax.errors import InputError
 from polar_jax.models import CausalLM
 from polar_jax.policy import PARTS, choose_variant
 from polar_jax.routers.bundle import SparsityBundle, load_sparsity
+from polar_jax.routers.config import check_density
 from polar_jax.routers.sparsify import RouterSelector, router_selector
 
 __all__ = ["IMPL_CHOICES", "sparse_selector", "check_selector"]
@@ -27,6 +28,10 @@ def sparse_selector(model: CausalLM, sparsity: Any, batch: int, context: int, at
     policy decides that dense decoding is fastest here."""
     if policy != "auto" and policy not in PARTS:
         raise InputError(f"policy must be 'auto' or one of {sorted(PARTS)}, got {policy!r}")
+    if attn_density is not None:
+        check_density(attn_density)
+    if mlp_recall is not None:
+        check_density(mlp_recall, "MLP recall target")
     bundle = sparsity if isinstance(sparsity, SparsityBundle) else load_sparsity(sparsity, model)
     bundle.check_model(model)
     variant = choose_variant(model.config, batch, context, bundle.config.mlp_router) if policy == "auto" else policy

@@ -22,8 +22,9 @@ MODES = ("dense", "router", "oracle")
 
 def build_sparsifier(model: Any, bundle: SparsityBundle | None, mode: str, attn_density: float | None = None,
                      mlp_recall: float | None = 0.99, per_layer: bool = False, attn: bool = True,
-                     mlp: bool = True) -> Any:
-    """The sparsifier for a mode (None = dense). Oracle densities come from `attn_density`, else the bundle."""
+                     mlp: bool = True, adaptive: bool = False, mlp_rule: str | None = None) -> Any:
+    """The sparsifier for a mode (None = dense). Oracle densities come from `attn_density`, else the bundle.
+    Router mode: `adaptive` head budgets, `mlp_rule` "threshold" | "topk" (default: the bundle's)."""
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
     if attn_density is not None:
@@ -36,7 +37,8 @@ def build_sparsifier(model: Any, bundle: SparsityBundle | None, mode: str, attn_
         if bundle is None:
             raise InputError("router mode needs a sparsity bundle (--sparsity PATH|default)")
         bundle.check_model(model)
-        return router_sparsifier(bundle, attn_density, mlp_recall, per_layer, attn, mlp)
+        return router_sparsifier(bundle, attn_density, mlp_recall, per_layer, attn, mlp, adaptive=adaptive,
+                                 mlp_rule=mlp_rule)
     if bundle is not None:
         bundle.check_model(model)
         k = bundle.config.attn_k(attn_density, per_layer)
@@ -51,6 +53,7 @@ def build_sparsifier(model: Any, bundle: SparsityBundle | None, mode: str, attn_
 def sparse_perplexity(model: Any, tokens: np.ndarray, bundle: SparsityBundle | None = None, mode: str = "router",
                       attn_density: float | None = None, mlp_recall: float | None = 0.99, per_layer: bool = False,
                       attn: bool = True, mlp: bool = True, seq_len: int = 256, batch_size: int = 8,
-                      max_tokens: int | None = None, progress: bool = True) -> PerplexityResult:
-    sp = build_sparsifier(model, bundle, mode, attn_density, mlp_recall, per_layer, attn, mlp)
+                      max_tokens: int | None = None, progress: bool = True, adaptive: bool = False,
+                      mlp_rule: str | None = None) -> PerplexityResult:
+    sp = build_sparsifier(model, bundle, mode, attn_density, mlp_recall, per_layer, attn, mlp, adaptive, mlp_rule)
     return perplexity(model, tokens, seq_len, batch_size, max_tokens=max_tokens, sparsifier=sp, progress=progress)

@@ -1,0 +1,241 @@
+"""Cheap selection rules, the step-level policy and the sparse-decoding API (issue 10, CPU checks)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import polar_jax
+import polar_jax.bench.shapes
+import polar_jax.policy
+from conftest import load_cached
+from polar_jax.cache import KVCache
+from polar_jax.decode import decode_step, prefill, split_model
+from polar_jax.errors import InputError, PolarError
+from polar_jax.policy import MARGIN, choose_variant
+from polar_jax.routers import router_selector, router_sparsifier
+from polar_jax.routers.calibrate import adaptive_thresholds, calibrate_mlp_thresholds
+from polar_jax.routers.config import budget_bounds
+from polar_jax.selection import AttentionSelection, MLPSelection, adaptive_counts, top_units, unit_mask
+from test_sparse_eval import _tokens
+
+
+@pytest.fixture(scope="module")
+def opt_default():
+    model, tok = load_cached("polar-tiny-opt")
+    return model, tok, polar_jax.load_sparsity("default", model)
+
+
+# ---- rules ------------------------------------------------------------------------------------------
+def test_top_units_is_the_stable_descending_order_without_a_sort():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, (50, 12)).astype(np.float32)  # many ties: the lower index wins
+    want = np.argsort(-scores, axis=-1, kind="stable")
+    for k in (1, 5, 12):
+        np.testing.assert_array_equal(np.asarray(top_units(jnp.asarray(scores), k)), want[:, :k])
+    counts = rng.integers(0, 13, 50)
+    mask = np.zeros_like(scores)
+    for i, c in enumerate(counts):
+        mask[i, want[i, :c]] = 1
+    np.testing.assert_array_equal(np.asarray(unit_mask(jnp.asarray(scores), jnp.asarray(counts))), mask)
+
+
+def test_adaptive_budgets_average_k_within_their_bounds():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((4000, 16)) * rng.uniform(0.5, 2.0, (4000, 1))  # easy and hard tokens
+    ts = adaptive_thresholds(logits, 0.5, 2.0)
+    for k in (2, 5, 8):
+        floor, cap = budget_bounds(k, 16, 0.5, 2.0)
+        counts = np.asarray(adaptive_counts(jnp.asarray(logits), ts[k - 1], floor, cap))
+        assert counts.min() >= floor and counts.max() <= cap
+        assert abs(counts.mean() - k) < 0.05
+        assert counts.std() > 0.3  # budgets really differ between tokens
+
+
+def test_threshold_calibration_reaches_recall_on_fresh_batches():
+    rng = np.random.default_rng(2)
+    n, width = 3000, 256
+    logits = rng.standard_normal((n, width)) * 2
+    labels = (logits + rng.standard_normal((n, width))) > 2.0
+    fit, test = slice(0, 2000), slice(2000, None)
+    ts, caps, kept = calibrate_mlp_thresholds(logits[fit], labels[fit], 0.95, 32, (1, 8), n_batches=200)
+    assert caps == sorted(caps) and all(c % 32 == 0 or c == width for c in caps)
+    for b, t, cap in zip((1, 8), ts, caps):
+        recalls, sizes = [], []
+        for _ in range(400):
+            idx = rng.choice(1000, b, replace=False) + 2000
+            union, keep = labels[idx].any(0), logits[idx].max(0) > t
+            if union.any():
+                recalls.append((union & keep).sum() / union.sum())
+            sizes.append(keep.sum())
+        assert np.mean(recalls) > 0.93  # the target, up to the sampling noise of held-out batches
+        assert np.mean(sizes) <= cap
+
+
+def test_committed_bundle_tables_are_monotone_and_calibrated(opt_default):
+    _, _, bundle = opt_default
+    c = bundle.config
+    assert c.attn_thresholds is not None and len(c.attn_thresholds) == c.num_layers
+    for t in c.mlp_tables:
+        assert t.has_thresholds
+        for layer in range(c.num_layers):
+            assert list(t.k[layer]) == sorted(t.k[layer]) and max(t.k[layer]) <= c.ffn
+            assert list(t.capacity[layer]) == sorted(t.capacity[layer]) and max(t.capacity[layer]) <= c.ffn
+
+
+# ---- the decode path equals the masked simulation ----------------------------------------------------------
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_threshold_rule_and_adaptive_heads_decode_equals_masked(opt_default, impl, adaptive):
+    model, _, bundle = opt_default
+    toks = _tokens(model, 4, 14, seed=11)
+    p = 6
+    sp = router_sparsifier(bundle, 0.5, 0.99, start=p, adaptive=adaptive)
+    assert sp.mlp_rule == "threshold"
+    masked = model(toks, sparsifier=sp)[:, p - 1: -1]
+    sel = router_selector(bundle, 0.5, 0.99, adaptive=adaptive, select_impl=impl)
+    graphdef, state = split_model(model)
+    cache = KVCache.create(model.config, 4, 32, model.dtype)
+    logits, cache = prefill(graphdef, state, toks[:, :p], jnp.full((4,), p, jnp.int32), cache)
+    out = [logits]
+    for i in range(p, toks.shape[1] - 1):
+        logits, cache = decode_step(graphdef, state, cache, toks[:, i], sel, impl, impl)
+        out.append(logits)
+    decoded = jnp.stack(out, axis=1)
+    np.testing.assert_allclose(np.asarray(decoded), np.asarray(masked), rtol=2e-4, atol=2e-4)
+    assert float(jnp.max(jnp.abs(decoded - model(toks)[:, p - 1: -1]))) > 1e-2
+
+
+def test_sparse_generation_triton_equals_xla(opt_default):
+    model, tok, _ = opt_default
+    prompts = [tok.encode("The history of the city"), tok.encode("KING RICHARD : I will")]
+    kw = dict(sparsity="default", policy="both", attn_density=0.5, eos_token_id=())
+    a = polar_jax.generate(model, prompts, 10, impl="xla", **kw)
+    b = polar_jax.generate(model, prompts, 10, impl="triton", **kw)
+    np.testing.assert_array_equal(a, b)
+    streamed = np.stack(list(polar_jax.generate_stream(model, prompts, 10, impl="xla", **kw)), axis=1)
+    np.testing.assert_array_equal(streamed, a)
+
+
+def test_density_one_equals_dense(opt_default):
+    model, tok, bundle = opt_default
+    c = bundle.config
+    t = c.mlp_table(0.99)
+    everything = dataclasses.replace(
+        t, thresholds=tuple(tuple(-np.inf for _ in r) for r in t.thresholds),
+        capacity=tuple(tuple(c.ffn for _ in r) for r in t.capacity))
+    full = dataclasses.replace(bundle, config=dataclasses.replace(c, mlp_tables=(everything,),
+                                                                  mlp_dense_threshold=1.01))
+    sel = router_selector(full, attn_density=1.0, mlp_recall=0.99)
+    assert sel.mlp_rule == "threshold" and sel.use_mlp  # the MLP really runs the selective path
+    prompts = [tok.encode("In the early years of the war"), tok.encode("The album was")]
+    np.testing.assert_array_equal(polar_jax.generate(model, prompts, 8, selector=sel, eos_token_id=()),
+                                  polar_jax.generate(model, prompts, 8, eos_token_id=()))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Neurons:
+    idx: jax.Array
+    n: jax.Array
+
+    def attention(self, layer, router_input, live):
+        return None
+
+    def mlp(self, layer, router_input, live):
+        return None if layer == 0 else MLPSelection.of(self.idx, self.n)
+
+
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_sorted_and_unsorted_indices_give_the_same_step(opt_default, impl):
+    model, _, _ = opt_default
+    n = model.config.intermediate_size
+    rng = np.random.default_rng(3)
+    live = np.sort(rng.permutation(n)[: n // 3])
+    junk = rng.integers(0, n, 7)  # slots past n_active must be ignored
+    graphdef, state = split_model(model)
+    toks = _tokens(model, 3, 6, seed=4)
+    got = []
+    for order in (live, rng.permutation(live)):
+        sel = _Neurons(jnp.asarray(np.concatenate([order, junk]), jnp.int32), jnp.int32(live.size))
+        cache = KVCache.create(model.config, 3, 16, model.dtype)
+        _, cache = prefill(graphdef, state, toks[:, :5], jnp.full((3,), 5, jnp.int32), cache)
+        logits, _ = decode_step(graphdef, state, cache, toks[:, 5], sel, impl, impl)
+        got.append(np.asarray(logits))
+    np.testing.assert_allclose(got[0], got[1], atol=2e-5, rtol=0)
+    dense = decode_step(graphdef, state, prefill(graphdef, state, toks[:, :5], jnp.full((3,), 5, jnp.int32),
+                                                 KVCache.create(model.config, 3, 16, model.dtype))[1],
+                        toks[:, 5], None, impl, impl)[0]
+    assert np.max(np.abs(got[0] - np.asarray(dense))) > 1e-3  # the selection matters
+
+
+# ---- the step-level policy ------------------------------------------------------------------------------
+def _table(entries):
+    return {"entries": [dict(device="GPU X", model_class=cls, shape="s", batch=b, context=c, speedup=s)
+                        for cls, b, c, s in entries]}
+
+
+def test_auto_never_picks_a_variant_its_table_says_is_slower():
+    cfg = load_cached("polar-tiny-opt")[0].config
+    table = _table([("relu-mha", 1, 2048, {"dense": 1.0, "heads": 0.9, "mlp": 1.3, "both": 1.25}),
+                    ("relu-mha", 32, 2048, {"dense": 1.0, "heads": 1.6, "mlp": 0.99, "both": 1.8}),
+                    ("relu-mha", 256, 2048, {"dense": 1.0, "heads": 0.97, "mlp": 0.9, "both": MARGIN - 0.005})])
+    pick = lambda b, c=2048, mlp=True, dev="GPU X": choose_variant(cfg, b, c, mlp, table=table, device=dev)  # noqa: E731
+    assert pick(1) == "mlp" and pick(2) == "mlp"
+    assert pick(32) == "both" and pick(64) == "both"
+    assert pick(256) == "dense"  # nothing there beats dense by the margin
+    assert pick(1, mlp=False) == "dense"  # heads alone is slower at B=1
+    assert pick(32, mlp=False) == "heads"
+    assert pick(8) == "dense"  # two doublings from anything measured
+    assert pick(32, c=16384) == "dense"
+    assert pick(32, dev="another GPU") == "dense"
+    for b in (1, 2, 32, 64, 256):
+        v = pick(b)
+        e = min(table["entries"], key=lambda e: abs(np.log2(e["batch"] / b)))
+        assert v == "dense" or e["speedup"][v] >= MARGIN
+
+
+def test_committed_policy_table_only_picks_measured_winners():
+    table = polar_jax.policy.load_table()
+    assert table["entries"], "decode_policy.json holds no measurements"
+    for e in table["entries"]:
+        cfg = polar_jax.bench.shapes.SHAPES[e["shape"]]
+        v = choose_variant(cfg, e["batch"], e["context"], cfg.relu_mlp, table=table, device=e["device"])
+        assert v == "dense" or e["speedup"][v] == max(e["speedup"].values()) >= MARGIN
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+def test_bad_sparsity_settings_give_clear_errors(opt_default):
+    model, tok, bundle = opt_default
+    p = [tok.encode("The history")]
+    for kw, match in ((dict(sparsity="default", policy="fast"), "policy"),
+                      (dict(sparsity="default", attn_density=1.5), "density"),
+                      (dict(attn_density=0.5), "need sparsity"),
+                      (dict(sparsity="default", selector=router_selector(bundle, 0.5)), "either"),
+                      (dict(sparsity="default", impl="cuda"), "impl")):
+        with pytest.raises(InputError, match=match):
+            polar_jax.generate(model, p, 4, **kw)
+    llama, _ = load_cached("tiny-llama")
+    with pytest.raises(PolarError, match="another model"):
+        polar_jax.generate(llama, [[1, 2, 3]], 4, sparsity=bundle)
+    with pytest.raises(InputError, match="built for another model"):
+        polar_jax.generate(llama, [[1, 2, 3]], 4, selector=router_selector(bundle, 0.5))
+
+
+def test_bench_decode_runs_tiny_and_refuses_large_shapes_on_cpu(capsys):
+    from polar_jax.cli import main
+
+    assert main(["bench", "decode", "--tiny", "--variants", "dense", "both", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny-opt | 4 | 32 | both (both) |" in out and "| tiny-opt | 4 | 32 | auto (dense) |" in out
+    assert main(["bench", "decode", "--shapes", "opt-6.7b"]) == 2
+    assert "need a GPU" in capsys.readouterr().err
+
+
+def test_attention_selection_for_dead_rows():
+    sel = AttentionSelection.all_groups(3, 4).for_live(jnp.asarray([True, False, True]))
+    assert np.asarray(sel.n_active).tolist() == [4, 0, 4]
