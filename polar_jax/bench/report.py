@@ -151,3 +151,33 @@ def _plots(merged: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+README_START, README_END = "<!-- decode-sparse:start -->", "<!-- decode-sparse:end -->"
+_README_POINTS = [("opt-6.7b", 1, 2048), ("opt-6.7b", 8, 2048), ("opt-6.7b", 32, 2048), ("opt-6.7b", 64, 2048),
+                  ("llama2-7b", 16, 4096), ("llama3.1-8b", 16, 4096), ("llama3.1-8b", 64, 4096)]
+
+
+def readme_block(merged: dict, source: str) -> str:
+    """The README's end-to-end summary, generated from a merged report (a test keeps the two in sync)."""
+    rows = {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in merged["rows"]}
+    lines = [README_START, f"Source: `{source}` ({merged['device']}, jax {merged['jax_version']}, {merged['date']}).", "",
+             "| shape | B | context | dense step | heads | MLP | heads + MLP | auto (its choice) | best vs its Amdahl bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for shape, b, c in _README_POINTS:
+        dense = rows.get((shape, b, c, "dense"))
+        if dense is None:
+            continue
+        cells = []
+        for v in ("heads", "mlp", "both"):
+            r = rows.get((shape, b, c, v))
+            cells.append("–" if r is None else f"{r['speedup']:.2f}x")
+        auto = rows.get((shape, b, c, "auto"))
+        cells.append("–" if auto is None else f"{auto['speedup']:.2f}x ({auto['runs']})")
+        sparse = [rows[(shape, b, c, v)] for v in ("heads", "mlp", "both") if (shape, b, c, v) in rows]
+        best = max(sparse, key=lambda r: r["speedup"]) if sparse else None
+        cells.append("–" if best is None else f"{best['variant']}: {100 * best['bound_fraction']:.0f} % of "
+                     f"{best['amdahl_bound']:.2f}x")
+        lines.append(f"| {shape} | {b} | {c} | {1e3 * dense['step_s']:.2f} ms | " + " | ".join(cells) + " |")
+    lines += ["", "Goals (issue 10):", ""] + goal_lines(merged) + [README_END]
+    return "\n".join(lines)
