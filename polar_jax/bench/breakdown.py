@@ -92,8 +92,15 @@ def part_of(kernel: str, scopes: dict[str, str]) -> str:
 def breakdown(records: list[tuple[str, float]], scopes: dict[str, str], steps: int) -> dict[str, float]:
     """Milliseconds per step of each part (and `total`, `kernels` per step)."""
     out = collections.Counter({p: 0.0 for p in PARTS})
+    prev_name, prev_part = "", "other"
     for name, ms in records:
-        out[part_of(name, scopes)] += ms
+        part = part_of(name, scopes)
+        if part == "other" and prev_name.startswith(("gemm_fusion", "cublas", "nvjet")) and prev_part != "other":
+            # XLA's split-K GEMMs sum their partials in a separate reduction kernel whose HLO op carries no
+            # scope (its metadata is the bare reduce): it belongs to the GEMM launched just before it
+            part = prev_part
+        out[part] += ms
+        prev_name, prev_part = name, part
     res = {p: out[p] / steps for p in PARTS}
     res["total"] = sum(res[p] for p in PARTS)
     res["kernels"] = len(records) / steps

@@ -1,0 +1,28 @@
+"""The decode benchmark's profile breakdown: kernels mapped to the step's parts through HLO scopes."""
+
+from polar_jax.bench.breakdown import breakdown, hlo_scopes, part_of
+
+HLO = """
+  %gemm_fusion_dot.162 = f32[4,32,8192]{2,1,0} fusion(%a, %b), kind=kCustom, calls=%c, metadata={op_name="jit(run)/while/body/polar_attn_proj/dot_general" deduplicated_name="gemm_fusion_dot.162"}
+  %fusion.1167 = bf16[32,8192]{1,0} fusion(%gemm_fusion_dot.162), kind=kLoop, calls=%d, metadata={op_name="reduce_sum" scheduling_name="fusion.1167"}
+  ROOT %sort.63.1 = (f32[16384]{0}, s32[16384]{0}) sort(%p, %q), dimensions={0}, metadata={op_name="jit(run)/polar_router/top_k"}
+  %loop_add_fusion.64 = bf16[32,4096]{1,0} fusion(%x, %y), kind=kLoop, calls=%e, metadata={op_name="jit(run)/while/body/add"}
+"""
+
+
+def test_kernel_names_map_to_their_scopes():
+    scopes = hlo_scopes(HLO)
+    assert part_of("gemm_fusion_dot_162", scopes) == "attn_proj"
+    assert part_of("sort_63_1__2", scopes) == "router"  # XLA's kernel copies get __N suffixes
+    assert part_of("loop_add_fusion_64", scopes) == "other"
+    assert part_of("select_decode_finish", scopes) == "attention"
+    assert part_of("gather_down", scopes) == "mlp" and part_of("union_compact", scopes) == "router"
+    assert part_of("unknown_kernel", scopes) == "other"
+
+
+def test_split_k_reduction_counts_with_its_gemm():
+    scopes = hlo_scopes(HLO)
+    recs = [("gemm_fusion_dot_162", 1.0), ("fusion_1167", 0.5), ("loop_add_fusion_64", 0.25), ("gather_up", 2.0)] * 2
+    b = breakdown(recs, scopes, steps=2)
+    assert b["attn_proj"] == 1.5 and b["other"] == 0.25 and b["mlp"] == 2.0
+    assert b["total"] == 3.75 and b["kernels"] == 4
