@@ -210,3 +210,33 @@ def test_cli_refuses_another_model(capsys):
     assert main(["eval", "lm-eval", "--model", "hf", "--tasks", "polar_next_sentence"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_bos_and_prefix_tokens(default):
+    model, tok, _ = default
+    bos = model.config.bos_token_id
+    lm = PolarLM(model=model, tokenizer=tok, add_bos_token=True)
+    assert lm.tok_encode("The city") == [bos] + tok.encode("The city")
+    assert lm.tok_encode("The city", add_special_tokens=False) == tok.encode("The city")
+    assert PolarLM(model=model, tokenizer=tok, prefix_token_id=7).prefix_token_id == 7
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size="auto"), "batch_size"),
+    (dict(model="/no/such/folder"), "does not exist"),
+    (dict(sparsity="default", attn_density=3.0), "density"),
+    (dict(max_length=1024), "positions"),
+    (dict(mlp="maybe"), "true or false"),
+])
+def test_bad_arguments_raise_input_errors(default, kwargs, message):
+    model, tok, _ = default
+    base = {} if "model" in kwargs else dict(model=model, tokenizer=tok)
+    with pytest.raises(polar_jax.InputError, match=message):
+        PolarLM(**base, **kwargs)
+
+
+def test_generation_longer_than_the_model_is_refused(default):
+    model, tok, _ = default
+    lm = PolarLM(model=model, tokenizer=tok)
+    with pytest.raises(polar_jax.InputError, match="max_gen_toks"):
+        lm.generate_until(_instances("generate_until", [("The city", {"until": ["."], "max_gen_toks": 512})]))
