@@ -127,7 +127,7 @@ def _decode_path_loglik(model, ctx: list[int], cont: list[int], selector) -> flo
 
 def test_sparse_scores_equal_the_sparse_decode_path(default):
     model, tok, bundle = default
-    pairs = _ll_requests(2)
+    pairs = _ll_requests(2)[::2]  # two contexts of different lengths in one batch, two choices each
     lm = PolarLM(model=model, tokenizer=tok, sparsity=bundle, attn_density=0.5, batch_size=8)
     got = lm.loglikelihood(_instances("loglikelihood", pairs))
     dense = PolarLM(model=model, tokenizer=tok, batch_size=8).loglikelihood(_instances("loglikelihood", pairs))
@@ -163,16 +163,16 @@ def _generate_reference(model, tok, context: str, n: int, stops: list[str], sele
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_generate_until_equals_generate(default, sparse):
     model, tok, bundle = default
-    qs = _rows("next_sentence.jsonl")[:3]
+    qs = _rows("next_sentence.jsonl")[:2]
     stops = [" .", "\n"]
     reqs = [(q["context"], {"until": stops, "max_gen_toks": 12}) for q in qs]
-    reqs.append((qs[0]["context"][:40], {"until": [" the"], "max_gen_toks": 20}))  # another group, another stop
+    reqs.append((qs[0]["context"][:40], {"until": [" the"], "max_gen_toks": 12}))  # a shorter prompt, another stop
     kw = dict(sparsity=bundle, attn_density=0.5) if sparse else {}
     got = PolarLM(model=model, tokenizer=tok, batch_size=4, **kw).generate_until(_instances("generate_until", reqs))
     selector = router_selector(bundle, 0.5, 0.99) if sparse else None
     want = [_generate_reference(model, tok, c, g["max_gen_toks"], g["until"], selector) for c, g in reqs]
     assert got == want
-    assert any(s in tok.decode(polar_jax.generate(model, [tok.encode(c)], 12)[0]) for c, _ in reqs[:3] for s in stops)
+    assert any(s in tok.decode(polar_jax.generate(model, [tok.encode(c)], 12)[0]) for c, _ in reqs[:2] for s in stops)
 
 
 def test_simple_evaluate_accuracy_matches_scores(default):
