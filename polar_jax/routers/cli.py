@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from polar_jax.errors import InputError
+from polar_jax.eval.lm_eval_cli import register as register_lm_eval
 
 
 def _load_model(path: str, dtype: str | None = None):
@@ -209,3 +210,4 @@ def register(subparsers) -> None:
     a.add_argument("--new-tokens", type=int, default=64)
     a.add_argument("--seed", type=int, default=0)
     a.set_defaults(fn=cmd_agree)
+    register_lm_eval(esub)
