@@ -14,7 +14,7 @@ from polar_jax.cache import KVCache
 from polar_jax.config import ModelConfig
 from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.config import MLPTable, SparsityConfig
-from polar_jax.routers.sparsify import attention_units
+from polar_jax.routers.config import attention_units
 from polar_jax.bench.shapes import PAPER_UNION
 
 MLP_TILE = 128  # capacity granularity (kernel tiles)

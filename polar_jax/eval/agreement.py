@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from polar_jax.decode import generate
 from polar_jax.errors import InputError
 
 
@@ -34,8 +35,6 @@ def greedy_agreement(model: Any, tokens: np.ndarray, selector: Any, n_prompts: i
                      new_tokens: int = 64, seed: int = 0, eos_token_id: int | None = -1) -> dict[str, Any]:
     """Greedy continuations of random prompts, dense vs `selector` (one batch of `n_prompts`). EOS is
     ignored by default (-1) so both runs produce `new_tokens` tokens to compare."""
-    from polar_jax.decode import generate
-
     prompts = sample_prompts(tokens, n_prompts, prompt_len, seed)
     dense = generate(model, prompts, new_tokens, eos_token_id=eos_token_id)
     sparse = generate(model, prompts, new_tokens, eos_token_id=eos_token_id, selector=selector)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from polar_jax.checkpoint import model_signature, same_model
 from polar_jax.errors import CheckpointError, PolarError
 from polar_jax.routers.config import SparsityConfig
 
@@ -44,8 +45,6 @@ class SparsityBundle:
 
     def check_model(self, model: Any) -> None:
         """Raises ModelMismatchError unless `model` is the one this bundle was made for."""
-        from polar_jax.checkpoint import model_signature
-
         check_signature(self.signature, model_signature(model), "sparsity bundle")
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -64,8 +63,6 @@ class SparsityBundle:
 
 
 def check_signature(expected: dict, actual: dict, what: str) -> None:
-    from polar_jax.checkpoint import same_model
-
     if not same_model(expected, actual):
         a, b = expected.get("arch", {}), actual.get("arch", {})
         diff = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}

@@ -21,9 +21,11 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from polar_jax.checkpoint import model_signature
 from polar_jax.errors import InputError, PolarError
 from polar_jax.models.collect import forward_with_stats, group_norms
 from polar_jax.routers.bundle import check_signature
+from polar_jax.routers.config import attention_units
 
 FORMAT = "polar-jax-router-data"
 VERSION = 1
@@ -100,9 +102,6 @@ def collect(
     model_name: str = "",
 ) -> Path:
     """Runs the model over the text(s) in non-overlapping windows and writes the router data to `out_dir`."""
-    from polar_jax.checkpoint import model_signature
-    from polar_jax.routers.sparsify import attention_units
-
     cfg = model.config
     if cfg.family == "opt" and seq_len > cfg.max_position_embeddings:
         raise InputError(f"seq_len {seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
@@ -186,8 +185,6 @@ class CollectedData:
         return int(self.meta["tokens"])
 
     def check_model(self, model: Any) -> None:
-        from polar_jax.checkpoint import model_signature
-
         check_signature(self.meta["signature"], model_signature(model), "collected data")
 
     def _load(self, chunk: str, field: str) -> np.ndarray:

@@ -13,6 +13,7 @@ import dataclasses
 import math
 from typing import Any, Sequence
 
+from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
 
 CALIBRATION_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -105,6 +106,13 @@ class MLPTable:
 
         return cls(float(d["recall"]), tuple(int(b) for b in d["batch_sizes"]), table("k", int),
                    table("thresholds", float), table("capacity", int), table("union", float))
+
+
+def attention_units(cfg: ModelConfig) -> tuple[int, str]:
+    """What an attention router scores: KV groups for GQA (skipping a group skips its KV reads), heads for MHA."""
+    if cfg.num_kv_heads < cfg.num_heads:
+        return cfg.num_kv_heads, "group"
+    return cfg.num_heads, "head"
 
 
 def budget_bounds(k: int, units: int, floor: float, cap: float) -> tuple[int, int]:

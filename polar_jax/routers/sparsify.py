@@ -33,7 +33,7 @@ from polar_jax.errors import InputError
 from polar_jax.models.base import head_output_norms
 from polar_jax.models.collect import group_norms
 from polar_jax.routers.bundle import SparsityBundle
-from polar_jax.routers.config import SparsityConfig, check_density, units_kept
+from polar_jax.routers.config import SparsityConfig, attention_units, check_density, units_kept
 from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_counts, capped_union_mask, keep_prefix_dense,
                                  top_units, topk_mask, union_scores, union_threshold_mask, union_topk, unit_mask)
 
@@ -186,13 +186,6 @@ class OracleSparsifier:
 
 
 # ---- builders ---------------------------------------------------------------------------------------
-def attention_units(cfg: ModelConfig) -> tuple[int, str]:
-    """What an attention router scores: KV groups for GQA (skipping a group skips its KV reads), heads for MHA."""
-    if cfg.num_kv_heads < cfg.num_heads:
-        return cfg.num_kv_heads, "group"
-    return cfg.num_heads, "head"
-
-
 def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recall: float | None,
                    per_layer: bool, attn: bool, mlp: bool, adaptive: bool, mlp_rule: str | None,
                    dtype: Any, select_impl: str) -> dict[str, Any]:
