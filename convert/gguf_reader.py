@@ -69,7 +69,8 @@ class GGUFFile:
         try:
             reader = gguf.GGUFReader(self.path, "r")
         except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error) as e:
-            # The reader maps the tensor table and data as it parses: a file cut anywhere fails here.
+            # The reader maps every tensor's bytes while it parses: a file cut anywhere (header, tensor table or
+            # data) fails here, so no tensor can later read past the end.
             raise CheckpointError(f"{self.path} is truncated or corrupt (cannot parse it as GGUF: {e})") from None
         self._reader = reader
         self.metadata: dict[str, Any] = {}
@@ -78,9 +79,6 @@ class GGUFFile:
                 continue  # the reader's own bookkeeping (version, counts)
             self.metadata[key] = field.contents()
         self._tensors = {t.name: t for t in reader.tensors}
-        for t in reader.tensors:
-            if int(t.data_offset) + int(t.n_bytes) > size:
-                raise CheckpointError(f"{self.path} is truncated: tensor {t.name!r} runs past the end of the file")
 
     # ---- tensor table ---------------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:

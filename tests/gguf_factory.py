@@ -20,7 +20,7 @@ from gguf.quants import dequantize, quantize
 _BYTE_KEEP = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("Ġa", "n"), ("o", "n"),
           ("Ġ", "s"), ("r", "e"), ("Ġ", "w"), ("a", "t"), ("Ġ", "c"), ("e", "n"), ("Ġ", "o"), ("1", "2")]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_middle|>"]  # pad, bos, eos, plain control
 USER_DEFINED = ["<think>"]
 # K-quant blocks are written as random bytes with their fp16 scale fields set to these (sane magnitudes).
 _K_SCALE_FIELDS = {Q.Q4_K: [(0, 2e-4), (2, 1e-4)], Q.Q5_K: [(0, 2e-4), (2, 1e-4)], Q.Q6_K: [(208, 2e-4)],
@@ -97,9 +97,9 @@ def write_gguf(path: Path, arch: str = "llama", *, layers: int = 2, d: int = 64,
         w.add_token_list(tokens)
         w.add_token_types(token_types)
         w.add_token_merges(merges)
-        w.add_bos_token_id(vocab - 3)
-        w.add_eos_token_id(vocab - 2)
-        w.add_pad_token_id(vocab - 4)
+        w.add_bos_token_id(tokens.index(SPECIALS[1]))
+        w.add_eos_token_id(tokens.index(SPECIALS[2]))
+        w.add_pad_token_id(tokens.index(SPECIALS[0]))
         w.add_add_bos_token(add_bos)
     shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
     if not tied:

@@ -57,7 +57,7 @@ def test_every_parameter_equals_the_written_tensor(tmp_path, arch, kw):
     cfg = model.config
     assert cfg.model_type == arch and cfg.qkv_bias == (arch == "qwen2")
     assert cfg.tie_word_embeddings == kw.get("tied", True)
-    assert tok is not None and tok.eos_token_id == tok.vocab_size - 2
+    assert tok is not None and tok.eos_token_id == tok._backend.token_to_id(SPECIALS[2])
 
 
 def test_rotary_unpermutation_is_needed(tmp_path):
@@ -99,8 +99,9 @@ def test_tokenizer_keeps_special_and_user_tokens_whole(tmp_path):
     src = GGUFSource(path)
     tok = src.tokenizer()
     vocab = tok._backend.get_vocab()
-    ids = tok.encode(f"a{SPECIALS[0]}b{USER_DEFINED[0]}")
-    assert vocab[SPECIALS[0]] in ids and vocab[USER_DEFINED[0]] in ids
+    ids = tok.encode(f"a{SPECIALS[3]}b{USER_DEFINED[0]}")  # a control token that is no bos/eos/pad, a user token
+    assert ids == [vocab["a"], vocab[SPECIALS[3]], vocab["b"], vocab[USER_DEFINED[0]]]
+    assert tok.decode(ids) == f"ab{USER_DEFINED[0]}"  # control tokens are special: skipped when decoding
     assert tok.encode(" the") == [vocab["Ġthe"]]  # merges applied in order: Ġ t -> Ġt, h e -> he, Ġt he
     assert tok.decode(tok.encode("héllo wörld")) == "héllo wörld"  # byte-level round trip
     src.close()
