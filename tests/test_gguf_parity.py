@@ -125,3 +125,25 @@ def test_wikitext_tokens_and_prefix_perplexity(smollm2, wikitext_test, tok_golde
     res = perplexity(model, ids, seq_len=ref["seq_len"], batch_size=1, max_tokens=ref["n_tokens"], progress=False)
     assert res.predictions == ref["n_predictions"]
     assert abs(res.ppl / ref["ppl"] - 1) < 5e-4, (res.ppl, ref["ppl"])
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama3"])
+def test_tiny_llama_cpp_files_match_hf(name):
+    """Qwen2 (q/k/v biases, qwen2 pre-tokenizer) and LLaMA (GQA, untied head, nine tensor types including
+    K-quants, llama-bpe pre-tokenizer, add_bos_token) files written like llama.cpp, loaded by HF."""
+    from conftest import FIXTURES
+
+    ref = json.loads(require(GOLDEN / f"{name}-gguf.json").read_text(encoding="utf-8"))
+    path = require(FIXTURES / "gguf" / f"{name}.gguf")
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == ref["gguf_sha256"]
+    model, tok = polar_jax.load_hf(path, dtype="float32")
+    logits = np.asarray(model(jnp.asarray(ref["prompt"], jnp.int32)[None]))[0]
+    np.testing.assert_allclose(logits, np.asarray(ref["prefill_logits"], np.float32), rtol=0, atol=ATOL)
+    out = polar_jax.generate(model, [ref["prompt"]], len(ref["greedy"]), eos_token_id=())
+    assert out[0].tolist() == ref["greedy"]
+    for case in ref["tokens"]:
+        ids = tok.encode(case["text"])
+        assert ids == case["ids"], case["text"]
+        assert tok.decode(ids) == case["decoded_skip_special"], case["text"]
+        # HF's default call adds BOS where the file says so; the tokenizer.json built here does the same
+        assert tok._backend.encode(case["text"]).ids == case["ids_default_call"], case["text"]

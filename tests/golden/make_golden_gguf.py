@@ -15,6 +15,10 @@ Writes (overwriting):
   structure of HF's tokenizer (everything but the vocabulary and merges);
 - tests/golden/ppl_smollm2-gguf.json: perplexity of the first PPL_PREFIX_TOKENS test tokens (windows of
   2048, stride 2048), the CI check of the perplexity protocol;
+- tests/fixtures/gguf/tiny-{qwen2,llama3}.gguf (written by tests/gguf_factory.py, seeded) and
+  tests/golden/tiny-{qwen2,llama3}-gguf.json: HF's logits of one prompt, 8 greedy tokens and token ids
+  (Qwen2 architecture with q/k/v biases and the qwen2 pre-tokenizer; LLaMA GQA, untied head, mixed
+  quantization types including K-quants, the llama-bpe pre-tokenizer and add_bos_token);
 - with --ppl-full: benchmarks/results/ppl_smollm2_hf_full.json, the whole test file.
 """
 
@@ -37,6 +41,8 @@ sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "tests" / "golden"))
 
 import make_golden as mg  # noqa: E402  (shared protocol helpers: prompts, greedy loop, checks)
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+from gguf_factory import write_gguf  # noqa: E402
 from smollm2 import smollm2_gguf  # noqa: E402
 
 NAME = "smollm2-gguf"
@@ -157,6 +163,40 @@ def write_ppl(model, tok, n_tokens: int | None, out: Path, threads: int) -> None
     print(f"  ppl {res['ppl']:.4f} over {res['n_tokens']} tokens -> {out}")
 
 
+TINY = {
+    "tiny-qwen2": dict(arch="qwen2", d=64, heads=4, kv=2, ffn=128, default_type=Q.Q8_0, pre="qwen2", seed=11),
+    "tiny-llama3": dict(arch="llama", d=256, heads=4, kv=2, ffn=256, tied=False, pre="llama-bpe", add_bos=True,
+                        seed=12, rope_theta=500000.0,
+                        types={"token_embd.weight": Q.Q8_0, "output.weight": Q.Q6_K, "attn_q.weight": Q.Q4_K,
+                               "attn_k.weight": Q.Q4_1, "attn_v.weight": Q.Q5_0, "attn_output.weight": Q.Q5_1,
+                               "ffn_gate.weight": Q.Q4_0, "ffn_up.weight": Q.Q5_K, "ffn_down.weight": Q.BF16}),
+}
+
+
+@torch.no_grad()
+def write_tiny_fixtures() -> None:
+    folder = REPO / "tests" / "fixtures" / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, kw in TINY.items():
+        path = folder / f"{name}.gguf"
+        kw = dict(kw)
+        write_gguf(path, kw.pop("arch"), **kw)
+        model, tok = load_hf(path)
+        prompt = np.random.RandomState(0).randint(0, 256, size=12)
+        ids = torch.from_numpy(prompt.astype(np.int64))[None]
+        logits = model(input_ids=ids).logits[0].float().numpy()
+        greedy = model.generate(ids, max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+        texts = [t for t in TOKENIZER_TEXTS] + ["<|fim_middle|>the cat<think> sat 1234 in 12 rooms"]
+        out = {"model": name, "gguf_sha256": mg_sha(path), "prompt": prompt.tolist(), "prefill_logits": logits.tolist(),
+               "greedy": greedy, "hf_config": model.config.to_dict(),
+               "tokens": [{"text": t, "ids": tok.encode(t, add_special_tokens=False), "ids_default_call": tok(t)["input_ids"],
+                           "decoded_skip_special": tok.decode(tok.encode(t, add_special_tokens=False),
+                                                              skip_special_tokens=True)} for t in texts],
+               "date": mg._date(), **mg._versions()}
+        (mg.GOLDEN_DIR / f"{name}-gguf.json").write_text(json.dumps(out, default=str) + "\n")
+        print(f"  {name}: {path.stat().st_size / 1024:.0f} KiB, greedy {greedy}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ppl-full", action="store_true", help="only the whole-file WikiText-2 test perplexity")
@@ -171,6 +211,8 @@ def main() -> int:
     print(f"{NAME}: decode goldens")
     write_decode_golden(model, tok, path)
     write_tokenizer_golden(tok)
+    print("tiny GGUF fixtures")
+    write_tiny_fixtures()
     print("prefix perplexity")
     write_ppl(model, tok, PPL_PREFIX_TOKENS, mg.GOLDEN_DIR / f"ppl_{NAME}.json", args.threads)
     return 0
