@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import sys
 import time
@@ -119,23 +118,25 @@ def run(args) -> None:
         _save(res)
         print(f"{mode} {unit} {k}/{units}: ppl {r.ppl:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
-    measure("dense")
-    for unit, k, units in GROUP_POINTS[:1] + HEAD_POINTS[:3]:
-        measure("oracle", unit, k, units)
-        measure("router", unit, k, units)
-    for unit, k, units in GROUP_POINTS[1:] + HEAD_POINTS[3:]:
-        measure("oracle", unit, k, units)
-        measure("router", unit, k, units)
-    # Greedy agreement of the real sparse decode path (KV-group routers, select_decode) with dense decoding.
-    have = {a["k"] for a in res["agreement"]}
-    for _, k, units in GROUP_POINTS:
-        if k in have:
-            continue
+    def agreement(k, units):
+        # Greedy agreement of the real sparse decode path (KV-group routers, select_decode) with dense decoding.
+        if k in {a["k"] for a in res["agreement"]}:
+            return
         sel = router_selector(bundles["group"], float(Fraction(k, units)) + 1e-9, None)
         a = greedy_agreement(model, ids[:MAX_TOKENS], sel, n_prompts=8, prompt_len=32, new_tokens=64, seed=0)
         res["agreement"].append({"unit": "group", "k": k, "units": units, "batch": 8, **a})
         _save(res)
         print(f"agreement group {k}/{units}: {a}", flush=True)
+
+    measure("dense")
+    for unit, k, units in GROUP_POINTS[:1] + HEAD_POINTS[:3]:
+        measure("oracle", unit, k, units)
+        measure("router", unit, k, units)
+    agreement(*GROUP_POINTS[0][1:])
+    for unit, k, units in HEAD_POINTS[3:5] + GROUP_POINTS[1:] + HEAD_POINTS[5:]:
+        measure("oracle", unit, k, units)
+        measure("router", unit, k, units)
+    agreement(*GROUP_POINTS[1][1:])
 
 
 def _within(rows, dense, tol=0.05):

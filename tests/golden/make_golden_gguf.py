@@ -6,7 +6,7 @@ repository root in an environment with torch, transformers, gguf and accelerate 
 
     python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 transformers==5.24.0 accelerate gguf==0.19.0
     .venv/bin/python tests/golden/make_golden_gguf.py              # goldens, a few minutes on CPU
-    .venv/bin/python tests/golden/make_golden_gguf.py --ppl-full   # whole WikiText-2 test, tens of minutes
+    .venv/bin/python tests/golden/make_golden_gguf.py --ppl-full   # whole WikiText-2 test, ~1 h, resumable
 
 Writes (overwriting):
 - tests/golden/smollm2-gguf.npz: prompts from WikiText-2 test, prefill logits, 16 cached decode steps,
@@ -126,29 +126,38 @@ def write_tokenizer_golden(tok) -> None:
 
 
 @torch.no_grad()
-def window_perplexity(model, ids: np.ndarray, seq_len: int, log_every: int = 0) -> dict:
-    """Non-overlapping windows (stride = seq_len), each scored on its own, no BOS; float64 NLL sum."""
+def window_perplexity(model, ids: np.ndarray, seq_len: int, log_every: int = 0, resume: Path | None = None) -> dict:
+    """Non-overlapping windows (stride = seq_len), each scored on its own, no BOS; float64 NLL sum. With
+    `resume`, each window's NLL sum is appended to that JSON-lines file and windows already there are skipped."""
     n = len(ids) // seq_len
     windows = torch.from_numpy(ids[: n * seq_len].astype(np.int64)).view(n, seq_len)
-    total, count, t0 = 0.0, 0, time.time()
+    done = {}
+    if resume is not None and resume.is_file():
+        done = {r["window"]: r["nll_sum"] for r in map(json.loads, resume.read_text().splitlines())}
+    t0 = time.time()
     for w in range(n):
-        x = windows[w : w + 1]
-        logp = torch.log_softmax(model(input_ids=x, use_cache=False).logits.float()[:, :-1], dim=-1)
-        total += float(-logp.gather(-1, x[:, 1:, None]).double().sum())
-        count += seq_len - 1
+        if w not in done:
+            x = windows[w : w + 1]
+            logp = torch.log_softmax(model(input_ids=x, use_cache=False).logits.float()[:, :-1], dim=-1)
+            done[w] = float(-logp.gather(-1, x[:, 1:, None]).double().sum())
+            if resume is not None:
+                with open(resume, "a") as f:
+                    f.write(json.dumps({"window": w, "nll_sum": done[w]}) + "\n")
         if log_every and (w + 1) % log_every == 0:
-            print(f"  window {w + 1}/{n}: running ppl {math.exp(total / count):.4f} ({time.time() - t0:.0f}s)", flush=True)
+            running = sum(done[i] for i in range(w + 1)) / ((w + 1) * (seq_len - 1))
+            print(f"  window {w + 1}/{n}: running ppl {math.exp(running):.4f} ({time.time() - t0:.0f}s)", flush=True)
+    total, count = sum(done[i] for i in range(n)), n * (seq_len - 1)
     return {"ppl": math.exp(total / count), "mean_nll": total / count, "n_predictions": count, "n_windows": n,
             "seq_len": seq_len, "stride": seq_len, "n_tokens": n * seq_len}
 
 
-def write_ppl(model, tok, n_tokens: int | None, out: Path, threads: int) -> None:
+def write_ppl(model, tok, n_tokens: int | None, out: Path, threads: int, resume: Path | None = None) -> None:
     torch.set_num_threads(threads)
     text = mg.WIKITEXT.read_text(encoding="utf-8")
     all_ids = np.asarray(tok.encode(text, add_special_tokens=False), np.int32)
     ids = all_ids if n_tokens is None else all_ids[:n_tokens]
     t0 = time.time()
-    res = window_perplexity(model, ids, PPL_SEQ_LEN, log_every=0 if n_tokens else 8)
+    res = window_perplexity(model, ids, PPL_SEQ_LEN, log_every=0 if n_tokens else 8, resume=resume)
     res.update({
         "model": NAME, "text": "wikitext-2/test.txt (whole file, UTF-8)", "n_tokens_in_text": int(len(all_ids)),
         "token_ids_sha256": hashlib.sha256(ids[: res["n_tokens"]].astype("<i4").tobytes()).hexdigest(),
@@ -201,11 +210,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ppl-full", action="store_true", help="only the whole-file WikiText-2 test perplexity")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the perplexity runs")
+    p.add_argument("--log", default="/tmp/smollm2_hf_ppl_windows.jsonl",
+                   help="--ppl-full: per-window NLL log; an interrupted run resumes from it")
     args = p.parse_args()
     path = smollm2_gguf()
     model, tok = load_hf(path)
     if args.ppl_full:
-        write_ppl(model, tok, None, REPO / "benchmarks" / "results" / "ppl_smollm2_hf_full.json", args.threads)
+        write_ppl(model, tok, None, REPO / "benchmarks" / "results" / "ppl_smollm2_hf_full.json", args.threads,
+                  Path(args.log))
         return 0
     mg._deterministic_torch()
     print(f"{NAME}: decode goldens")
