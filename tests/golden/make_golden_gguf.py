@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "tests" / "golden"))
 import make_golden as mg  # noqa: E402  (shared protocol helpers: prompts, greedy loop, checks)
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 from gguf_factory import write_gguf  # noqa: E402
-from smollm2 import smollm2_gguf  # noqa: E402
+from smollm2 import sha256_file, smollm2_gguf  # noqa: E402
 
 NAME = "smollm2-gguf"
 PPL_SEQ_LEN = 2048
@@ -83,7 +83,7 @@ def write_decode_golden(model, tok, path: Path) -> dict:
         meta_prompts.append({"len": int(len(p)), "text": texts[i], "min_top2_gap": g["min_top2_gap"],
                              "max_abs_diff_cached_vs_full_forward": diff})
         print(f"  prompt_{i}: greedy {g['greedy'][:8].tolist()}... gap {g['min_top2_gap']:.3f}, cache-vs-full {diff:.1e}")
-    meta = {"model": NAME, "gguf": path.name, "gguf_sha256": mg_sha(path), "architecture": model.config.architectures,
+    meta = {"model": NAME, "gguf": path.name, "gguf_sha256": sha256_file(path), "architecture": model.config.architectures,
             "vocab_size": int(model.config.vocab_size), "n_greedy": mg.N_GREEDY, "n_decode_logits": mg.N_DECODE_LOGITS,
             "attn_implementation": "eager", "dtype": "float32", "prompts": meta_prompts,
             "prompt_source": str(mg.WIKITEXT), "hf_config": model.config.to_dict(), "date": mg._date(),
@@ -94,14 +94,6 @@ def write_decode_golden(model, tok, path: Path) -> dict:
     np.savez_compressed(mg.GOLDEN_DIR / f"{NAME}.npz", **arrays)
     mg.verify(NAME, model.config.vocab_size)
     return meta
-
-
-def mg_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_tokenizer_golden(tok) -> None:
@@ -196,7 +188,7 @@ def write_tiny_fixtures() -> None:
         logits = model(input_ids=ids).logits[0].float().numpy()
         greedy = model.generate(ids, max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
         texts = [t for t in TOKENIZER_TEXTS] + ["<|fim_middle|>the cat<think> sat 1234 in 12 rooms"]
-        out = {"model": name, "gguf_sha256": mg_sha(path), "prompt": prompt.tolist(), "prefill_logits": logits.tolist(),
+        out = {"model": name, "gguf_sha256": sha256_file(path), "prompt": prompt.tolist(), "prefill_logits": logits.tolist(),
                "greedy": greedy, "hf_config": model.config.to_dict(),
                "tokens": [{"text": t, "ids": tok.encode(t, add_special_tokens=False), "ids_default_call": tok(t)["input_ids"],
                            "decoded_skip_special": tok.decode(tok.encode(t, add_special_tokens=False),
