@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -40,7 +41,7 @@ from smollm2 import smollm2_gguf  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 OUT_JSON = RESULTS / "accuracy_smollm2.json"
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+WIKITEXT = Path(os.environ.get("POLAR_SHARED", REPO.parent / "shared")) / "data" / "wikitext-2" / "test.txt"
 SEQ_LEN, MAX_TOKENS = 2048, 16384
 # (unit, units kept, units): the order they run in, most informative first.
 GROUP_POINTS = [("group", 2, 3), ("group", 1, 3)]

@@ -143,13 +143,14 @@ def window_perplexity(model, ids: np.ndarray, seq_len: int, log_every: int = 0, 
             "seq_len": seq_len, "stride": seq_len, "n_tokens": n * seq_len}
 
 
-def write_ppl(model, tok, n_tokens: int | None, out: Path, threads: int, resume: Path | None = None) -> None:
+def write_ppl(model, tok, n_tokens: int | None, out: Path, threads: int, resume: Path | None = None,
+              full: bool = False) -> None:
     torch.set_num_threads(threads)
     text = mg.WIKITEXT.read_text(encoding="utf-8")
     all_ids = np.asarray(tok.encode(text, add_special_tokens=False), np.int32)
     ids = all_ids if n_tokens is None else all_ids[:n_tokens]
     t0 = time.time()
-    res = window_perplexity(model, ids, PPL_SEQ_LEN, log_every=0 if n_tokens else 8, resume=resume)
+    res = window_perplexity(model, ids, PPL_SEQ_LEN, log_every=8 if full else 0, resume=resume)
     res.update({
         "model": NAME, "text": "wikitext-2/test.txt (whole file, UTF-8)", "n_tokens_in_text": int(len(all_ids)),
         "token_ids_sha256": hashlib.sha256(ids[: res["n_tokens"]].astype("<i4").tobytes()).hexdigest(),
@@ -157,7 +158,7 @@ def write_ppl(model, tok, n_tokens: int | None, out: Path, threads: int, resume:
                     "seq_len (stride seq_len), each scored independently, no BOS; ppl = exp(mean NLL of tokens "
                     "1..seq_len-1 of each window); float32 model, float64 sum",
         "device": "cpu", "torch_threads": threads, "seconds": round(time.time() - t0), "date": mg._date(),
-        "command": "python tests/golden/make_golden_gguf.py" + (" --ppl-full" if n_tokens is None else ""),
+        "command": "python " + " ".join(["tests/golden/make_golden_gguf.py", *sys.argv[1:]]),
         **mg._versions(),
     })
     out.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
@@ -204,12 +205,14 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads for the perplexity runs")
     p.add_argument("--log", default="/tmp/smollm2_hf_ppl_windows.jsonl",
                    help="--ppl-full: per-window NLL log; an interrupted run resumes from it")
+    p.add_argument("--max-windows", type=int, default=None, help="--ppl-full: only the first N windows")
     args = p.parse_args()
     path = smollm2_gguf()
     model, tok = load_hf(path)
     if args.ppl_full:
-        write_ppl(model, tok, None, REPO / "benchmarks" / "results" / "ppl_smollm2_hf_full.json", args.threads,
-                  Path(args.log))
+        n = None if args.max_windows is None else args.max_windows * PPL_SEQ_LEN
+        write_ppl(model, tok, n, REPO / "benchmarks" / "results" / "ppl_smollm2_hf_full.json", args.threads,
+                  Path(args.log), full=True)
         return 0
     mg._deterministic_torch()
     print(f"{NAME}: decode goldens")
