@@ -1,7 +1,8 @@
-"""Hugging Face safetensors -> polar-jax checkpoint, without torch.
+"""Hugging Face safetensors (or a GGUF file) -> polar-jax checkpoint, without torch.
 
 `HFReader` yields each polar-jax parameter from an HF folder (single file or sharded with an index), with
-shapes checked against the config; `convert_checkpoint` streams them into a polar-jax checkpoint folder.
+shapes checked against the config (`convert.gguf_source.GGUFSource` does the same for a .gguf file;
+`open_reader` picks one); `convert_checkpoint` streams them into a polar-jax checkpoint folder.
 The output is written to a temporary sibling folder and renamed at the end, so an interrupted run leaves
 nothing half-written under the requested name.
 """
@@ -19,11 +20,13 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from convert.gguf_reader import is_gguf_file
+from convert.gguf_source import GGUFSource
 from convert.mapping import parameter_sources
 from convert.safetensors_io import WeightSource, write_streaming
 from polar_jax.config import ModelConfig
 from polar_jax.errors import CheckpointError
-from polar_jax.tokenizer import TOKENIZER_FILES
+from polar_jax.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 _NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -68,17 +71,31 @@ class HFReader:
         arr = self.weights.get(self._resolve(src.hf_name))
         return arr.T if src.transpose else arr
 
+    def tokenizer(self) -> Tokenizer | None:
+        return load_tokenizer(self.folder)
+
+    def write_tokenizer(self, dest: Path) -> None:
+        for f in TOKENIZER_FILES:
+            if (self.folder / f).is_file():
+                shutil.copyfile(self.folder / f, dest / f)
+
     def close(self) -> None:
         self.weights.close()
+
+
+def open_reader(path: str | Path) -> HFReader | GGUFSource:
+    """The reader for a checkpoint: a GGUF file, or an HF folder."""
+    return GGUFSource(path) if is_gguf_file(path) else HFReader(path)
 
 
 def convert_checkpoint(
     hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False, progress: bool = True
 ) -> Path:
-    """Converts an HF folder into a polar-jax checkpoint folder; returns the output path."""
+    """Converts an HF folder (or a GGUF file, dequantized) into a polar-jax checkpoint folder; returns the
+    output path."""
     from polar_jax.checkpoint import FORMAT, FORMAT_VERSION, META_FILE, PARAMS_FILE
 
-    reader = HFReader(hf_dir)
+    reader = open_reader(hf_dir)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CheckpointError(f"output {out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -117,9 +134,7 @@ def convert_checkpoint(
             "num_params": int(sum(int(np.prod(s)) for _, s, _ in specs)),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        for f in TOKENIZER_FILES:
-            if (Path(hf_dir) / f).is_file():
-                shutil.copyfile(Path(hf_dir) / f, tmp / f)
+        reader.write_tokenizer(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint should be readable like any folder
         if out_dir.exists():
             shutil.rmtree(out_dir)

@@ -81,12 +81,15 @@ def is_polar_checkpoint(path: str | Path) -> bool:
 
 
 def load(path: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer | None]:
-    """Loads a converted polar-jax checkpoint (or "default", the embedded model). Returns (model, tokenizer)."""
+    """Loads a converted polar-jax checkpoint (or "default", the embedded model, or a GGUF file). Returns
+    (model, tokenizer)."""
     from convert.safetensors_io import SafetensorsFile
 
     path = DEFAULT_MODEL_DIR if str(path) == "default" else Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
+    if path.is_file():  # a single-file checkpoint (GGUF): read and dequantized on the fly
+        return load_hf(path, dtype)
     if not is_polar_checkpoint(path):
         if (path / "config.json").is_file():
             raise CheckpointError(
@@ -117,13 +120,16 @@ def load(path: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenize
 
 
 def load_hf(path: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer | None]:
-    """Loads a Hugging Face checkpoint folder directly (converted on the fly, one tensor at a time)."""
-    from convert.hf import HFReader
+    """Loads a Hugging Face checkpoint folder or a GGUF file directly (converted on the fly, one tensor at a
+    time; GGUF tensors dequantized)."""
+    from convert.hf import open_reader
 
-    reader = HFReader(path)
-    model = model_from_tensors(reader.config, reader.get, resolve_dtype(dtype, reader.config))
-    reader.close()
-    return model, load_tokenizer(path)
+    reader = open_reader(path)
+    try:
+        model = model_from_tensors(reader.config, reader.get, resolve_dtype(dtype, reader.config))
+        return model, reader.tokenizer()
+    finally:
+        reader.close()
 
 
 def _read_json(p: Path) -> dict:

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="generate a batch of texts with the embedded default model")
-    d.add_argument("--model", default="default", help="checkpoint folder, HF folder, or 'default'")
+    d.add_argument("--model", default="default", help="checkpoint folder, HF folder, .gguf file, or 'default'")
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.add_argument("--temperature", type=float, default=0.8)
     d.add_argument("--top-p", type=float, default=0.95)
@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sparsity_args(d)
     d.set_defaults(fn=cmd_demo)
 
-    c = sub.add_parser("convert", help="convert an HF safetensors folder to a polar-jax checkpoint")
-    c.add_argument("hf_dir")
+    c = sub.add_parser("convert", help="convert an HF safetensors folder or a GGUF file to a polar-jax checkpoint")
+    c.add_argument("hf_dir", help="HF checkpoint folder, or a .gguf file (dequantized)")
     c.add_argument("out_dir")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     c.add_argument("--overwrite", action="store_true")

@@ -157,7 +157,9 @@ def report() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("accuracy_*.json")) if p.name != "accuracy_report.json"]
+    # accuracy_smollm2.json has its own report (benchmarks/accuracy/smollm2_accuracy.py)
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("accuracy_*.json"))
+               if p.name not in ("accuracy_report.json", "accuracy_smollm2.json")]
     lines = ["# Router accuracy on WikiText-2 test (CPU, fp32)", "",
              "Routers trained and calibrated only on WikiText-2 valid + Tiny Shakespeare; evaluated on WikiText-2 "
              "test (non-overlapping 256-token windows, standard perplexity). Masked evaluation with decode "

@@ -22,8 +22,10 @@ MODES = ("dense", "router", "oracle")
 
 def build_sparsifier(model: Any, bundle: SparsityBundle | None, mode: str, attn_density: float | None = None,
                      mlp_recall: float | None = 0.99, per_layer: bool = False, attn: bool = True,
-                     mlp: bool = True, adaptive: bool = False, mlp_rule: str | None = None) -> Any:
-    """The sparsifier for a mode (None = dense). Oracle densities come from `attn_density`, else the bundle.
+                     mlp: bool = True, adaptive: bool = False, mlp_rule: str | None = None,
+                     unit: str | None = None) -> Any:
+    """The sparsifier for a mode (None = dense). Oracle densities come from `attn_density`, else the bundle;
+    the oracle's unit (KV group or query head) is the bundle's, else `unit` (default: see attention_units).
     Router mode: `adaptive` head budgets, `mlp_rule` "threshold" | "topk" (default: the bundle's)."""
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -44,16 +46,17 @@ def build_sparsifier(model: Any, bundle: SparsityBundle | None, mode: str, attn_
         k = bundle.config.attn_k(attn_density, per_layer)
         if not attn:
             k = (bundle.config.attn_units,) * model.config.num_layers
-        return oracle_sparsifier(model.config, 1.0, mlp=mlp, attn_k=k)
+        return oracle_sparsifier(model.config, 1.0, mlp=mlp, attn_k=k, unit=bundle.config.unit)
     if attn_density is None:
         raise InputError("oracle mode without a bundle needs an attention density (--attn-density)")
-    return oracle_sparsifier(model.config, attn_density if attn else 1.0, mlp=mlp)
+    return oracle_sparsifier(model.config, attn_density if attn else 1.0, mlp=mlp, unit=unit)
 
 
 def sparse_perplexity(model: Any, tokens: np.ndarray, bundle: SparsityBundle | None = None, mode: str = "router",
                       attn_density: float | None = None, mlp_recall: float | None = 0.99, per_layer: bool = False,
                       attn: bool = True, mlp: bool = True, seq_len: int = 256, batch_size: int = 8,
                       max_tokens: int | None = None, progress: bool = True, adaptive: bool = False,
-                      mlp_rule: str | None = None) -> PerplexityResult:
-    sp = build_sparsifier(model, bundle, mode, attn_density, mlp_recall, per_layer, attn, mlp, adaptive, mlp_rule)
+                      mlp_rule: str | None = None, unit: str | None = None) -> PerplexityResult:
+    sp = build_sparsifier(model, bundle, mode, attn_density, mlp_recall, per_layer, attn, mlp, adaptive, mlp_rule,
+                          unit)
     return perplexity(model, tokens, seq_len, batch_size, max_tokens=max_tokens, sparsifier=sp, progress=progress)

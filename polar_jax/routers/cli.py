@@ -44,7 +44,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     model, tok = _load_model(args.model, args.dtype)
     out = collect(model, tok, args.text, args.out, seq_len=args.seq_len, batch_size=args.batch_size,
                   max_tokens=args.max_tokens, chunk_tokens=args.chunk_tokens, overwrite=args.overwrite,
-                  model_name=args.model)
+                  model_name=args.model, unit=args.unit)
     meta = json.loads((out / "collect.json").read_text())
     print(f"wrote {meta['tokens']} tokens ({meta['windows']} windows of {meta['seq_len']}, "
           f"{len(meta['chunks'])} chunks) to {out}")
@@ -120,7 +120,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     tokens = read_text_tokens(tok, [args.text], args.max_tokens)[0]
     res = sparse_perplexity(model, np.asarray(tokens), bundle, mode, args.attn_density, args.mlp_recall,
                             args.per_layer, not args.no_attn, not args.no_mlp, seq_len=args.seq_len,
-                            batch_size=args.batch_size, progress=not args.json)
+                            batch_size=args.batch_size, progress=not args.json, unit=args.unit)
     out = {**res.to_dict(), "mode": mode, "model": args.model, "sparsity": args.sparsity,
            "attn_density": args.attn_density, "mlp_recall": args.mlp_recall, "batch_size": args.batch_size,
            "per_layer": args.per_layer}
@@ -164,6 +164,8 @@ def register(subparsers) -> None:
     c.add_argument("--chunk-tokens", type=int, default=32768, help="tokens per chunk file (bounds memory)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--dtype", default=None)
+    c.add_argument("--unit", choices=["group", "head"], default=None,
+                   help="attention unit the labels score: KV group (GQA default) or query head (masked eval only)")
     c.set_defaults(fn=cmd_collect)
 
     t = subparsers.add_parser("train-routers", help="train attention (and MLP) routers on collected data")
@@ -202,6 +204,8 @@ def register(subparsers) -> None:
     _eval_common(p)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8, help="decode batch size (windows sharing an MLP union)")
+    p.add_argument("--unit", choices=["group", "head"], default=None,
+                   help="oracle without a bundle: KV groups (GQA default) or query heads")
     p.set_defaults(fn=cmd_ppl)
     a = esub.add_parser("agreement", help="greedy agreement of sparse decoding with dense")
     _eval_common(a)

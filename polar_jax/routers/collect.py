@@ -100,8 +100,10 @@ def collect(
     overwrite: bool = False,
     progress: bool = True,
     model_name: str = "",
+    unit: str | None = None,
 ) -> Path:
-    """Runs the model over the text(s) in non-overlapping windows and writes the router data to `out_dir`."""
+    """Runs the model over the text(s) in non-overlapping windows and writes the router data to `out_dir`.
+    `unit`: what the attention labels score (see `attention_units`; "head" = query heads of a GQA model)."""
     cfg = model.config
     if cfg.family == "opt" and seq_len > cfg.max_position_embeddings:
         raise InputError(f"seq_len {seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
@@ -109,7 +111,7 @@ def collect(
     windows = make_collect_windows(streams, seq_len)
     out = Path(out_dir)
     _prepare_dir(out, overwrite)
-    units, kind = attention_units(cfg)
+    units, kind = attention_units(cfg, unit)
     meta: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "complete": False, "model": model_name,
         "signature": model_signature(model), "seq_len": seq_len, "windows": int(len(windows)),

@@ -108,9 +108,18 @@ class MLPTable:
                    table("thresholds", float), table("capacity", int), table("union", float))
 
 
-def attention_units(cfg: ModelConfig) -> tuple[int, str]:
-    """What an attention router scores: KV groups for GQA (skipping a group skips its KV reads), heads for MHA."""
-    if cfg.num_kv_heads < cfg.num_heads:
+UNITS = ("group", "head")
+
+
+def attention_units(cfg: ModelConfig, unit: str | None = None) -> tuple[int, str]:
+    """What an attention router scores: KV groups for GQA (skipping a group skips its KV reads), heads for MHA.
+    `unit="head"` on a GQA model scores query heads instead (finer selection; masked evaluation only, the
+    decode kernel skips whole KV groups); `unit="group"` forces groups."""
+    if unit is not None and unit not in UNITS:
+        raise InputError(f"attention unit must be one of {UNITS}, got {unit!r}")
+    if unit == "head":
+        return cfg.num_heads, "head"
+    if cfg.num_kv_heads < cfg.num_heads or unit == "group":
         return cfg.num_kv_heads, "group"
     return cfg.num_heads, "head"
 

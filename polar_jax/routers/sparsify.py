@@ -237,14 +237,19 @@ def router_selector(bundle: SparsityBundle, attn_density: float | None = None, m
                     mlp_rule: str | None = None, dtype: Any = jnp.float32, select_impl: str = "auto") -> RouterSelector:
     """Decode selector from trained routers (same choices as `router_sparsifier` on the same inputs).
     `dtype`: the router weights' dtype (the model's on a GPU: half the bytes of float32)."""
+    c, arch = bundle.config, bundle.signature.get("arch", {})
+    if attn and c.unit == "head" and int(arch.get("num_kv_heads", c.attn_units)) < c.attn_units:
+        raise InputError("this bundle's routers score query heads of a GQA model (unit='head'): usable for masked "
+                         "evaluation only; sparse decoding selects KV groups (train with unit='group')")
     return RouterSelector(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp, adaptive,
                                            mlp_rule, dtype, select_impl))
 
 
 def oracle_sparsifier(cfg: ModelConfig, attn_density: float, mlp: bool = True, start: int = 0,
-                      attn_k: tuple[int, ...] | None = None) -> OracleSparsifier:
-    """Oracle at global density `attn_density` (layer 0 dense), or at explicit per-layer `attn_k`."""
-    units, kind = attention_units(cfg)
+                      attn_k: tuple[int, ...] | None = None, unit: str | None = None) -> OracleSparsifier:
+    """Oracle at global density `attn_density` (layer 0 dense), or at explicit per-layer `attn_k`; `unit` as
+    in `attention_units` (default: KV groups for GQA, heads for MHA)."""
+    units, kind = attention_units(cfg, unit)
     if attn_k is None:
         rho = check_density(attn_density)
         attn_k = tuple(units if i == 0 else units_kept(rho, units) for i in range(cfg.num_layers))
