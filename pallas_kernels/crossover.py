@@ -7,8 +7,8 @@ decision `impl="auto"` uses, so the selective MLP is never slower than dense.
 A class without its own measurement (devices.py: an A100 or L4 until one is benchmarked, or an
 unknown GPU) takes the conservative table instead: for every measured class, the densities at which
 the selective kernels beat dense by CONSERVATIVE_MARGIN (2x) in the same sweep, and the smallest of
-those over the classes. Dense then takes over earlier: the kernels may be up to twice less
-efficient, relative to dense, than where they were measured before they lose.
+those over the classes. Dense then takes over earlier: relative to dense, the kernels may run up to
+2x slower there than where they were measured and still not lose.
 """
 from __future__ import annotations
 

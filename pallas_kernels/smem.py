@@ -4,13 +4,14 @@ Triton stages the operands of `tl.dot` through shared memory and, to overlap loa
 `num_stages` copies of the tiles a loop streams: a kernel needs about
     num_stages x (bytes of the tiles loaded per loop step) + (tiles loaded once).
 This is the estimate Triton's own matmul autotuner prunes configurations with. Checked against the H100
-(benchmarks/results): it is exactly what the two failed launches requested (294 912 bytes,
-kernels_2026-11-21.json) and what Nsight Compute reported for gather_up at M=64 (98 304), and never below
-what it reported for the other kernels (raw_2026-11-21_session3/ncu_before.csv; Hopper keeps some operands
-in registers, so it sometimes needs less). The kernels run in 16-bit floats on the GPU (2-byte items).
+(benchmarks/results, tests/test_kernel_device_classes.py): it is exactly what the launches the H100 refused
+requested (294 912 bytes, kernels_2026-11-21.json) and what Nsight Compute reported for gather_up at M=64
+(98 304), and above what it reported for the other kernels (26-83 % of the estimate,
+raw_2026-11-21_session3/ncu_before.csv): it errs on the safe side. The kernels run in 16-bit floats on
+the GPU (2-byte items).
 
-The CPU cross-lowering cannot see shared memory (XLA compiles the Triton IR on the device), so the
-dispatcher fits its tilings with this estimate and a test checks every tiling it picks per class.
+The CPU cross-lowering cannot see shared memory (the Triton IR is compiled for the actual GPU later), so
+the dispatcher fits its tilings with this estimate and a test checks every tiling it picks per class.
 """
 from __future__ import annotations
 
