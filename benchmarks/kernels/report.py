@@ -20,6 +20,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pallas_kernels.crossover import CONSERVATIVE_MARGIN  # noqa: E402
+from pallas_kernels.devices import class_of_device_kind  # noqa: E402
+
 
 def _nan(x) -> float:
     return float("nan") if x is None else float(x)
@@ -55,12 +58,13 @@ def merge(paths: list[str]) -> dict:
     return out
 
 
-def crossover(gemm: list[dict]) -> dict[int, float]:
+def crossover(gemm: list[dict], margin: float = 1.0) -> dict[int, float]:
     """Per M: the density above which dense wins, conservative over models.
 
     For each (model, M) the threshold is the largest swept density at which ours (up + down) is
-    still faster than dense with every lower density also faster (densities between two swept
-    points fall back to dense). The table keeps the minimum over models."""
+    still faster than dense (by `margin`: ours * margin < dense) with every lower density also
+    faster (densities between two swept points fall back to dense). The table keeps the minimum
+    over models."""
     by = defaultdict(list)
     for r in gemm:
         by[(r["model"], r["M"])].append(r)
@@ -69,7 +73,7 @@ def crossover(gemm: list[dict]) -> dict[int, float]:
         rows.sort(key=lambda r: r["density"])
         thr = 0.0
         for r in rows:
-            if _nan(r.get("ours")) < _nan(r.get("dense")):
+            if _nan(r.get("ours")) * margin < _nan(r.get("dense")):
                 thr = r["density"]
             else:
                 break
@@ -389,14 +393,30 @@ def main() -> None:
             extra += [f"## {args.ncu[2]}", ""] + ncu_table(args.ncu[0], args.ncu[1])
         f.write(markdown(R, args.date, pngs, xo, notes, extra))
     if args.crossover and xo:
-        meta = R.get("meta", {})
-        with open(args.crossover, "w") as f:
-            json.dump({"device": meta.get("device"), "date": args.date, "measured": True,
-                       "jax": meta.get("jax"), "dtype": meta.get("dtype"),
-                       "note": "density above which a dense XLA MLP beats gather_up+gather_down, "
-                               "minimum over the swept models (benchmarks/kernels/report.py)",
-                       "thresholds": {str(m): t for m, t in xo.items()}}, f, indent=1)
+        write_crossover(args.crossover, R, args.date, args.json, xo)
     print(prefix + ".md", pngs, xo)
+
+
+def write_crossover(path: str, R: dict, date: str, sources: list[str], xo: dict[int, float]) -> None:
+    """Sets the run's device class entry of crossover.json (other classes' entries are kept)."""
+    meta = R.get("meta", {})
+    cls = class_of_device_kind(meta.get("device") or "")
+    if cls is None:
+        raise SystemExit(f"device {meta.get('device')!r} is not one of the GPU classes in "
+                         "pallas_kernels/devices.py: add it there first")
+    data = json.load(open(path)) if os.path.exists(path) else {"classes": {}}
+    data["note"] = ("per GPU class (pallas_kernels/devices.py): `thresholds` = density above which a dense XLA "
+                    "MLP beats gather_up+gather_down, minimum over the swept models; `conservative` = the same "
+                    f"with the kernels required to win by {CONSERVATIVE_MARGIN:g}x (for classes without a "
+                    "measurement). Written by benchmarks/kernels/report.py --crossover")
+    data["classes"][cls.name] = {
+        "device": meta.get("device"), "date": date, "measured": True, "jax": meta.get("jax"),
+        "dtype": meta.get("dtype"), "sources": sources,
+        "thresholds": {str(m): t for m, t in xo.items()},
+        "conservative": {str(m): t for m, t in crossover(R["gemm"], CONSERVATIVE_MARGIN).items()}}
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
 
 
 if __name__ == "__main__":
