@@ -133,17 +133,19 @@ class Attention(nnx.Module):
         return y.astype(x.dtype)
 
     def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [..., d] -> q [..., Hq, D], k/v [..., Hkv, D]."""
+        """x [..., d] -> q [..., Hq, D], k/v [..., Hkv, D]. Head counts follow the weights, so a tensor-parallel
+        shard holding some of the heads runs the same code."""
         lead = x.shape[:-1]
-        q = self._linear(x, self.q, self.q_bias).reshape(*lead, self.num_heads, self.head_dim)
-        k = self._linear(x, self.k, self.k_bias).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = self._linear(x, self.v, self.v_bias).reshape(*lead, self.num_kv_heads, self.head_dim)
+        q = self._linear(x, self.q, self.q_bias).reshape(*lead, -1, self.head_dim)
+        k = self._linear(x, self.k, self.k_bias).reshape(*lead, -1, self.head_dim)
+        v = self._linear(x, self.v, self.v_bias).reshape(*lead, -1, self.head_dim)
         return q, k, v
 
-    def out(self, heads: jax.Array) -> jax.Array:
-        """Per-head outputs [..., Hq, D] -> [..., d]."""
-        flat = heads.reshape(*heads.shape[:-2], self.num_heads * self.head_dim)
-        return self._linear(flat, self.o, self.o_bias)
+    def out(self, heads: jax.Array, bias: bool = True) -> jax.Array:
+        """Per-head outputs [..., H, D] -> [..., d]. `bias=False` leaves the output bias out (a tensor-parallel
+        shard's partial sum: the bias is added once, after the reduction)."""
+        flat = heads.reshape(*heads.shape[:-2], heads.shape[-2] * heads.shape[-1])
+        return self._linear(flat, self.o, self.o_bias if bias else None)
 
 
 class MLP(nnx.Module):
@@ -168,8 +170,9 @@ class MLP(nnx.Module):
             return (get_activation(self.act)(gate.astype(x.dtype)) * up.astype(x.dtype)).astype(x.dtype)
         return get_activation(self.act)(up.astype(x.dtype))
 
-    def project_down(self, h: jax.Array) -> jax.Array:
+    def project_down(self, h: jax.Array, bias: bool = True) -> jax.Array:
+        """[..., N] -> [..., d]; `bias=False` as in `Attention.out`."""
         y = jnp.einsum("...n,nd->...d", h, self.down[...], preferred_element_type=F32)
-        if self.down_bias is not None:
+        if bias and self.down_bias is not None:
             y = y + self.down_bias[...].astype(F32)
         return y.astype(h.dtype)
