@@ -10,16 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from polar_jax.config import ModelConfig
 from polar_jax.errors import CheckpointError
 from polar_jax.models import CausalLM, abstract_model
+from polar_jax.sharding import Placer, check_mesh, param_placer
 from polar_jax.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT = "polar-jax"
@@ -54,9 +56,19 @@ def _path_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def model_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype: str) -> CausalLM:
-    """Builds the model, asking `get(name)` for each parameter (shape-checked, cast to `dtype`)."""
+def _on_default_device(name: str, arr: np.ndarray, jdtype: Any) -> jax.Array:
+    """The whole tensor on the default device (no mesh)."""
+    return jnp.asarray(np.asarray(arr, dtype=np.float32) if arr.dtype != np.float32 else arr, jdtype)
+
+
+def model_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype: str,
+                       place: Placer | None = None) -> CausalLM:
+    """Builds the model, asking `get(name)` for each parameter (shape-checked, cast to `dtype`). `place(name,
+    host_array, dtype)` puts each tensor on its device(s) as it arrives (default: whole, on the default
+    device; `polar_jax.sharding.param_placer`: each device gets its own slice, read from `host_array` by
+    indexing, so a memory-mapped checkpoint is read slice by slice)."""
     jdtype = _DTYPES[dtype]
+    place = place or _on_default_device
     graphdef, state = nnx.split(abstract_model(cfg, jdtype))
     flat = []
     for path, var in nnx.to_flat_state(state):
@@ -65,7 +77,7 @@ def model_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype
         want = tuple(var.get_value().shape)
         if tuple(arr.shape) != want:
             raise CheckpointError(f"parameter {name}: checkpoint has shape {tuple(arr.shape)}, config implies {want}")
-        var.set_value(jnp.asarray(np.asarray(arr, dtype=np.float32) if arr.dtype != np.float32 else arr, jdtype))
+        var.set_value(place(name, arr, jdtype))
         flat.append((path, var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -80,16 +92,17 @@ def is_polar_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def load(path: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer | None]:
+def load(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[CausalLM, Tokenizer | None]:
     """Loads a converted polar-jax checkpoint (or "default", the embedded model, or a GGUF file). Returns
-    (model, tokenizer)."""
+    (model, tokenizer). `mesh` (polar_jax.sharding.make_mesh): each tensor goes straight to its shards, each
+    device reading its own slice of the memory-mapped weights (no whole sharded tensor on any device)."""
     from convert.safetensors_io import SafetensorsFile
 
     path = DEFAULT_MODEL_DIR if str(path) == "default" else Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if path.is_file():  # a single-file checkpoint (GGUF): read and dequantized on the fly
-        return load_hf(path, dtype)
+        return load_hf(path, dtype, mesh)
     if not is_polar_checkpoint(path):
         if (path / "config.json").is_file():
             raise CheckpointError(
@@ -114,22 +127,32 @@ def load(path: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenize
             raise CheckpointError(f"parameter {name} is missing from {path / PARAMS_FILE}")
         return weights.get(name)
 
-    model = model_from_tensors(cfg, get, resolve_dtype(dtype, cfg))
+    model = model_from_tensors(cfg, get, resolve_dtype(dtype, cfg), _placer(cfg, mesh))
     weights.close()
     return model, load_tokenizer(path)
 
 
-def load_hf(path: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer | None]:
+def load_hf(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[CausalLM, Tokenizer | None]:
     """Loads a Hugging Face checkpoint folder or a GGUF file directly (converted on the fly, one tensor at a
-    time; GGUF tensors dequantized)."""
+    time; GGUF tensors dequantized). `mesh`: as in `load` (a GGUF tensor is dequantized whole in host memory,
+    then sliced: quantized blocks do not split at arbitrary rows)."""
     from convert.hf import open_reader
 
     reader = open_reader(path)
     try:
-        model = model_from_tensors(reader.config, reader.get, resolve_dtype(dtype, reader.config))
+        model = model_from_tensors(reader.config, reader.get, resolve_dtype(dtype, reader.config),
+                                   _placer(reader.config, mesh))
         return model, reader.tokenizer()
     finally:
         reader.close()
+
+
+def _placer(cfg: ModelConfig, mesh: Mesh | None) -> Placer | None:
+    """The placement hook for `mesh` (None: whole tensors on the default device)."""
+    if mesh is None:
+        return None
+    check_mesh(cfg, mesh)
+    return param_placer(mesh)
 
 
 def _read_json(p: Path) -> dict:

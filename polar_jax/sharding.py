@@ -27,6 +27,8 @@ from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
 
 DATA, TENSOR = "data", "tensor"
+# A loader's placement hook: (parameter name, host array [a view of the checkpoint], dtype) -> jax.Array
+Placer = Callable[[str, np.ndarray, Any], jax.Array]
 
 # Logical axes of each parameter, by the parameter's name within its block (the names `flat_params`
 # and checkpoints use, e.g. "layers.3.attn.q"). Weights are [in, out] for attention and neuron-major
@@ -186,7 +188,7 @@ def empty_cache(cfg: ModelConfig, batch: int, capacity: int, dtype: Any, mesh: M
     return jax.jit(lambda: KVCache.create(cfg, batch, capacity, dtype), out_shardings=shardings)()
 
 
-def param_placer(mesh: Mesh, rules: ShardingRules = RULES) -> Callable[[str, np.ndarray, Any], jax.Array]:
+def param_placer(mesh: Mesh, rules: ShardingRules = RULES) -> Placer:
     """A per-tensor placement hook for the checkpoint loaders: `place(name, host_array, dtype)` builds the
     parameter as a sharded array, each device receiving only its own slice (converted to `dtype` slice by
     slice), so a whole sharded tensor never exists on one device."""
