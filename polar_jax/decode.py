@@ -57,7 +57,7 @@ def prefill(graphdef, state, tokens: jax.Array, lengths: jax.Array, cache: KVCac
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "attn_impl", "mlp_impl", "mesh"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("graphdef", "attn_impl", "mlp_impl", "mesh", "rows"), donate_argnames=("cache",)
 )
 def decode_step(
     graphdef,
@@ -68,15 +68,17 @@ def decode_step(
     attn_impl: str = "auto",
     mlp_impl: str = "auto",
     mesh: Any = None,
+    rows: int | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """One decode step for tokens [B]; the cache is donated and updated in place.
 
     `selector` (a pytree with the DecodeSelector methods, e.g. trained routers) makes the step sparse.
-    `mesh`: run tensor-parallel on it (state and cache placed on it, as for `prefill`)."""
+    `mesh`: run tensor-parallel on it (state and cache placed on it, as for `prefill`); `rows`: when the
+    batch was padded to a multiple of the "data" size, the number of real (leading) rows."""
     def run(state, cache, tokens, selector, parallel=None):
         model = nnx.merge(graphdef, state)
         if parallel is not None:
-            selector = tp.for_shard(selector, mesh, model.config)
+            selector = tp.for_shard(selector, mesh, model.config, rows)
         return model.decode(tokens, cache, selector=selector, attn_impl=attn_impl, mlp_impl=mlp_impl,
                             parallel=parallel)
 
@@ -290,10 +292,11 @@ def _generate_on_device(
                        max_new_tokens=max_new_tokens, greedy=greedy, attn_impl=attn_impl, mlp_impl=mlp_impl)
 
 
-@functools.partial(jax.jit, static_argnames=_LOOP_STATIC + ("mesh",))
+@functools.partial(jax.jit, static_argnames=_LOOP_STATIC + ("mesh", "rows"))
 def _generate_on_mesh(
     graphdef, state, tokens, lengths, dead, key, temperature, top_p, eos_ids, pad_id, selector,
     *, max_new_tokens: int, capacity: int, greedy: bool, cache_dtype: str, attn_impl: str, mlp_impl: str, mesh: Any,
+    rows: int,
 ):
     """`_generate_on_device` with the prefill and the token loop under shard_map on `mesh`."""
     cfg = nnx.merge(graphdef, state).config
@@ -304,7 +307,7 @@ def _generate_on_mesh(
     def run(state, tokens, lengths, dead, key, temperature, top_p, eos_ids, pad_id, selector, cache):
         model = nnx.merge(graphdef, state)
         return _token_loop(model, tokens, lengths, key, temperature, top_p, eos_ids, pad_id,
-                           tp.for_shard(selector, mesh, cfg), cache, max_new_tokens=max_new_tokens, greedy=greedy,
+                           tp.for_shard(selector, mesh, cfg, rows), cache, max_new_tokens=max_new_tokens, greedy=greedy,
                            attn_impl=attn_impl, mlp_impl=mlp_impl, parallel=parallel, dead=dead)
 
     rep = P()
@@ -382,7 +385,7 @@ def generate(
         return np.asarray(out)
     tokens, lengths, dead = _pad_rows(req, mesh_shape(req.mesh)[0])
     out = _generate_on_mesh(graphdef, shard_state(state, req.mesh), tokens, lengths, dead, *scalars, **static,
-                            mesh=req.mesh)
+                            mesh=req.mesh, rows=req.tokens.shape[0])
     return _host_array(out)[: req.tokens.shape[0]]
 
 
@@ -432,7 +435,7 @@ def generate_stream(
     for i in range(int(max_new_tokens)):
         if i > 0:
             logits, cache = decode_step(graphdef, state, cache.with_live(~done), jnp.asarray(tok), req.selector,
-                                        req.attn_impl, req.mlp_impl, req.mesh)
+                                        req.attn_impl, req.mlp_impl, req.mesh, b)
         key, sub = jax.random.split(key)
         tok = np.asarray(_sample_jit(logits, sub, temp, top, req.greedy))
         tok = np.where(done, req.pad_id, tok).astype(np.int32)

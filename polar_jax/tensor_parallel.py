@@ -17,7 +17,13 @@ Sparse selections are made on the shard:
   neurons): the same neurons as the global union, and 1/n of the router's largest matrix read per device.
   Other selectors choose globally and the choice is cut to the shard (`local_neurons`).
 With the batch split over "data", the MLP union is still over the whole batch (the router input rows are
-gathered over "data"), so a sharded step computes exactly what one device computes.
+gathered over "data", and cut to the real rows when the batch was padded to a multiple of "data", so the
+selector's tables are those of the real batch size): a sharded step computes what one device computes.
+
+One documented difference: the MLP slot capacity applies per shard. When a union overflows the calibrated
+capacity (a calibration miss), one device keeps the first `cap` neurons of the union; a shard keeps the
+first `cap` of its own (at most its N/n). The sharded set is then a superset of the one-device set (each
+shard's part of the one-device prefix is a prefix of that shard's union), never a subset.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ def shards_own_union(selector: Any, tensor: int) -> bool:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["inner"],
-                   meta_fields=["parallel", "groups", "neurons", "own_union"])
+                   meta_fields=["parallel", "groups", "neurons", "own_union", "rows"])
 @dataclasses.dataclass(frozen=True)
 class ShardSelector:
     """A DecodeSelector seen from one shard: returns the shard's own KV groups and neurons."""
@@ -109,6 +115,7 @@ class ShardSelector:
     groups: int  # KV groups per shard
     neurons: int  # MLP neurons per shard
     own_union: bool  # the inner selector already returns this shard's neurons
+    rows: int | None = None  # real rows of the whole batch (the rest pad it to a multiple of "data")
 
     def attention(self, layer: int, router_input: jax.Array, live: jax.Array) -> AttentionSelection | None:
         sel = self.inner.attention(layer, router_input, live)
@@ -118,7 +125,10 @@ class ShardSelector:
 
     def mlp(self, layer: int, router_input: jax.Array, live: jax.Array) -> MLPSelection | None:
         # the union is over the whole batch, whichever rows this device decodes
-        sel = self.inner.mlp(layer, self.parallel.all_rows(router_input), self.parallel.all_rows(live))
+        x, live = self.parallel.all_rows(router_input), self.parallel.all_rows(live)
+        if self.rows is not None and self.rows < x.shape[0]:  # padding rows are never live: drop them
+            x, live = x[: self.rows], live[: self.rows]
+        sel = self.inner.mlp(layer, x, live)
         if sel is None or sel.dense or self.own_union or self.parallel.tensor == 1:
             return sel
         return local_neurons(sel, self.parallel.shard(), self.neurons)
@@ -134,13 +144,14 @@ def selector_specs(selector: Any) -> Any:
     return specs
 
 
-def for_shard(selector: Any, mesh: Mesh, cfg: ModelConfig) -> Any:
-    """Wraps a selector (inside the shard_map) so that it answers for this shard."""
+def for_shard(selector: Any, mesh: Mesh, cfg: ModelConfig, rows: int | None = None) -> Any:
+    """Wraps a selector (inside the shard_map) so that it answers for this shard. `rows`: how many leading
+    rows of the (whole, gathered) batch are real when it was padded to a multiple of "data"."""
     if selector is None:
         return None
     data, tensor = mesh_shape(mesh)
     return ShardSelector(selector, Parallel(tensor, data), cfg.num_kv_heads // tensor,
-                         cfg.intermediate_size // tensor, shards_own_union(selector, tensor))
+                         cfg.intermediate_size // tensor, shards_own_union(selector, tensor), rows)
 
 
 def parallel_of(mesh: Mesh) -> Parallel:
