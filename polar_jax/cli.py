@@ -11,6 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from polar_jax.distributed import add_distributed_args, config_from_args, initialize, split_argv
+from polar_jax.tensor_parallel import DEFAULT_HEAD_TOPK, HEAD_TOPK
+
 DEMO_PROMPTS = (
     "The history of the city",
     "In the early years of the war ,",
@@ -19,24 +22,36 @@ DEMO_PROMPTS = (
 )
 
 
-def _load_any(path: str, dtype: str | None = None):
-    """A converted checkpoint, "default", or an HF folder (converted on the fly)."""
+def _load_any(path: str, dtype: str | None = None, mesh=None):
+    """A converted checkpoint, "default", or an HF folder (converted on the fly); with a mesh, each tensor
+    streamed onto its shards."""
     from polar_jax.checkpoint import is_polar_checkpoint, load, load_hf
 
     if path == "default" or is_polar_checkpoint(path):
-        return load(path, dtype)
-    return load_hf(path, dtype)
+        return load(path, dtype, mesh=mesh)
+    return load_hf(path, dtype, mesh=mesh)
 
 
-def _selector(args: argparse.Namespace, model):
-    """A sparse-decode selector from `--sparsity` (a bundle path or "default"), or None for dense."""
+def _selector(args: argparse.Namespace, model, balance: int = 1):
+    """A sparse-decode selector from `--sparsity` (a bundle path or "default"), or None for dense.
+    `balance`: the head budget per shard of that many tensor-parallel shards (balanced top-k)."""
     if not getattr(args, "sparsity", None) or args.sparsity == "none":
         return None
     import polar_jax
     from polar_jax.routers.sparsify import router_selector
 
     bundle = polar_jax.load_sparsity(args.sparsity, model)
-    return router_selector(bundle, attn_density=args.attn_density)
+    return router_selector(bundle, attn_density=args.attn_density, balance=balance)
+
+
+def _mesh(args: argparse.Namespace):
+    """The ("data", "tensor") mesh of `--tensor` / `--data` (over the devices of every process), or None."""
+    if args.tensor is None and args.data is None:
+        return None
+    from polar_jax.sharding import make_mesh
+
+    data = args.data or 1
+    return make_mesh(tensor=args.tensor, data=data)
 
 
 def _add_sparsity_args(p: argparse.ArgumentParser) -> None:
@@ -91,15 +106,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import polar_jax
+    from polar_jax.sharding import mesh_shape
 
-    model, tok = _load_any(args.model, args.dtype)
+    mesh = _mesh(args)
+    if mesh is not None:
+        import jax
+
+        data, tensor = mesh_shape(mesh)
+        print(f"mesh: data={data} x tensor={tensor} over {jax.device_count()} devices in {jax.process_count()} "
+              f"process(es) (this is process {jax.process_index()})", file=sys.stderr, flush=True)
+    model, tok = _load_any(args.model, args.dtype, mesh)
     if tok is None:
         from polar_jax.errors import CheckpointError
 
         raise CheckpointError(f"{args.model} has no tokenizer files; generate needs text prompts")
     prompts = [tok.encode(p) for p in args.prompt]
+    balance = mesh_shape(mesh)[1] if args.head_topk == "balanced" else 1
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-              selector=_selector(args, model))
+              selector=_selector(args, model, balance), mesh=mesh)
     if args.stream:
         for step in polar_jax.generate_stream(model, prompts, **kw):
             print(" | ".join(tok.decode([t]) for t in step), flush=True)
@@ -147,9 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None)
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     _add_sparsity_args(g)
+    g.add_argument("--tensor", type=int, default=None,
+                   help="tensor-parallel degree: heads, KV cache and MLP neurons split over this many devices "
+                        "(with --data alone: the devices left)")
+    g.add_argument("--data", type=int, default=None, help="data-parallel degree: the batch split this many ways")
+    g.add_argument("--head-topk", choices=HEAD_TOPK, default=DEFAULT_HEAD_TOPK,
+                   help="sparse heads under tensor parallelism: each sequence's k best heads overall (global) "
+                        "or ceil(k/n) best on each of the n shards (balanced)")
+    add_distributed_args(g)
     g.set_defaults(fn=cmd_generate)
 
-    b = sub.add_parser("bench", help="benchmarks (GPU; --tiny checks the code path on CPU)")
+    b = sub.add_parser("bench", help="benchmarks (GPU; --tiny checks the code path on CPU); "
+                       "--coordinator/--num-processes/--process-id as for generate")
     bsub = b.add_subparsers(dest="bench_command", required=True)
     bd = bsub.add_parser("decode", add_help=False,
                          help="end-to-end decode step, sparse variants vs dense (`polar-jax bench decode --help`)")
@@ -171,10 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "decode"]:
         # the benchmark owns its flags (argparse cannot forward options through nested sub-commands)
-        args = argparse.Namespace(fn=cmd_bench_decode, rest=argv[2:])
+        ours, rest = split_argv(argv[2:])
+        dist = argparse.ArgumentParser(prog="polar-jax bench decode")
+        add_distributed_args(dist)
+        args = dist.parse_args(ours)
+        args.fn, args.rest = cmd_bench_decode, rest
     else:
         args = build_parser().parse_args(argv)
     try:
+        initialize(config_from_args(args))  # before JAX touches a device
         return int(args.fn(args) or 0)
     except PolarError as e:
         print(f"error: {e}", file=sys.stderr)
