@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from polar_jax.config import ModelConfig
@@ -42,7 +43,9 @@ from polar_jax.selection import AttentionSelection, MLPSelection, compact_slots
 from polar_jax.sharding import DATA, TENSOR, mesh_shape
 
 HEAD_TOPK = ("global", "balanced")
-DEFAULT_HEAD_TOPK = "balanced"  # provisional; set from benchmarks/results (imbalance and perplexity)
+# from benchmarks/results/tp_balance.md (CPU, shared checkpoints): at equal kept units balanced top-k costs
+# <= 0.7 % perplexity, while global top-k loads the slowest shard 1.1-1.9x the mean at B = 8-32
+DEFAULT_HEAD_TOPK = "balanced"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,19 @@ class Parallel:
         if self.data == 1:
             return flag
         return jax.lax.psum(flag.astype(jnp.int32), DATA) > 0
+
+
+def shard_imbalance(keep: Any, shards: int) -> np.ndarray:
+    """How unevenly a head selection loads the "tensor" shards. keep [..., B, U] (bool or 0/1): the units
+    each row of a decode batch keeps; shard s holds units [s*U/n, (s+1)*U/n). Per batch (leading axes):
+    the slowest shard's load (active (row, unit) pairs) over the mean shard's, 1.0 = balanced. Under tensor
+    parallelism the slowest shard sets the step's attention time."""
+    k = np.asarray(keep, np.float64)
+    *lead, b, u = k.shape
+    if u % shards:
+        raise ValueError(f"{u} units do not split over {shards} shards")
+    load = k.reshape(*lead, b, shards, u // shards).sum(axis=(-3, -1))  # [..., shards]
+    return load.max(-1) / np.maximum(load.mean(-1), 1e-12)
 
 
 def local_groups(sel: AttentionSelection, shard: jax.Array, per_shard: int) -> AttentionSelection:

@@ -118,3 +118,15 @@ def test_bad_tensor_parallel_settings_give_clear_errors(opt_default):
         make_mesh(tensor=2)  # one CPU device here
     with pytest.raises(InputError, match="devices"):
         make_mesh(tensor=1, data=2)
+
+
+def test_shard_imbalance_is_the_slowest_shard_over_the_mean():
+    from polar_jax.tensor_parallel import shard_imbalance
+
+    keep = np.zeros((2, 3, 8), bool)  # 2 batches of 3 rows, 8 units on 2 shards
+    keep[0, :, :2] = True  # batch 0: every row on shard 0 -> loads (6, 0)
+    keep[1, 0, [0, 4]] = keep[1, 1, [1, 5]] = keep[1, 2, [2, 6]] = True  # batch 1: even -> (3, 3)
+    np.testing.assert_allclose(shard_imbalance(keep, 2), [2.0, 1.0])
+    np.testing.assert_allclose(shard_imbalance(keep, 4), [4.0, 4 / 3])  # loads (6,0,0,0) and (2,1,2,1)
+    with pytest.raises(ValueError):
+        shard_imbalance(keep, 3)
