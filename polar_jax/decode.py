@@ -437,7 +437,7 @@ def generate_stream(
             logits, cache = decode_step(graphdef, state, cache.with_live(~done), jnp.asarray(tok), req.selector,
                                         req.attn_impl, req.mlp_impl, req.mesh, b)
         key, sub = jax.random.split(key)
-        tok = np.asarray(_sample_jit(logits, sub, temp, top, req.greedy))
+        tok = _host_array(_sample_jit(logits, sub, temp, top, req.greedy))  # rows of every process
         tok = np.where(done, req.pad_id, tok).astype(np.int32)
         yield tok[:b]
         done |= np.isin(tok, req.eos)

@@ -46,12 +46,16 @@ def _two_processes(args: list[str], timeout: int = 300) -> list[tuple[int, str, 
     return out
 
 
-@pytest.mark.parametrize("mesh,sparse", [(("--data", "2", "--tensor", "2"), True), (("--tensor", "4",), False)],
-                         ids=["data2-tensor2-sparse", "tensor4-dense"])
-def test_two_processes_generate_what_one_process_generates(mesh, sparse):
-    """(2,2): the batch split between the processes (rows gathered at the end, the MLP union's router
-    input gathered across them every layer); (1,4): every layer's two all-reduces cross the processes."""
+@pytest.mark.parametrize("mesh,sparse,stream", [(("--data", "2", "--tensor", "2"), True, False),
+                                                (("--data", "2", "--tensor", "2"), False, True),
+                                                (("--tensor", "4",), False, False)],
+                         ids=["data2-tensor2-sparse", "data2-tensor2-stream", "tensor4-dense"])
+def test_two_processes_generate_what_one_process_generates(mesh, sparse, stream):
+    """(2,2): the batch split between the processes (rows gathered at the end, or at every step when
+    streaming; the MLP union's router input gathered across them every layer); (1,4): every layer's two
+    all-reduces cross the processes."""
     kw = ("--sparsity", "default", "--attn-density", "0.5", "--head-topk", "global") if sparse else ()
+    kw += ("--stream",) if stream else ()
     one = subprocess.run(_cli(*kw), env=fake_devices_env(1), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     assert one.stdout.count("\n") >= len(PROMPTS)
