@@ -4,8 +4,8 @@ Rules, in one place for every writer:
 - the output may not be an input or contain one (paths resolved, symlinks followed, also the targets of the
   symlinked files inside an input folder);
 - an existing non-empty folder is replaced only with `overwrite`, and only if it is itself an output of the
-  same kind (its marker file says so) holding nothing but what that kind writes: a user's folder, or an
-  output with the user's own files added, is refused;
+  same kind (its marker file says so): any other folder is refused. Files a user added to an output (notes,
+  plots) are not the output's: they are moved into the new output, not deleted;
 - everything is written to a temporary folder beside the target and renamed over it at the end, so an
   interrupted run leaves the old output (or nothing) under the target's name.
 """
@@ -76,26 +76,29 @@ def check_target(out: str | Path, kind: OutputKind, inputs: Iterable[str | Path]
     if not kind.is_output(target):
         raise kind.error(f"output {out} is not empty and is not a {kind.what} (no {kind.marker} marker): "
                          "refusing to replace it")
-    foreign = [e for e in entries if not kind.owns(e)]
-    if foreign:
-        raise kind.error(f"output {out} holds files a {kind.what} does not contain ({', '.join(foreign[:5])}): "
-                         "move them away before replacing it")
     return target
 
 
-def replace_folder(tmp: Path, target: Path) -> None:
-    """Moves the finished `tmp` to `target`, replacing the old output only once the new one is complete."""
+def replace_folder(tmp: Path, target: Path, keep: Callable[[str], bool] = lambda name: False) -> None:
+    """Moves the finished `tmp` to `target`, replacing the old output only once the new one is complete; the
+    old output's entries for which `keep(name)` is true are moved into the new one. If this is interrupted
+    after the swap, whatever was not moved yet stays in a hidden `.NAME.old-*` folder beside the target."""
     if not target.exists():
         os.rename(tmp, target)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rename(target, old / target.name)
+    old_root = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = old_root / target.name
+    os.rename(target, old)
     try:
         os.rename(tmp, target)
     except BaseException:
-        os.rename(old / target.name, target)  # put the old output back
+        os.rename(old, target)  # put the old output back
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    for entry in old.iterdir():
+        if keep(entry.name) and not (target / entry.name).exists():
+            os.rename(entry, target / entry.name)
+    if not any(keep(e.name) for e in old.iterdir()):
+        shutil.rmtree(old_root)
 
 
 @contextlib.contextmanager
@@ -111,7 +114,7 @@ def atomic_folder(out: str | Path, kind: OutputKind, inputs: Iterable[str | Path
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; an output is readable like any folder
         check_target(out, kind, inputs, overwrite)  # the target may have changed while we wrote
-        replace_folder(tmp, target)
+        replace_folder(tmp, target, keep=lambda name: not kind.owns(name))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

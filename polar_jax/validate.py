@@ -84,6 +84,8 @@ LIMITS: dict[str, Limit] = {
     "attn_train_density": FRACTION,
     "val_fraction": Limit(float, 0.0, 1.0, low_open=True, high_open=True),
     "lr": Limit(float, 0.0, low_open=True),
+    "weight_decay": Limit(float, 0.0),
+    "max_val_tokens": POSITIVE,
     "epochs": POSITIVE,
     "patience": POSITIVE,
     "rank": POSITIVE,
