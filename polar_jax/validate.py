@@ -116,12 +116,14 @@ def arg_type(name: str):
     limit = LIMITS[name]
 
     def parse(text: str):
+        # the message names the API argument too: the same limit applies there
+        message = f"{name} must be {limit.describe()}, got {text!r}"
         try:
             value = limit.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {limit.describe()}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(message) from None
         if not limit.accepts(value):
-            raise argparse.ArgumentTypeError(f"must be {limit.describe()}, got {text!r}")
+            raise argparse.ArgumentTypeError(message)
         return value
 
     parse.__name__ = limit.describe()  # argparse names the type in some messages
