@@ -23,6 +23,15 @@ def f64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def gemv_ref(x, w, bias=None, activation=None, layout="kn"):
+    """act(x @ W + b) in float64; W is [K, N] ("kn") or [N, K] ("nk")."""
+    w = f64(w) if layout == "kn" else f64(w).T
+    y = f64(x) @ w
+    if bias is not None:
+        y = y + f64(bias)
+    return ACTS[activation](y)
+
+
 def gather_up_ref(x, w, idx, n, bias=None, activation="relu"):
     x, w = f64(x), f64(w)
     idx = np.asarray(idx)
