@@ -57,15 +57,99 @@ def test_array_and_list_prompts_agree(default):
     np.testing.assert_array_equal(polar_jax.generate(model, arr, 5), polar_jax.generate(model, arr.tolist(), 5))
 
 
-def test_eos_then_padding(default):
+def first_eos(row, eos) -> int | None:
+    hits = np.flatnonzero(np.isin(row, list(eos)))
+    return int(hits[0]) if hits.size else None
+
+
+def with_eos(free: np.ndarray, eos, pad: int) -> np.ndarray:
+    """Reference: each row of an EOS-free greedy run cut after its first EOS and padded."""
+    out = free.copy()
+    for row in out:
+        j = first_eos(row, eos)
+        if j is not None:
+            row[j + 1:] = pad
+    return out
+
+
+@jax.tree_util.register_pytree_node_class
+class StepCounter:
+    """A dense DecodeSelector that counts decode steps actually run (a host callback per step)."""
+
+    calls: list = []
+
+    def attention(self, layer, router_input):
+        if layer == 0:
+            jax.debug.callback(lambda: StepCounter.calls.append(1))
+        return None
+
+    def mlp(self, layer, router_input):
+        return None
+
+    def tree_flatten(self):
+        return (), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls()
+
+
+EOS_TEXTS = ["The history of the city", "KING RICHARD :", "The album was released", "It was"]
+
+
+@pytest.fixture(scope="module")
+def free_run(default):
     model, tok = default
-    prompt = tok.encode("The history of the city")
-    free = polar_jax.generate(model, [prompt], 10, eos_token_id=())[0]
-    stop = int(free[3])  # pretend the 4th generated token is EOS
-    first = int(np.argmax(free == stop))
-    out = polar_jax.generate(model, [prompt, prompt[:2]], 10, eos_token_id=stop)
-    assert out[0, : first + 1].tolist() == free[: first + 1].tolist()
-    assert (out[0, first + 1 :] == model.config.pad_id).all()
+    prompts = [tok.encode(t) for t in EOS_TEXTS]
+    return prompts, polar_jax.generate(model, prompts, 12, eos_token_id=())
+
+
+def test_eos_stops_each_row_and_pads_it(default, free_run):
+    """One EOS id that rows emit at different steps and one row never emits: every row is cut after its
+    own first EOS, and the rows still running keep generating (the loop waits for all of them)."""
+    model, _ = default
+    prompts, free = free_run
+    pad = model.config.pad_id
+    chosen = None
+    for t in sorted(set(free.reshape(-1).tolist()) - {pad}):
+        firsts = [first_eos(r, {t}) for r in free]
+        hit = [f for f in firsts if f is not None]
+        if None in firsts and len(set(hit)) >= 2 and min(hit) < 8:
+            chosen = t
+            break
+    assert chosen is not None, "no token ends rows at different steps; pick other prompts"
+    out = polar_jax.generate(model, prompts, 12, eos_token_id=chosen)
+    np.testing.assert_array_equal(out, with_eos(free, {chosen}, pad))
+    stream = np.stack(list(polar_jax.generate_stream(model, prompts, 12, eos_token_id=chosen)), axis=1)
+    np.testing.assert_array_equal(stream, out)  # a row never finishes: the stream runs to the end
+
+
+def test_several_eos_ids_stop_the_loop_once_all_rows_are_done(default, free_run):
+    """Two EOS ids, neither of which ends every row alone: together they do, and then `generate` stops
+    decoding (counted) and `generate_stream` stops yielding."""
+    model, _ = default
+    prompts, free = free_run
+    pad = model.config.pad_id
+    tokens = sorted(set(free.reshape(-1).tolist()) - {pad})
+    best = None
+    for i, a in enumerate(tokens):
+        for b in tokens[i + 1:]:
+            firsts = [first_eos(r, {a, b}) for r in free]
+            alone = [any(first_eos(r, {t}) is None for r in free) for t in (a, b)]
+            if None not in firsts and all(alone) and max(firsts) < 10:
+                if best is None or max(firsts) < best[0]:
+                    best = (max(firsts), (a, b))
+    assert best is not None, "no pair of tokens ends every row; pick other prompts"
+    last, eos = best
+    StepCounter.calls.clear()
+    out = polar_jax.generate(model, prompts, 12, eos_token_id=eos, selector=StepCounter())
+    jax.effects_barrier()
+    np.testing.assert_array_equal(out, with_eos(free, set(eos), pad))
+    assert len(StepCounter.calls) == last, "decode steps run: the loop must stop when the last row is done"
+    steps = list(polar_jax.generate_stream(model, prompts, 12, eos_token_id=list(eos)))
+    assert len(steps) == last + 1
+    np.testing.assert_array_equal(np.stack(steps, axis=1), out[:, : last + 1])
+    assert (out[:, last + 1:] == pad).all()
 
 
 def test_stream_matches_generate(default):
