@@ -139,3 +139,34 @@ def test_mlp_router_learns_a_realizable_low_rank_mask():
     _, info = train_mlp_router(xt, at, xv, av, 8, opts, log=lambda s: None, progress=False)
     assert 0.005 < act.mean() < 0.1
     assert info["best_val_recall"] > 0.85
+
+
+def test_topk_helpers_and_batch_union_against_numpy():
+    """The selection primitives on their own (the decode-path tests share them with their reference):
+    top-k by score with ties to the lower index, the batch union of ReLU'd router logits, dense prefix."""
+    from polar_jax.routers.topk import batch_union_scores, keep_prefix_dense, topk_index, topk_mask
+
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(4, 3, 40)).astype(np.float32)  # [B, T, N]; many rows negative
+    union = np.asarray(batch_union_scores(logits))
+    np.testing.assert_allclose(union, np.maximum(logits, 0).sum(axis=0), rtol=1e-6)
+    # A row of large negative logits must not pull a neuron down (it would without the ReLU).
+    neg = logits.copy()
+    neg[0] = -100.0
+    np.testing.assert_allclose(np.asarray(batch_union_scores(neg)), np.maximum(logits[1:], 0).sum(0), rtol=1e-6)
+    for k in (1, 7, 40):
+        idx = np.asarray(topk_index(union, k))
+        assert idx.dtype == np.int32 and idx.shape == (3, k)
+        want = np.argsort(-union, axis=-1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(idx, want)
+        mask = np.asarray(topk_mask(union, k))
+        assert mask.dtype == np.float32 and (mask.sum(-1) == k).all()
+        np.testing.assert_array_equal(mask, np.stack([np.isin(np.arange(40), w) for w in want]).astype(np.float32))
+    ties = np.array([1.0, 3.0, 3.0, 0.5, 3.0], np.float32)
+    np.testing.assert_array_equal(np.asarray(topk_index(ties, 2)), [1, 2])
+    m = np.zeros((2, 6, 5), np.float32)
+    np.testing.assert_array_equal(np.asarray(keep_prefix_dense(m, 0)), m)
+    kept = np.asarray(keep_prefix_dense(m, 4))
+    assert (kept[:, :4] == 1).all() and (kept[:, 4:] == 0).all()
+    kept = np.asarray(keep_prefix_dense(np.zeros((3, 2, 6)), 2, time_axis=2))
+    assert (kept[..., :2] == 1).all() and (kept[..., 2:] == 0).all()
