@@ -10,6 +10,7 @@ import polar_jax
 from polar_jax.cache import KVCache
 from polar_jax.decode import decode_step, prefill, split_model
 from polar_jax.errors import InputError
+from polar_jax.routers.sparsify import router_selector
 from conftest import load_cached
 
 
@@ -233,11 +234,19 @@ def test_cli_demo_and_generate_errors():
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
-def test_cli_sparse_generation():
+def test_cli_sparse_generation(default):
+    """The command line decodes sparsely with the bundle's routers: its continuation is the API's (sparse)
+    one, which differs from the dense one. (The printed layout is free text; only the continuation's text
+    is looked for in it.)"""
     run = lambda *a: subprocess.run([sys.executable, "-m", "polar_jax.cli", *a], capture_output=True, text=True, timeout=600)
-    ok = run("generate", "The history of the city", "--sparsity", "default", "--attn-density", "0.5",
-             "--max-new-tokens", "8")
+    prompt = "The history of the city"
+    ok = run("generate", prompt, "--sparsity", "default", "--attn-density", "0.25", "--max-new-tokens", "12")
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("The history of the city") and len(ok.stdout.strip()) > len("The history of the city")
+    model, tok = default
+    selector = router_selector(polar_jax.load_sparsity("default", model), attn_density=0.25)
+    sparse = polar_jax.generate(model, [tok.encode(prompt)], 12, selector=selector)[0]
+    dense = polar_jax.generate(model, [tok.encode(prompt)], 12)[0]
+    assert tok.decode(sparse) != tok.decode(dense), "pick a setting where sparse and dense decoding differ"
+    assert tok.decode(sparse) in ok.stdout and tok.decode(dense) not in ok.stdout
     bad = run("generate", "hello", "--sparsity", "/nonexistent/bundle")
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
