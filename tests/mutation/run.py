@@ -63,7 +63,8 @@ MODULES: tuple[Module, ...] = (
     Module("sampling", "polar_jax/decode.py", ("sample_tokens",), "tests/test_sampling.py", 120),
     Module("decode-loop", "polar_jax/decode.py",
            ("_generate_on_device", "generate", "generate_stream", "_eos_ids", "pad_prompts", "_round_up"),
-           "tests/test_generate.py -k 'not cli'", 300),
+           "tests/test_generate.py -k 'eos or stream or array or bad_generation or cached_generation or seeded'"
+           " tests/test_sampling.py -k generate", 300),
     Module("rope", "polar_jax/models/layers.py", ("rope_inv_freq", "apply_rope"),
            "tests/test_parity.py -k 'rope_frequencies or prefill_logits'", 200),
     Module("topk-union", "polar_jax/routers/topk.py", None,
