@@ -75,16 +75,17 @@ def with_eos(free: np.ndarray, eos, pad: int) -> np.ndarray:
 
 @jax.tree_util.register_pytree_node_class
 class StepCounter:
-    """A dense DecodeSelector that counts decode steps actually run (a host callback per step)."""
+    """A dense DecodeSelector that records, for each decode step actually run, the rows it decodes as live
+    (a host callback per step)."""
 
     calls: list = []
 
-    def attention(self, layer, router_input):
+    def attention(self, layer, router_input, live):
         if layer == 0:
-            jax.debug.callback(lambda: StepCounter.calls.append(1))
+            jax.debug.callback(lambda rows: StepCounter.calls.append(np.asarray(rows).tolist()), live, ordered=True)
         return None
 
-    def mlp(self, layer, router_input):
+    def mlp(self, layer, router_input, live):
         return None
 
     def tree_flatten(self):
@@ -127,7 +128,8 @@ def test_eos_stops_each_row_and_pads_it(default, free_run):
 
 def test_several_eos_ids_stop_the_loop_once_all_rows_are_done(default, free_run):
     """Two EOS ids, neither of which ends every row alone: together they do, and then `generate` stops
-    decoding (counted) and `generate_stream` stops yielding."""
+    decoding (counted) and `generate_stream` stops yielding. A finished row is not live in the steps after
+    its EOS (it reads no KV and is not in the MLP union), in both loops."""
     model, _ = default
     prompts, free = free_run
     pad = model.config.pad_id
@@ -147,7 +149,14 @@ def test_several_eos_ids_stop_the_loop_once_all_rows_are_done(default, free_run)
     jax.effects_barrier()
     np.testing.assert_array_equal(out, with_eos(free, set(eos), pad))
     assert len(StepCounter.calls) == last, "decode steps run: the loop must stop when the last row is done"
-    steps = list(polar_jax.generate_stream(model, prompts, 12, eos_token_id=list(eos)))
+    ends = [first_eos(r, set(eos)) for r in free]
+    live = [[end >= i for end in ends] for i in range(1, last + 1)]  # decode step i makes token i
+    assert StepCounter.calls == live
+    assert any(not all(step) for step in live)  # some row really finishes before the last one
+    StepCounter.calls.clear()
+    steps = list(polar_jax.generate_stream(model, prompts, 12, eos_token_id=list(eos), selector=StepCounter()))
+    jax.effects_barrier()
+    assert StepCounter.calls == live
     assert len(steps) == last + 1
     np.testing.assert_array_equal(np.stack(steps, axis=1), out[:, : last + 1])
     assert (out[:, last + 1:] == pad).all()
@@ -239,7 +248,7 @@ def test_cli_sparse_generation(default):
     one, which differs from the dense one. (The printed layout is free text; only the continuation's text
     is looked for in it.)"""
     run = lambda *a: subprocess.run([sys.executable, "-m", "polar_jax.cli", *a], capture_output=True, text=True, timeout=600)
-    prompt = "The history of the city"
+    prompt = "The album was released"
     ok = run("generate", prompt, "--sparsity", "default", "--attn-density", "0.25", "--max-new-tokens", "12")
     assert ok.returncode == 0, ok.stderr
     model, tok = default
