@@ -1,10 +1,12 @@
 """Where each file in benchmarks/results comes from: device, jax version, date and command.
 
-A JSON result states them itself (top level, or in `meta` / `env`; `jax_version` counts as `jax`). What a file
-does not state comes from `benchmarks/results/PROVENANCE.json`: either the missing fields, or `derived_from`
-(the result files it was made from, e.g. a report or a plot of a JSON). A report or plot named after a JSON
+A JSON result states them itself (top level, or in `meta` / `env`; `jax_version` counts as `jax`; a file that
+holds several runs as top-level objects states what its runs state, joined by "; "). What a file does not
+state comes from `benchmarks/results/PROVENANCE.json`: either the missing fields, or `derived_from` (the
+result files it was made from, e.g. a report or a plot of a JSON). A report or plot named after a JSON
 result (`X.md`, `X_*.png` beside `X.json`) derives from it without an entry. A field nobody recorded is the
-exact string "not recorded" (with a `note` saying what is known), never a guess.
+exact string "not recorded", and the jax version of a run that did not use jax (a torch baseline) is the
+exact string "not used"; both come with a `note` saying what is known, never a guess.
 
     python benchmarks/provenance.py      # prints every file's four fields (tests/test_results_provenance.py checks them)
 """
@@ -19,6 +21,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SIDECAR = RESULTS / "PROVENANCE.json"
 FIELDS = ("device", "jax", "date", "command")
 NOT_RECORDED = "not recorded"
+NOT_USED = "not used"  # only for `jax`: the run did not use jax (e.g. an HF/torch baseline)
 
 
 def stated(path: Path) -> dict[str, str]:
@@ -30,11 +33,27 @@ def stated(path: Path) -> dict[str, str]:
         return {}
     found: dict[str, str] = {}
     for scope in (d, d.get("meta") or {}, d.get("env") or {}):
-        for key, field in (("device", "device"), ("jax", "jax"), ("jax_version", "jax"), ("date", "date"),
-                           ("command", "command")):
-            if isinstance(scope, dict) and scope.get(key) and field not in found:
-                found[field] = str(scope[key])
+        for field, value in _fields(scope).items():
+            found.setdefault(field, value)
+    runs = list(d.values())
+    if not found and runs and all(isinstance(r, dict) for r in runs):  # several runs, one object each
+        per_run = [_fields(r) for r in runs]
+        for f in FIELDS:
+            values = list(dict.fromkeys(r[f] for r in per_run if f in r))
+            if values:
+                found[f] = "; ".join(values)
     return found
+
+
+def _fields(scope) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if not isinstance(scope, dict):
+        return out
+    for key, field in (("device", "device"), ("jax", "jax"), ("jax_version", "jax"), ("date", "date"),
+                       ("command", "command")):
+        if scope.get(key) and field not in out:
+            out[field] = str(scope[key])
+    return out
 
 
 def sidecar() -> dict[str, dict]:

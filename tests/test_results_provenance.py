@@ -1,5 +1,6 @@
 """Every file in benchmarks/results states (itself, by its name's JSON, or through results/PROVENANCE.json)
-the device, jax version, date and command; an unknown field is the explicit "not recorded" and nothing else."""
+the device, jax version, date and command; an unknown field is the explicit "not recorded" (or, for jax, "not
+used") and nothing else."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ JAX = re.compile(r"^\d+\.\d+\.\d+$")
 
 def check_field(field: str, value: str) -> str | None:
     """None if the value is acceptable, else why not."""
-    if value == provenance.NOT_RECORDED:
+    if value == provenance.NOT_RECORDED or (field == "jax" and value == provenance.NOT_USED):
         return None
-    if not value.strip() or "not recorded" in value.lower() or "unknown" in value.lower() or value in ("?", "None"):
+    vague = ("not recorded", "not used", "unknown")
+    if not value.strip() or any(v in value.lower() for v in vague) or value in ("?", "None"):
         return f"{field} {value!r}: say exactly {provenance.NOT_RECORDED!r} or give the value"
     parts = value.split("; ")
     if field == "date" and not all(DATE.match(p) for p in parts):
@@ -55,8 +57,8 @@ def test_sidecar_entries_are_for_real_files_and_never_override_the_file():
         assert not set(own) & set(entry), f"{rel}: PROVENANCE.json repeats fields the file states itself"
         for src in entry.get("derived_from", []):
             assert (provenance.RESULTS / src).is_file(), f"{rel}: source {src} does not exist"
-        if provenance.NOT_RECORDED in entry.values():
-            assert entry.get("note"), f"{rel}: a 'not recorded' field needs a note saying what is known"
+        if any(v in (provenance.NOT_RECORDED, provenance.NOT_USED) for v in entry.values() if isinstance(v, str)):
+            assert entry.get("note"), f"{rel}: a 'not recorded' / 'not used' field needs a note saying what is known"
 
 
 def test_the_checker_refuses_vague_or_missing_values():
@@ -66,3 +68,15 @@ def test_the_checker_refuses_vague_or_missing_values():
     assert check_field("date", "yesterday") is not None
     assert check_field("jax", "0.11") is not None
     assert check_field("jax", "0.10.2; 0.11.2") is None
+    assert check_field("jax", "not used") is None and check_field("device", "not used") is not None
+
+
+def test_a_file_of_several_runs_states_what_its_runs_state(tmp_path, monkeypatch):
+    monkeypatch.setattr(provenance, "SIDECAR", tmp_path / "PROVENANCE.json")
+    runs = tmp_path / "runs.json"
+    runs.write_text('{"a": {"device": "X", "jax_version": "0.11.2", "command": "run a"}, '
+                    '"b": {"device": "X", "jax": "0.11.2", "command": "run b"}}')
+    assert provenance.stated(runs) == {"device": "X", "jax": "0.11.2", "command": "run a; run b"}
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text('{"device": "Y", "a": {"device": "X", "command": "run a"}}')
+    assert provenance.stated(mixed) == {"device": "Y"}  # a file that states fields itself is not a list of runs
