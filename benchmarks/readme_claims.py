@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from polar_jax.bench.report import readme_block
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 README = REPO / "README.md"
@@ -56,6 +58,17 @@ def span(values, fmt: str = "{:.0f}", unit: str = "") -> str:
     lo, hi = min(values), max(values)
     a, b = fmt.format(lo), fmt.format(hi)
     return f"{a}{unit}" if a == b else f"{a}–{b}{unit}"
+
+
+# ---- sparse decode end to end (H200) --------------------------------------------------------------------
+DECODE_SPARSE = "decode_sparse_2026-11-28"
+
+
+@claim("decode-sparse")
+def decode_sparse(results: Path) -> str:
+    """The end-to-end table and goals, rendered by the benchmark's own report code (polar_jax/bench/report.py,
+    whose markers stay inside this block: tests/test_readme_decode_block.py checks the same text)."""
+    return readme_block(load(results, f"{DECODE_SPARSE}.json"), f"benchmarks/results/{DECODE_SPARSE}.md")
 
 
 # ---- dense decode (H200) ------------------------------------------------------------------------------
