@@ -61,19 +61,21 @@ class Module:
 
 MODULES: tuple[Module, ...] = (
     Module("sampling", "polar_jax/decode.py", ("sample_tokens",), "tests/test_sampling.py", 120),
-    Module("decode-loop", "polar_jax/decode.py",
-           ("_generate_on_device", "generate", "generate_stream", "_eos_ids", "pad_prompts", "_round_up"),
+    Module("decode-loop", "polar_jax/decode.py", ("_generate_on_device", "generate_stream"),
            "tests/test_generate.py -k 'eos or stream or array or bad_generation or cached_generation or seeded'"
            " tests/test_sampling.py -k generate", 300),
     Module("rope", "polar_jax/models/layers.py", ("rope_inv_freq", "apply_rope"),
            "tests/test_parity.py -k 'rope_frequencies or prefill_logits'", 200),
-    Module("topk-union", "polar_jax/routers/topk.py", None,
-           "tests/test_routers_core.py tests/test_sparse_eval.py -k 'topk or reference or decode_path'", 200),
-    Module("calibrate", "polar_jax/routers/calibrate.py", None, "tests/test_routers_core.py tests/test_calibrate.py",
-           150),
+    Module("selection", "polar_jax/selection.py", None,
+           "tests/test_routers_core.py tests/test_sparse_selection.py -k 'union_rules or adaptive_counts or "
+           "top_units or adaptive_budgets or attention_selection'", 120),
+    Module("calibrate", "polar_jax/routers/calibrate.py", None,
+           "tests/test_calibrate.py tests/test_routers_core.py tests/test_sparse_selection.py -k 'calibrat or "
+           "recall_curve or adaptive_budgets or monotone or importance'", 150),
     Module("gemm-reference", "pallas_kernels/selective_gemm_xla.py", None, "tests/test_kernel_references.py", 120),
     Module("attention-reference", "pallas_kernels/selective_attention_xla.py", None,
            "tests/test_kernel_references.py", 120),
+    Module("union-reference", "pallas_kernels/union_select_xla.py", None, "tests/test_kernels_xla.py -k union", 120),
     Module("slots", "pallas_kernels/slots.py", None, "tests/test_kernel_references.py", 120),
     Module("activations", "pallas_kernels/activations.py", None, "tests/test_kernel_references.py", 120),
 )
