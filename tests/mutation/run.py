@@ -56,7 +56,7 @@ class Module:
     path: str  # file mutated, relative to the repository root
     functions: tuple[str, ...] | None  # qualified names mutated (None: the whole file)
     tests: str  # pytest arguments that exercise it
-    timeout: float  # seconds per mutant (about 3x the tests' time here)
+    timeout: float  # seconds per mutant at least (raised to 4x the unmutated run's time on a loaded machine)
 
 
 MODULES: tuple[Module, ...] = (
@@ -100,13 +100,13 @@ def function_lines(path: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
     return [spans[n] for n in names]
 
 
-def write_config(root: Path, m: Module, all_operators: bool) -> Path:
+def write_config(root: Path, m: Module, all_operators: bool, timeout: float) -> Path:
     cfg = root / f"cr-{m.name}.toml"
     excluded = [] if all_operators else list(EXCLUDED_OPERATORS)
     cfg.write_text(
         "[cosmic-ray]\n"
         f'module-path = "{m.path}"\n'
-        f"timeout = {m.timeout}\n"
+        f"timeout = {timeout:.0f}\n"
         "excluded-modules = []\n"
         f'test-command = "{PYTEST} {m.tests}"\n'
         "[cosmic-ray.distributor]\n"
@@ -117,9 +117,9 @@ def write_config(root: Path, m: Module, all_operators: bool) -> Path:
     return cfg
 
 
-def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -> int:
+def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -> tuple[int, int]:
     """Marks as skipped the mutants outside the module's functions and, when bounded, all but an even
-    sample of `max_mutants`; returns how many remain."""
+    sample of `max_mutants`; returns how many remain and how many the functions hold in all."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
@@ -133,6 +133,7 @@ def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -
             else:
                 db.set_result(item.job_id, WorkResult(output="outside the module's functions",
                                                       worker_outcome=WorkerOutcome.SKIPPED))
+        population = len(kept)
         if max_mutants is not None and len(kept) > max_mutants:
             kept.sort(key=lambda it: (it.mutations[0].start_pos, it.mutations[0].operator_name,
                                       it.mutations[0].occurrence))
@@ -143,7 +144,7 @@ def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -
                     db.set_result(it.job_id, WorkResult(output="not in the bounded sample",
                                                         worker_outcome=WorkerOutcome.SKIPPED))
             kept = [it for it in kept if it.job_id in chosen]
-        return len(kept)
+        return len(kept), population
 
 
 def collect(session: Path, m: Module, root: Path) -> dict:
@@ -151,7 +152,7 @@ def collect(session: Path, m: Module, root: Path) -> dict:
     from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
     lines = (root / m.path).read_text().splitlines()
-    killed = survived = equivalent = incompetent = 0
+    killed = survived = equivalent = incompetent = timeouts = 0
     survivors = []
     with use_db(str(session), WorkDB.Mode.open) as db:
         for item, result in db.completed_work_items:
@@ -171,17 +172,19 @@ def collect(session: Path, m: Module, root: Path) -> dict:
             else:
                 killed += 1
                 incompetent += result.test_outcome == TestOutcome.INCOMPETENT
+                timeouts += result.output == "timeout"  # cosmic-ray's marker; counted as killed, reported apart
     total = killed + survived + equivalent
     return {"module": m.name, "file": m.path, "functions": list(m.functions) if m.functions else "whole file",
             "tests": m.tests, "mutants": total, "killed": killed, "survived": survived,
-            "equivalent": equivalent, "incompetent": incompetent,
+            "equivalent": equivalent, "incompetent": incompetent, "timeouts": timeouts,
             "score": round(killed / total, 4) if total else None,
             "score_excluding_equivalent": round(killed / (killed + survived), 4) if killed + survived else None,
             "survivors": sorted(survivors, key=lambda s: (s["line"], s["operator"]))}
 
 
-def run_module(m: Module, root: Path, args, log) -> dict:
-    cfg = write_config(root, m, args.all_operators)
+def run_module(m: Module, root: Path, args, log, baseline_s: float | None = None) -> dict:
+    timeout = max(m.timeout, 4 * baseline_s) if baseline_s else m.timeout
+    cfg = write_config(root, m, args.all_operators, timeout)
     session = root / f"cr-{m.name}.sqlite"
     env = dict(os.environ, PYTHONPATH=str(root), POLAR_SHARED=str(REPO.parent / "shared"))
 
@@ -192,24 +195,31 @@ def run_module(m: Module, root: Path, args, log) -> dict:
 
     cr("cosmic-ray", "init", cfg.name, session.name)
     cr("cr-filter-operators", session.name, cfg.name)
-    n = select_work(session, m, root, args.max_mutants)
-    log(f"{m.name}: {n} mutants in {m.path} ({', '.join(m.functions) if m.functions else 'whole file'})")
+    n, population = select_work(session, m, root, args.max_mutants)
+    log(f"{m.name}: {n} of {population} mutants in {m.path} "
+        f"({', '.join(m.functions) if m.functions else 'whole file'})")
     if args.count:
-        return {"module": m.name, "mutants": n}
+        return {"module": m.name, "mutants": n, "population": population}
     t0 = time.time()
     cr("cosmic-ray", "exec", cfg.name, session.name)
     res = collect(session, m, root)
     res["seconds"] = round(time.time() - t0)
-    log(f"{m.name}: {res['killed']}/{res['mutants']} killed, {res['survived']} survived, "
-        f"{res['equivalent']} equivalent ({res['seconds']} s)")
+    res["population"] = population
+    res["timeout_s"] = round(timeout)
+    res["baseline_s"] = round(baseline_s) if baseline_s else None
+    log(f"{m.name}: {res['killed']}/{res['mutants']} killed ({res['timeouts']} by timeout), {res['survived']} "
+        f"survived, {res['equivalent']} equivalent ({res['seconds']} s)")
     return res
 
 
-def baseline(m: Module, root: Path) -> None:
+def baseline(m: Module, root: Path) -> float:
+    """Runs the module's tests on the unmutated copy (they must pass); returns their wall time."""
     env = dict(os.environ, PYTHONPATH=str(root), POLAR_SHARED=str(REPO.parent / "shared"))
+    t0 = time.time()
     r = subprocess.run(f"{PYTEST} {m.tests}", shell=True, cwd=root, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{m.name}: the unmutated tests fail, fix them first:\n{r.stdout[-3000:]}")
+    return time.time() - t0
 
 
 def report_md(entries: list[dict]) -> str:
@@ -217,20 +227,25 @@ def report_md(entries: list[dict]) -> str:
     L = ["# Mutation testing report", "",
          "Written by `tests/mutation/run.py --record` (cosmic-ray) from `results.json`; do not edit by hand.",
          "Each row states the command, commit and date of the run that produced it.", "",
-         "| module | file (functions) | tests | mutants | killed | survived | equivalent | score | "
-         "score without equivalent |",
+         "Killed includes mutants whose tests ran past the timeout (4x the unmutated tests' time, at least the",
+         "module's floor); that count is given apart. Score = killed / mutants run.", "",
+         "| module | file (functions) | tests | mutants run (of all) | killed (by timeout) | survived | "
+         "equivalent | score | score without equivalent |",
          "|---|---|---|---|---|---|---|---|---|"]
     for r in entries:
         fn = r["functions"] if isinstance(r["functions"], str) else ", ".join(r["functions"])
-        L.append(f"| {r['module']} | `{r['file']}` ({fn}) | `{r['tests']}` | {r['mutants']} | {r['killed']} | "
-                 f"{r['survived']} | {r['equivalent']} | {pct(r['score'])} | {pct(r['score_excluding_equivalent'])} |")
+        L.append(f"| {r['module']} | `{r['file']}` ({fn}) | `{r['tests']}` | {r['mutants']} ({r.get('population', '?')}) "
+                 f"| {r['killed']} ({r.get('timeouts', '?')}) | {r['survived']} | {r['equivalent']} | {pct(r['score'])} | "
+                 f"{pct(r['score_excluding_equivalent'])} |")
     L += ["", "## Runs", ""]
     for r in entries:
         m = r["meta"]
         L.append(f"- {r['module']}: `{m['command']}` — {m['date']}, commit {m['commit']}, cosmic-ray "
-                 f"{m['cosmic_ray']}, jax {m['jax']}, Python {m['python']}, {m['device']}; "
+                 f"{m['cosmic_ray']}, jax {m['jax']}, Python {m['python']}, {m['device']} (load average "
+                 f"{m.get('load_average_at_start', '?')} at the start); "
                  f"{'every mutant' if not m['max_mutants'] else 'bounded sample of ' + str(m['max_mutants'])}; "
-                 f"{'all operators' if m['all_operators'] else 'standard operator set'}; {r['seconds']} s")
+                 f"{'all operators' if m['all_operators'] else 'standard operator set'}; {r['seconds']} s "
+                 f"(unmutated tests {r.get('baseline_s', '?')} s, timeout {r.get('timeout_s', '?')} s)")
     L += ["", "## Survivors", ""]
     for r in entries:
         if not r["survivors"]:
@@ -260,38 +275,44 @@ def main(argv: list[str] | None = None) -> int:
     root = tmp / "repo"
     root.mkdir()
     copy_checkout(root)
-    results = []
+    dirty = _git("status", "--porcelain", "--", ".", ":!tests/mutation/results.json", ":!tests/mutation/REPORT.md")
+    meta = {"commit": _git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else ""),
+            "load_average_at_start": round(os.getloadavg()[0], 1),
+            "cosmic_ray": _version("cosmic-ray"), "jax": _version("jax"), "python": platform.python_version(),
+            "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)", "max_mutants": args.max_mutants,
+            "all_operators": args.all_operators,
+            "command": "python tests/mutation/run.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     try:
         for m in chosen:
-            if not args.count:
-                baseline(m, root)
-            results.append(run_module(m, root, args, log))
+            r = run_module(m, root, args, log, None if args.count else baseline(m, root))
+            if args.count:
+                continue
+            log(f"{r['module']}: score {r['score']}")
+            if args.record:  # after each module, so that a long run that stops keeps what it finished
+                date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                record(r, {**meta, "date": date})
     finally:
         if args.keep:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    command = "python tests/mutation/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                     text=True).stdout.strip(),
-            "cosmic_ray": _version("cosmic-ray"), "jax": _version("jax"), "python": platform.python_version(),
-            "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)", "max_mutants": args.max_mutants,
-            "all_operators": args.all_operators, "command": command}
-    if args.count:
-        return 0
-    for r in results:
-        log(f"{r['module']}: score {r['score']}")
-    if args.record:
-        path = HERE / "results.json"
-        recorded = json.loads(path.read_text())["modules"] if path.exists() else {}
-        for r in results:
-            recorded[r["module"]] = {**r, "meta": meta}  # a run replaces only the modules it ran
-        order = [m.name for m in MODULES]
-        entries = [recorded[k] for k in sorted(recorded, key=lambda k: order.index(k) if k in order else 99)]
-        path.write_text(json.dumps({"modules": {e["module"]: e for e in entries}}, indent=1) + "\n")
-        (HERE / "REPORT.md").write_text(report_md(entries))
     return 0
+
+
+def record(result: dict, meta: dict) -> None:
+    """Merges one module's result into results.json (a run replaces only the modules it ran) and rewrites
+    REPORT.md from it."""
+    path = HERE / "results.json"
+    recorded = json.loads(path.read_text())["modules"] if path.exists() else {}
+    recorded[result["module"]] = {**result, "meta": meta}
+    order = [m.name for m in MODULES]
+    entries = [recorded[k] for k in sorted(recorded, key=lambda k: order.index(k) if k in order else 99)]
+    path.write_text(json.dumps({"modules": {e["module"]: e for e in entries}}, indent=1) + "\n")
+    (HERE / "REPORT.md").write_text(report_md(entries))
+
+
+def _git(*a: str) -> str:
+    return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
 def _version(dist: str) -> str:
