@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 import math
+import os
+import zlib
 
 import numpy as np
+
+
+def seeded_rng() -> np.random.Generator:
+    """A generator seeded from the running test's id: the same inputs in every run and process (a failure
+    reproduces), different inputs per test. POLAR_TEST_SEED=N shifts every seed to explore other inputs."""
+    test_id = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    seed = (zlib.crc32(test_id.encode()) + int(os.environ.get("POLAR_TEST_SEED", "0"))) % 2**32
+    print(f"seed={seed} ({test_id})")
+    return np.random.default_rng(seed)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
