@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
-from .grid import NUM_SMS, cdiv
+from .devices import REFERENCE
+from .grid import cdiv
 from .selective_attention_triton import AttnConfig, choose_attn_config
 from .selective_gemm_triton import (DownConfig, UpConfig, choose_down_config, choose_up_config,
                                     down_split, up_split)
@@ -55,7 +56,7 @@ def _up(base: UpConfig, M: int, K: int, A: int, gated: bool, ba: int, bk: int, w
 def up_variants(M: int, K: int, A: int, gated: bool) -> list[UpConfig]:
     """The heuristic's tiling first, then alternatives: split_k=1 drops the f32 partials and the
     epilogue kernel; wider active blocks with 8 warps cut the re-reads of x per weight row."""
-    base = choose_up_config(M, K, A, gated)
+    base = choose_up_config(M, K, A, gated, device=REFERENCE)
     if M > 16:
         shapes = [(64, 128, 8, 4, 1), (32, 128, 4, 4, 1), (32, 128, 4, 5, 1), (64, 64, 4, 6, 1)]
     else:
@@ -76,7 +77,7 @@ def down_variants(M: int, D: int, A: int) -> list[DownConfig]:
     (split_j=1, narrow column blocks) need no f32 partials and no epilogue kernel. (Atomic
     accumulation measured 1.1-2x slower than partials at every shape of the first tuning
     run, so it is not tried again.)"""
-    base = choose_down_config(M, D, A)
+    base = choose_down_config(M, D, A, device=REFERENCE)
 
     def v(bj, bd, warps, stages, mult=1.0):
         sj = down_split(M, D, A, base.block_m, bj, bd)
@@ -86,9 +87,9 @@ def down_variants(M: int, D: int, A: int) -> list[DownConfig]:
         n_blocks = cdiv(M, base.block_m) * cdiv(D, 128)
         cands = [v(128, 128, 8, 3),
                  # the rule before the wave-count rounding (one wave and a bit)
-                 DownConfig(base.block_m, 128, 128, cdiv(2 * NUM_SMS, n_blocks), 8, 3),
+                 DownConfig(base.block_m, 128, 128, cdiv(2 * REFERENCE.num_sms, n_blocks), 8, 3),
                  v(128, 128, 8, 4), v(64, 128, 8, 4), v(128, 128, 4, 3),
-                 DownConfig(base.block_m, 128, 64, max(1, 4 * NUM_SMS // (2 * n_blocks)), 4, 4)]
+                 DownConfig(base.block_m, 128, 64, max(1, 4 * REFERENCE.num_sms // (2 * n_blocks)), 4, 4)]
     else:
         cands = [v(64, 128, 4, 4), v(128, 128, 4, 3), v(128, 64, 4, 5), v(128, 64, 4, 6),
                  v(128, 64, 4, 4, 0.5)]
@@ -102,7 +103,7 @@ def down_variants(M: int, D: int, A: int) -> list[DownConfig]:
 def attn_variants(B: int, S: int, A: int, D: int) -> list[AttnConfig]:
     """The heuristic first, then other run-time split targets (fewer splits = smaller partials
     and combine), a wider key tile and a deeper pipeline."""
-    base = choose_attn_config(B, S, A, D)
+    base = choose_attn_config(B, S, A, D, device=REFERENCE)
     out = [base]
     for bs, stages, target in ((64, 2, 528), (64, 2, 264), (64, 2, 2112), (128, 2, 528),
                                (64, 3, 528)):

@@ -1,7 +1,5 @@
-"""Grid-sizing arithmetic shared by the Triton kernels."""
+"""Grid-sizing arithmetic shared by the Triton kernels (SM counts per GPU class: devices.py)."""
 from __future__ import annotations
-
-NUM_SMS = 132  # H100/H200 SXM; only sizes grids (another count changes speed, never results)
 
 
 def cdiv(a: int, b: int) -> int:

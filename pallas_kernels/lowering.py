@@ -1,8 +1,12 @@
 """Cross-lower a jitted function to CUDA on a host without a GPU.
 
-Used by the test suite: the real Pallas -> Triton lowering runs against an abstract H100, so
-errors of the Triton backend (non power-of-two shapes, unsupported primitives) show up in CPU CI.
-Register or shared-memory exhaustion still only shows on a real GPU.
+Used by the test suite: the real Pallas -> Triton lowering runs against an abstract GPU (an H100 by
+default; each device class of devices.py names its own device kind), so errors of the Triton backend
+(non power-of-two shapes, unsupported primitives) show up in CPU CI for the tilings the dispatcher
+picks for that class. The Triton IR Pallas emits does not depend on the GPU model (it reads a
+compute capability only for float8 casts, which these kernels do not use); it is compiled for the
+actual GPU later. Register or shared-memory exhaustion therefore only shows on a real GPU; the
+shared-memory estimates (smem.py) and their per-class test stand in for the latter.
 """
 from __future__ import annotations
 

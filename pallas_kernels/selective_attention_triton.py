@@ -28,13 +28,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .backends import use_interpret
-from .grid import NUM_SMS, cdiv, pow2_at_least
+from .devices import REFERENCE, DeviceClass, current_device_class
+from .grid import cdiv, pow2_at_least
+from .smem import fit_tiling, staged_bytes
 from .validation import check_kernel_dtype
 
-TARGET_PROGRAMS = 8 * NUM_SMS  # live programs wanted per call (several per SM for balance)
+PROGRAMS_PER_SM = 8  # live programs wanted per call (several per SM for balance)
+TARGET_PROGRAMS = PROGRAMS_PER_SM * REFERENCE.num_sms
 LOG2E = 1.4426950408889634
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,19 +48,38 @@ class AttnConfig:
     target_programs: int = TARGET_PROGRAMS  # live programs the run-time split count aims for
 
 
-def choose_attn_config(B: int, S: int, A: int, D: int) -> AttnConfig:
+def attn_smem(cfg: AttnConfig, G: int, D: int) -> int:
+    """Shared memory of the split decode kernel: per key block a K and a V tile [block_s, D] (D padded
+    to a power of two), `num_stages` deep, and the group's query rows [G padded to 16, D] once."""
+    dp = pow2_at_least(D, 16)
+    return staged_bytes(cfg.num_stages, 2 * cfg.block_s * dp, pow2_at_least(G, 16) * dp)
+
+
+def finish_smem(num_splits: int, G: int, D: int) -> int:
+    """Bound for the finish kernel (one stage, no dot): its [splits, G, columns] f32 tile, the most
+    its reductions over the splits can stage."""
+    return pow2_at_least(num_splits) * pow2_at_least(G) * finish_block_d(num_splits, G, D) * 4
+
+
+def choose_attn_config(B: int, S: int, A: int, D: int, G: int = 1,
+                       device: DeviceClass | None = None) -> AttnConfig:
     """Static bounds of the grid: `num_splits` is the most KV splits any (sequence, slot) may use.
 
     It is sized for the sparsest case (one live slot per sequence) and capped by the cache
     capacity; the kernel picks the split count it actually uses at run time from the live slot
-    count (sum of n_active) and the live lengths, and programs beyond it exit at once."""
-    del A, D
-    block_s = 64
+    count (sum of n_active) and the live lengths, and programs beyond it exit at once.
+    `device` (default: this host's class) sizes the run-time target by its SM count; where 64-key
+    blocks of a large head dim do not fit its shared memory, the key block is halved (G: query
+    heads per KV group)."""
+    del A
+    dev = device or current_device_class()
     min_chunk = 256
+    target = PROGRAMS_PER_SM * dev.num_sms
     max_splits = max(1, cdiv(S, min_chunk))
-    num_splits = max(1, min(max_splits, 64, cdiv(TARGET_PROGRAMS, max(1, B))))
-    return AttnConfig(block_s=block_s, num_splits=num_splits, min_chunk=min_chunk,
-                      num_warps=4, num_stages=2)
+    num_splits = max(1, min(max_splits, 64, cdiv(target, max(1, B))))
+    cfg = AttnConfig(block_s=64, num_splits=num_splits, min_chunk=min_chunk, num_warps=4, num_stages=2,
+                     target_programs=target)
+    return fit_tiling(cfg, lambda c: attn_smem(c, G, D), dev.smem_per_block, "block_s", 16)
 
 
 def runtime_splits(total_active, num_splits: int, target: int = TARGET_PROGRAMS):
@@ -264,7 +284,7 @@ def select_decode(q, k, v, lengths, groups, n_active, sm_scale: float | None = N
     """Backend entry point (validated by selective_attention.select_decode); `config` for benchmarks."""
     check_kernel_dtype(q.dtype, use_interpret())
     scale = float(sm_scale) if sm_scale is not None else default_scale(q.shape[2])
-    B, S = k.shape[0], k.shape[1]
-    cfg = config or choose_attn_config(B, S, groups.shape[1], q.shape[2])
+    B, S, Hkv = k.shape[0], k.shape[1], k.shape[2]
+    cfg = config or choose_attn_config(B, S, groups.shape[1], q.shape[2], G=q.shape[1] // Hkv)
     return select_decode_triton(q, k, v, lengths, groups, n_active, sm_scale=scale, window=window,
                                 cfg=cfg, interpret=use_interpret())

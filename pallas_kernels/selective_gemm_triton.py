@@ -19,7 +19,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from .activations import get_activation
 from .backends import use_interpret
-from .grid import NUM_SMS, cdiv, pow2_at_least
+from .devices import REFERENCE, DeviceClass, current_device_class
+from .grid import cdiv, pow2_at_least
+from .smem import fit_tiling, staged_bytes
 from .validation import check_kernel_dtype
 
 
@@ -47,6 +49,18 @@ class DownConfig:
     atomic: bool = False
 
 
+def up_smem(cfg: UpConfig, gated: bool = False) -> int:
+    """Shared memory of gather_up: per k-step an x tile [block_m, block_k] and one weight tile
+    [block_a, block_k] (two when gated), `num_stages` deep."""
+    return staged_bytes(cfg.num_stages, (cfg.block_m + cfg.block_a * (2 if gated else 1)) * cfg.block_k)
+
+
+def down_smem(cfg: DownConfig) -> int:
+    """Shared memory of gather_down: per neuron chunk an h tile [block_m, block_j] and a weight tile
+    [block_j, block_d], `num_stages` deep."""
+    return staged_bytes(cfg.num_stages, cfg.block_j * (cfg.block_m + cfg.block_d))
+
+
 def _largest_divisor_at_most(n: int, cap: int) -> int:
     best = 1
     for d in range(1, n + 1):
@@ -56,7 +70,7 @@ def _largest_divisor_at_most(n: int, cap: int) -> int:
 
 
 def up_split(M: int, K: int, A: int, block_m: int, block_a: int, block_k: int,
-             gated: bool = False) -> int:
+             gated: bool = False, num_sms: int = REFERENCE.num_sms) -> int:
     """K splits for gather_up. No split once there are enough (m, a) blocks to cover the SMs
     about once (gated blocks count twice: two weight tiles per step): the f32 partials and
     their epilogue kernel cost more than the idle SMs (H100, 2026-11-21 tuning: M=64 d=4096 50%
@@ -65,13 +79,14 @@ def up_split(M: int, K: int, A: int, block_m: int, block_a: int, block_k: int,
     splits vs 12.5 us without)."""
     n_kb = cdiv(K, block_k)
     n_blocks = cdiv(M, block_m) * cdiv(A, block_a)
-    if n_blocks * (2 if gated else 1) >= NUM_SMS * 7 // 8:
+    if n_blocks * (2 if gated else 1) >= num_sms * 7 // 8:
         return 1
-    want = cdiv(2 * NUM_SMS, n_blocks)
+    want = cdiv(2 * num_sms, n_blocks)
     return _largest_divisor_at_most(n_kb, max(1, min(want, n_kb // 2 if n_kb >= 4 else 1)))
 
 
-def choose_up_config(M: int, K: int, A: int, gated: bool = False) -> UpConfig:
+def choose_up_config(M: int, K: int, A: int, gated: bool = False,
+                     device: DeviceClass | None = None) -> UpConfig:
     """Static tiling for gather_up from the shapes (A is the slot capacity).
 
     Tuned on the H100 (benchmarks/kernels/NOTES.md): for M <= 64, 32 active rows x 128-wide
@@ -80,7 +95,12 @@ def choose_up_config(M: int, K: int, A: int, gated: bool = False) -> UpConfig:
     would take more than one wave (two programs per SM), 64 rows x 64-wide k-steps with 6
     stages: half the re-reads of x per weight byte and half the programs (relu d=9216 M=64
     25%: 66.0 vs 81.0 us, 2026-11-21). Not at M = 32: on the H200 (2026-11-28, d=4096, 6144 of 9216
-    slots live) 32 x 128 tiles with 4 stages ran 18.6 us against 22.0 us for 64 x 64."""
+    slots live) 32 x 128 tiles with 4 stages ran 18.6 us against 22.0 us for 64 x 64.
+
+    `device` (default: this host's class): on GPUs with less shared memory than Hopper the same
+    tiles get fewer pipeline stages, then narrower k-steps (smem.fit_tiling); the SM count sizes
+    the split. Untuned there: the rule keeps the H100's tile shapes wherever they fit."""
+    dev = device or current_device_class()
     block_m = min(pow2_at_least(M, 16), 64)
     block_a = 64 if M > 64 else 32
     if gated:
@@ -88,13 +108,16 @@ def choose_up_config(M: int, K: int, A: int, gated: bool = False) -> UpConfig:
     wide = M > 64
     block_k = 256 if wide and K > 128 else 128
     num_stages = 3 if wide else (6 if M <= 16 else 4)
-    if 32 < M <= 64 and not gated and cdiv(A, block_a) > 2 * NUM_SMS:
+    if 32 < M <= 64 and not gated and cdiv(A, block_a) > 2 * dev.num_sms:
         block_a, block_k, num_stages = 64, 64, 6
-    split_k = up_split(M, K, A, block_m, block_a, block_k, gated)
-    return UpConfig(block_m, block_a, block_k, split_k, num_warps=4, num_stages=num_stages)
+    cfg = UpConfig(block_m, block_a, block_k, 1, num_warps=4, num_stages=num_stages)
+    cfg = fit_tiling(cfg, lambda c: up_smem(c, gated), dev.smem_per_block, "block_k", 32)
+    split_k = up_split(M, K, A, block_m, cfg.block_a, cfg.block_k, gated, dev.num_sms)
+    return dataclasses.replace(cfg, split_k=split_k)
 
 
-def down_split(M: int, D: int, A: int, block_m: int, block_j: int, block_d: int) -> int:
+def down_split(M: int, D: int, A: int, block_m: int, block_j: int, block_d: int,
+               num_sms: int = REFERENCE.num_sms) -> int:
     """Splits of the active neurons for gather_down: about 4 programs per SM for M <= 16, never
     more than there are neuron chunks. For 16 < M <= 64 the 8-warp 128 x 128 tiles fit two
     programs per SM (Nsight Compute on the H100, 2026-11-21), so the split is rounded *down* to
@@ -102,19 +125,21 @@ def down_split(M: int, D: int, A: int, block_m: int, block_j: int, block_d: int)
     97.7 us; at d=4096, 8 vs 9 splits, within 1%)."""
     n_blocks = cdiv(M, block_m) * cdiv(D, block_d)
     if 16 < M <= 64:
-        want = max(1, (2 * NUM_SMS) // n_blocks)
+        want = max(1, (2 * num_sms) // n_blocks)
     else:
-        want = cdiv((4 if M <= 16 else 2) * NUM_SMS, n_blocks)
+        want = cdiv((4 if M <= 16 else 2) * num_sms, n_blocks)
     return max(1, min(want, cdiv(A, block_j)))
 
 
-def choose_down_config(M: int, D: int, A: int) -> DownConfig:
+def choose_down_config(M: int, D: int, A: int, device: DeviceClass | None = None) -> DownConfig:
     """Static tiling for gather_down from the shapes (A is the slot capacity).
 
     Tuned on the H100 (2026-11-21): for M <= 16, 128 active neurons x 64 output columns per
     step with 4 stages (M=16 d=4096 25%: 17.7 vs 18.1 us for 64 x 128); for M in (16, 64],
     128 x 128 with 8 warps (M=64 d=4096 50%: 37.1 vs 39.3 us); M=256 keeps 64 x 128.
-    Atomic accumulation instead of partials measured 1.1-2x slower everywhere."""
+    Atomic accumulation instead of partials measured 1.1-2x slower everywhere. `device`: as for
+    choose_up_config (fewer stages, then narrower neuron chunks, where Hopper's tiles do not fit)."""
+    dev = device or current_device_class()
     block_m = min(pow2_at_least(M, 16), 64)
     if M <= 16:
         block_j, block_d, warps, stages = 128, 64, 4, 4
@@ -123,8 +148,10 @@ def choose_down_config(M: int, D: int, A: int) -> DownConfig:
     else:
         block_j, block_d, warps, stages = 64, 128, 4, 3
     block_d = min(block_d, pow2_at_least(D, 16))
-    split_j = down_split(M, D, A, block_m, block_j, block_d)
-    return DownConfig(block_m, block_j, block_d, split_j, num_warps=warps, num_stages=stages)
+    cfg = DownConfig(block_m, block_j, block_d, 1, num_warps=warps, num_stages=stages)
+    cfg = fit_tiling(cfg, down_smem, dev.smem_per_block, "block_j", 32)
+    split_j = down_split(M, D, A, block_m, cfg.block_j, block_d, dev.num_sms)
+    return dataclasses.replace(cfg, split_j=split_j)
 
 
 # --------------------------------------------------------------------------------------------

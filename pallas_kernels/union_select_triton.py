@@ -21,7 +21,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .backends import use_interpret
+from .devices import DeviceClass, current_device_class
 from .grid import cdiv, pow2_at_least
+from .smem import fit_tiling, staged_bytes
 from .validation import check_kernel_dtype
 
 
@@ -34,9 +36,24 @@ class SelectConfig:
     num_stages: int = 3
 
 
-def choose_select_config(B: int, r: int, N: int) -> SelectConfig:
+def mask_smem(cfg: SelectConfig) -> int:
+    """Shared memory of union_mask: per rank step a u tile [block_b, block_r] and a w tile
+    [block_r, block_n], `num_stages` deep."""
+    return staged_bytes(cfg.num_stages, cfg.block_r * (cfg.block_b + cfg.block_n))
+
+
+def compact_smem(cfg: SelectConfig) -> int:
+    """Bound for union_compact (one stage, no dot): its [block_n, block_n] int32 compare tile."""
+    return cfg.block_n * cfg.block_n * 4
+
+
+def choose_select_config(B: int, r: int, N: int, device: DeviceClass | None = None) -> SelectConfig:
+    """Tiles for the router rank r and batch B; `device` (default: this host's class) bounds the
+    shared memory (fewer stages, then a narrower rank step, where it would not fit)."""
     del N
-    return SelectConfig(block_r=min(128, pow2_at_least(r, 16)), block_b=min(64, pow2_at_least(B, 16)))
+    dev = device or current_device_class()
+    cfg = SelectConfig(block_r=min(128, pow2_at_least(r, 16)), block_b=min(64, pow2_at_least(B, 16)))
+    return fit_tiling(cfg, mask_smem, dev.smem_per_block, "block_r", 16)
 
 
 def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, cfg: SelectConfig):

@@ -39,7 +39,7 @@ def prefill(graphdef, state, tokens: jax.Array, lengths: jax.Array, cache: KVCac
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "attn_impl", "mlp_impl"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("graphdef", "attn_impl", "mlp_impl", "gemv_impl"), donate_argnames=("cache",)
 )
 def decode_step(
     graphdef,
@@ -49,12 +49,13 @@ def decode_step(
     selector: Any = None,
     attn_impl: str = "auto",
     mlp_impl: str = "auto",
+    gemv_impl: str = "auto",
 ) -> tuple[jax.Array, KVCache]:
     """One decode step for tokens [B]; the cache is donated and updated in place.
 
     `selector` (a pytree with the DecodeSelector methods, e.g. trained routers) makes the step sparse."""
     model = nnx.merge(graphdef, state)
-    return model.decode(tokens, cache, selector=selector, attn_impl=attn_impl, mlp_impl=mlp_impl)
+    return model.decode(tokens, cache, selector=selector, attn_impl=attn_impl, mlp_impl=mlp_impl, gemv_impl=gemv_impl)
 
 
 # ---- sampling -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 GOLDEN = REPO / "tests" / "golden"
 
 REAL_MODELS = ("tiny-llama", "tiny-opt", "polar-tiny-opt")
-RANDOM_MODELS = ("llama2-mha", "llama31-gqa", "mistral-swa", "qwen2-bias")
+RANDOM_MODELS = ("llama2-mha", "llama31-gqa", "mistral-swa", "qwen2-bias", "llama-linear-rope")
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -1,4 +1,5 @@
-"""Cross-lower every kernel configuration used on the GPU to CUDA (abstract H100) on CPU.
+"""Cross-lower every kernel configuration used on the GPU to CUDA (abstract H100) on CPU (the other GPU
+classes: tests/test_kernel_device_classes.py).
 
 Catches Triton-backend errors (non power-of-two blocks, unsupported primitives) in CPU CI. The
 configurations come from pallas_kernels.gpu_configs, which the GPU benchmark also uses.
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import gpu_configs as gc
-from pallas_kernels.lowering import count_triton_calls, lower_for_cuda
+from pallas_kernels.lowering import H100_KIND, count_triton_calls, lower_for_cuda
 from pallas_kernels.selective_attention_triton import (AttnConfig, choose_attn_config,
                                                        select_decode_triton)
 from pallas_kernels.selective_gemm_triton import (DownConfig, UpConfig, choose_down_config,
@@ -27,35 +28,35 @@ SDS = jax.ShapeDtypeStruct
 I32 = jnp.int32
 
 
-def _lower_up(M, K, N, A, gated, cfg, dtype, bias=False):
+def _lower_up(M, K, N, A, gated, cfg, dtype, bias=False, device_kind=H100_KIND):
     def f(x, wg, wu, i, n, b):
         return gather_up_triton(x, wg, wu, i, n, b, activation=None if gated else "relu",
                                 cfg=cfg, interpret=False)
     wu = SDS((N, K), dtype) if gated else None
     b = SDS((N,), dtype) if bias else None
     return lower_for_cuda(f, SDS((M, K), dtype), SDS((N, K), dtype), wu, SDS((A,), I32),
-                          SDS((), I32), b)
+                          SDS((), I32), b, device_kind=device_kind)
 
 
-def _lower_down(M, N, D, A, cfg, dtype, bias=False):
+def _lower_down(M, N, D, A, cfg, dtype, bias=False, device_kind=H100_KIND):
     def f(h, w, i, n, b):
         return gather_down_triton(h, w, i, n, b, cfg=cfg, interpret=False)
     b = SDS((D,), dtype) if bias else None
     return lower_for_cuda(f, SDS((M, A), dtype), SDS((N, D), dtype), SDS((A,), I32),
-                          SDS((), I32), b)
+                          SDS((), I32), b, device_kind=device_kind)
 
 
 # select_decode is two Triton kernels: the split flash decode and the in-place finish pass.
 ATTN_CALLS = 2
 
 
-def _lower_attn(B, S, Hq, Hkv, D, A, cfg, dtype, window=None):
+def _lower_attn(B, S, Hq, Hkv, D, A, cfg, dtype, window=None, device_kind=H100_KIND):
     def f(q, k, v, l, g, n):
         return select_decode_triton(q, k, v, l, g, n, sm_scale=D**-0.5, window=window, cfg=cfg,
                                     interpret=False)
     kv = SDS((B, S, Hkv, D), dtype)
     return lower_for_cuda(f, SDS((B, Hq, D), dtype), kv, kv, SDS((B,), I32), SDS((B, A), I32),
-                          SDS((B,), I32))
+                          SDS((B,), I32), device_kind=device_kind)
 
 
 def _gemm_calls():

@@ -12,6 +12,7 @@ import polar_jax
 from polar_jax.cache import KVCache
 from polar_jax.decode import decode_step, prefill, split_model
 from polar_jax.eval.perplexity import perplexity
+from polar_jax.models.layers import rope_inv_freq
 from conftest import GOLDEN, RANDOM_MODELS, REAL_MODELS, load_cached, model_dir, require
 
 ATOL = 2e-3
@@ -29,6 +30,15 @@ def test_prefill_logits(name):
     for i in (0, 1):
         logits = np.asarray(model(jnp.asarray(g[f"prompt_{i}"])[None]))[0]
         np.testing.assert_allclose(logits, g[f"prefill_logits_{i}"], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", [m for m in MODELS if "opt" not in m])
+def test_rope_frequencies_match_hf(name):
+    """The scaled inverse frequencies themselves (default, llama3 and linear scaling) against HF's table."""
+    model, _ = load_cached(name)
+    want = golden(name)["rope_inv_freq"]
+    got = np.asarray(rope_inv_freq(model.config.rope, model.config.head_dim))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -66,19 +76,33 @@ def test_generate_gives_hf_greedy_tokens_batched(name):
 
 
 def test_converted_bf16_checkpoint_stays_close(tmp_path):
-    """Half precision is not the fp32 golden, but it must stay close and agree on most greedy tokens."""
+    """Half precision is not the fp32 golden, but it must stay close and agree on the greedy tokens.
+
+    Measured (CPU, jax 0.10.2): max logit error 0.091 / 0.079, mean 0.015 / 0.013; all 32 greedy tokens
+    of both prompts identical. The golden's top-2 gaps over the first 17 steps are >= 0.14, above twice
+    the error, so those tokens must agree; past them a flip is tolerated for at most 4 of 32 tokens."""
     from convert import convert_checkpoint
 
     out = convert_checkpoint(model_dir("tiny-llama"), tmp_path / "c", progress=False)
     model, _ = polar_jax.load(out, dtype="bfloat16")
+    assert model.dtype == jnp.bfloat16
     g = golden("tiny-llama")
-    logits = np.asarray(model(jnp.asarray(g["prompt_0"])[None]).astype(jnp.float32))[0]
-    assert np.abs(logits - g["prefill_logits_0"]).max() < 0.25
+    for i in (0, 1):
+        logits = np.asarray(model(jnp.asarray(g[f"prompt_{i}"])[None]).astype(jnp.float32))[0]
+        err = np.abs(logits - g[f"prefill_logits_{i}"])
+        assert err.max() < 0.12 and err.mean() < 0.02, (i, err.max(), err.mean())
+    tokens = polar_jax.generate(model, [g["prompt_0"].tolist(), g["prompt_1"].tolist()], 32, eos_token_id=())
+    for i in (0, 1):
+        same = tokens[i] == g[f"greedy_{i}"]
+        assert same[:17].all() and same.sum() >= 28, (i, same.astype(int))
 
 
-def test_perplexity_matches_hf(wikitext_test):
-    ref = json.loads(require(GOLDEN / "ppl_tiny-opt.json").read_text())
-    model, tok = load_cached("tiny-opt")
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_perplexity_matches_hf(wikitext_test, name):
+    """Every committed perplexity golden (tiny-opt, polar-tiny-opt, tiny-llama) within 0.5 % of HF."""
+    ref = json.loads(require(GOLDEN / f"ppl_{name}.json").read_text())
+    assert ref["model"] == name
+    model, tok = load_cached(name)
     ids = np.asarray(tok.encode(wikitext_test.read_text(encoding="utf-8"))[: ref["n_tokens"]], np.int32)
     assert hashlib.sha256(ids.astype("<i4").tobytes()).hexdigest() == ref["token_ids_sha256"]
     res = perplexity(model, ids, seq_len=ref["seq_len"], batch_size=16, progress=False)

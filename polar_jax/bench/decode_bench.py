@@ -52,7 +52,10 @@ from polar_jax.models.collect import capture_intermediates
 from polar_jax.policy import PARTS, choose_variant, model_class
 from polar_jax.routers.sparsify import router_selector
 
-VARIANTS = ("dense", "heads", "mlp", "both", "auto")
+VARIANTS = ("dense", "heads", "mlp", "both", "auto", "dense-xla")
+# "dense-xla": the dense step with every projection through XLA's dot (no Pallas GEMV at small batch),
+# to measure what the GEMV buys in the same process.
+GEMV_OFF = {"dense-xla": "dense"}
 MEMORY_LIMIT = 120e9  # bytes of weights + KV the benchmark allows on one GPU (H200: ~141 GB)
 
 
@@ -74,14 +77,14 @@ def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int, attn_f
 
 
 # ---- timing -------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("cache",))
-def run_steps(graphdef, state, cache, tokens, selector, steps: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "gemv_impl"), donate_argnames=("cache",))
+def run_steps(graphdef, state, cache, tokens, selector, steps: int, gemv_impl: str = "auto"):
     """`steps` decode steps in one executable (a device loop, as in `generate`)."""
     model = nnx.merge(graphdef, state)
 
     def body(_, carry):
         cache, _ = carry
-        logits, cache = model.decode(tokens, cache, selector)
+        logits, cache = model.decode(tokens, cache, selector, gemv_impl=gemv_impl)
         return cache, logits.astype(jnp.float32)
 
     logits0 = jnp.zeros((tokens.shape[0], model.config.vocab_size), jnp.float32)
@@ -120,6 +123,7 @@ class Variant:
     name: str
     selector: Any
     chose: str  # what it runs (for auto: the policy's choice)
+    gemv_impl: str = "auto"
     sizes: dict = dataclasses.field(default_factory=dict)
     times: list = dataclasses.field(default_factory=list)
     breakdown: dict | None = None
@@ -130,7 +134,7 @@ def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int,
                    dtype, policy_table: dict | None) -> list[Variant]:
     out = []
     for name in names:
-        chose = name
+        chose = GEMV_OFF.get(name, name)
         if name == "auto":
             chose = choose_variant(cfg, batch, context, cfg.relu_mlp, table=policy_table)
         attn, mlp = PARTS[chose]
@@ -140,7 +144,7 @@ def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int,
         if attn or mlp:
             sel = router_selector(bundle, attn_density=attn_density, mlp_recall=0.99 if mlp else None, attn=attn,
                                   mlp=mlp, dtype=dtype)
-        out.append(Variant(name, sel, chose))
+        out.append(Variant(name, sel, chose, gemv_impl="xla" if name in GEMV_OFF else "auto"))
     return out
 
 
@@ -160,7 +164,7 @@ def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argpars
     for v in variants:
         t0 = time.perf_counter()
         try:
-            logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps)
+            logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps, v.gemv_impl)
             v.logits = np.asarray(logits[:, :64])
             if v.selector is not None and args.sizes:
                 _, cache, inter = probe_step(graphdef, state, _reset(cache, context), tokens, v.selector)
@@ -184,19 +188,19 @@ def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argpars
         for v in variants:
             c = _reset(cache, context)
             t = time.perf_counter()
-            logits, cache = run_steps(graphdef, state, c, tokens, v.selector, args.steps)
+            logits, cache = run_steps(graphdef, state, c, tokens, v.selector, args.steps, v.gemv_impl)
             logits.block_until_ready()
             v.times.append((time.perf_counter() - t) / args.steps)
     if args.breakdown:
         for v in variants:
-            hlo = run_steps.lower(graphdef, state, cache, tokens, v.selector, args.steps).compile().as_text()
+            hlo = run_steps.lower(graphdef, state, cache, tokens, v.selector, args.steps, v.gemv_impl).compile().as_text()
             scopes = bd.hlo_scopes(hlo)
             if args.save_hlo is not None:
                 args.save_hlo.mkdir(parents=True, exist_ok=True)
                 with gzip.open(args.save_hlo / f"{cfg.model_type}_{batch}_{context}_{v.name}.hlo.gz", "wt") as f:
                     f.write(hlo)
             with bd.Cupti() as prof:
-                logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps)
+                logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps, v.gemv_impl)
                 logits.block_until_ready()
             if prof.records:
                 v.breakdown = bd.breakdown(prof.records, scopes, args.steps)

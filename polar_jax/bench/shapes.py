@@ -32,6 +32,8 @@ SHAPES: dict[str, ModelConfig] = {
     ),
     "opt-6.7b": _opt(4096, 32, 32),
     "opt-13b": _opt(5120, 40, 40),
+    # fits a 24 GB GPU (Colab's L4) with a batch of 8 at context 2048
+    "opt-1.3b": dataclasses.replace(_opt(2048, 24, 32), head_dim=64),
     # CPU code-path checks (--tiny)
     "tiny-opt": dataclasses.replace(_opt(64, 3, 4), vocab_size=512, intermediate_size=256, head_dim=16,
                                     dtype="float32", max_position_embeddings=1024),
@@ -40,7 +42,7 @@ SHAPES: dict[str, ModelConfig] = {
         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=1024, dtype="float32",
     ),
 }
-LARGE = ("llama2-7b", "llama3.1-8b", "opt-6.7b", "opt-13b")
+LARGE = ("llama2-7b", "llama3.1-8b", "opt-6.7b", "opt-13b", "opt-1.3b")
 
 # PAPER.md: OPT-66B mean MLP union density at 99 % recall by batch size (the benchmark's MLP density
 # when no calibrated table is given); other sizes are interpolated in log2(B).

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import dense_decode_xla, gather_down, gather_up, gather_up_gated, resolve_impl, select_decode
+from pallas_kernels import (dense_decode_xla, gather_down, gather_up, gather_up_gated, resolve_impl, select_decode,
+                            triton_gpu_available)
 from polar_jax.cache import KVCache, LayerKV
 from polar_jax.config import ModelConfig
 from polar_jax.models.layers import F32, MLP, Attention, LayerNorm, RMSNorm, apply_rope, causal_attention, rope_inv_freq
@@ -80,6 +81,7 @@ class Step:
     collect: bool = False
     attn_impl: str = "xla"
     mlp_impl: str = "xla"
+    gemv_impl: str | None = None  # decode: kernel backend of the small-batch projections (None: XLA's dot)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -111,8 +113,18 @@ def decode_attention(q: jax.Array, kv: LayerKV, step: Step, choice: AttentionSel
                          window=step.window, impl=step.attn_impl)
 
 
-def dense_mlp(mlp: MLP, h: jax.Array) -> jax.Array:
-    return mlp.project_down(mlp.activations(h))
+def gemv_backend(impl: str, dtype) -> str | None:
+    """The backend of the decode projections' GEMV, or None for XLA's dot. "auto" takes the Pallas kernel
+    where it runs natively and the model is 16-bit (the kernel's GPU dtypes)."""
+    if impl == "auto":
+        native = triton_gpu_available() and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "triton" if native else None
+    name = resolve_impl(impl)
+    return None if name == "xla" else name
+
+
+def dense_mlp(mlp: MLP, h: jax.Array, gemv: str | None = None) -> jax.Array:
+    return mlp.project_down(mlp.activations(h, gemv), gemv)
 
 
 def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, impl: str) -> jax.Array:
@@ -126,12 +138,12 @@ def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, i
     return gather_down(act, mlp.down[...], idx, n_active, bias=bias, impl=impl)
 
 
-def decode_mlp(mlp: MLP, h: jax.Array, choice: MLPSelection | None, impl: str) -> jax.Array:
+def decode_mlp(mlp: MLP, h: jax.Array, choice: MLPSelection | None, impl: str, gemv: str | None = None) -> jax.Array:
     """h [B, d] -> [B, d]: dense, or the selective kernels over the selected neurons. The choice between
     them is static (a selector decides per layer at trace time): a run-time `lax.cond` here splits the
     step's CUDA graph and cost ~0.5 ms per step at B=32 on the H200."""
     if choice is None or choice.dense:
-        return dense_mlp(mlp, h)
+        return dense_mlp(mlp, h, gemv)
     return selective_mlp(mlp, h, choice.idx, choice.n_active, impl)
 
 
@@ -158,7 +170,7 @@ class Block(nnx.Module):
         """x [B, T, d] -> (x, the layer's cache after this step). T = 1 in decode mode."""
         h = self.attn_norm(x) if self.pre_norm else x
         with jax.named_scope(SCOPES["proj"]):
-            q, k, v = self.attn.qkv(h)
+            q, k, v = self.attn.qkv(h, step.gemv_impl)
             if self.use_rope:
                 q, k = apply_rope(q, step.positions, step.inv_freq), apply_rope(k, step.positions, step.inv_freq)
         if step.mode == "decode":
@@ -183,7 +195,7 @@ class Block(nnx.Module):
             self.sow(nnx.Intermediate, "router_input", h)
             self.sow(nnx.Intermediate, "head_norm", head_output_norms(heads))
         with jax.named_scope(SCOPES["proj"]):
-            x = x + self.attn.out(heads)
+            x = x + self.attn.out(heads, step.gemv_impl)
         if not self.pre_norm:
             x = self.attn_norm(x)
         h2 = self.mlp_norm(x) if self.pre_norm else x
@@ -199,7 +211,7 @@ class Block(nnx.Module):
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "mlp_n_active", jnp.int32(-1) if choice.dense else choice.n_active)
             with jax.named_scope(SCOPES["mlp"]):
-                return decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl)[:, None]
+                return decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl, step.gemv_impl)[:, None]
         if step.mode == "prefill" or (step.sparsifier is None and not step.collect):
             return dense_mlp(self.mlp, h2)
         act = self.mlp.activations(h2)
@@ -291,6 +303,7 @@ class CausalLM(nnx.Module):
         attn_impl: str = "auto",
         mlp_impl: str = "auto",
         collect: bool = False,
+        gemv_impl: str = "auto",
     ) -> tuple[jax.Array, KVCache]:
         """One new token per row: tokens [B] at positions `cache.lengths`. Returns logits [B, V] and the
         cache with the new K/V written and lengths + 1 on live rows (other rows stay as they are). With a
@@ -298,7 +311,9 @@ class CausalLM(nnx.Module):
         over the selected neurons (`gather_up` / `gather_down`); layers where it returns None stay dense.
         `attn_impl="auto"` runs dense attention through the Pallas kernel on CUDA GPUs and through the XLA
         einsum elsewhere. `collect` sows each layer's router input and selection sizes (`attn_n_active`
-        per row, `mlp_n_active`, -1 for a dense MLP) as `nnx.Intermediate`."""
+        per row, `mlp_n_active`, -1 for a dense MLP) as `nnx.Intermediate`. `gemv_impl` runs the dense
+        projections of small batches through the Pallas GEMV ("auto": on CUDA GPUs for 16-bit models, where
+        `pallas_kernels.prefers_gemv` says it is faster; "xla": never)."""
         b = tokens.shape[0]
         live = cache.live_rows()
         pos = cache.lengths.astype(jnp.int32)
@@ -308,6 +323,7 @@ class CausalLM(nnx.Module):
             "decode", positions, lengths=jnp.where(live, new_len, 0), live=live, selector=selector,
             dense_attention=AttentionSelection.all_groups(b, self.config.num_kv_heads),
             attn_impl=resolve_impl(attn_impl), mlp_impl=resolve_impl(mlp_impl), collect=collect,
+            gemv_impl=gemv_backend(gemv_impl, self.dtype),
         )
         x, layers = self.run_layers(self.embed(tokens[:, None], positions), cache, step)
         return self.logits(x[:, 0]), cache.with_layers(layers, new_len, cache.live)
