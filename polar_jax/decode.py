@@ -22,6 +22,7 @@ from polar_jax.cache import KVCache
 from polar_jax.errors import InputError
 from polar_jax.models import CausalLM
 from polar_jax.sparse_decode import IMPL_CHOICES, check_selector, sparse_selector
+from polar_jax.validate import check_positions, token_id
 
 PROMPT_BUCKET = 16  # prompts are right-padded to a multiple of this, so lengths share compiled programs
 CACHE_BUCKET = 64
@@ -85,7 +86,7 @@ def _as_prompt_list(prompts: Any) -> list[list[int]]:
     if isinstance(prompts, str):
         raise InputError("prompts must be token ids; encode text with the tokenizer first (tokenizer.encode)")
     try:
-        out = [list(map(int, p)) for p in prompts]
+        out = [list(map(token_id, p)) for p in prompts]
     except (TypeError, ValueError):
         raise InputError("prompts must be an int array [B, T] or a list of token-id lists") from None
     return out
@@ -113,11 +114,7 @@ def validate_generation(
         raise InputError(f"top_p must be in (0, 1], got {top_p}")
     longest = max(len(p) for p in plist)
     needed = longest + int(max_new_tokens)
-    if cfg.family == "opt" and needed > cfg.max_position_embeddings:
-        raise InputError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
-            f"{cfg.max_position_embeddings} positions"
-        )
+    check_positions(cfg, needed, f"prompt of {longest} tokens + {max_new_tokens} new tokens")
     if cache_size is not None:
         if longest > cache_size:
             raise InputError(f"prompt of {longest} tokens is longer than the cache ({cache_size} positions)")

@@ -29,6 +29,7 @@ from polar_jax.cache import KVCache, LayerKV
 from polar_jax.config import ModelConfig
 from polar_jax.models.layers import F32, MLP, Attention, LayerNorm, RMSNorm, apply_rope, causal_attention, rope_inv_freq
 from polar_jax.selection import AttentionSelection, MLPSelection
+from polar_jax.validate import check_model_input
 
 MODES = ("full", "prefill", "decode")
 # Named scopes of the decode step's parts: the profile breakdown (polar_jax/bench/breakdown.py) maps each
@@ -265,6 +266,7 @@ class CausalLM(nnx.Module):
         self, tokens: jax.Array, *, sparsifier: Sparsifier | None = None, collect: bool = False
     ) -> jax.Array:
         """Causal logits [B, T, V] for token ids [B, T] (positions 0..T-1, no cache)."""
+        check_model_input(self.config, tokens)
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x, _ = self.run_layers(self.embed(tokens, positions), None,

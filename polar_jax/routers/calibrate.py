@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from polar_jax.errors import InputError
 from polar_jax.routers.bundle import SparsityBundle
+from polar_jax.validate import check
 from polar_jax.routers.collect import CollectedData
 from polar_jax.routers.config import (CALIBRATION_BATCH_SIZES, MLPTable, allocate_units,  # noqa: F401 (re-export)
                                       budget_bounds, check_density)
@@ -170,6 +171,7 @@ def calibrate(
     c = bundle.config
     if tile < 1:
         raise InputError(f"tile must be >= 1, got {tile}")
+    check("batches", n_batches, "number of calibration batches")
     check_density(dense_threshold, "dense fallback threshold")
     for r in recalls:
         check_density(r, "recall target")
