@@ -33,7 +33,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 import polar_jax
-from polar_jax.cli import _load_any
+from polar_jax.cli_common import load_model
 from polar_jax.errors import InputError
 from polar_jax.eval.lm_eval_scoring import continuation_scores
 from polar_jax.eval.sparse_ppl import build_sparsifier
@@ -113,7 +113,7 @@ class PolarLM(TemplateLM):
         else:
             if model != "default" and not Path(str(model)).exists():
                 raise InputError(f"model path {model} does not exist")
-            self.model, tok = _load_any(str(model), dtype)
+            self.model, tok = load_model(str(model), dtype)
             if tok is None:
                 raise InputError(f"{model} has no tokenizer files; lm-eval works on text")
             self.tokenizer, self.model_name = tokenizer or tok, str(model)
