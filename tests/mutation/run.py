@@ -76,6 +76,7 @@ MODULES: tuple[Module, ...] = (
     Module("attention-reference", "pallas_kernels/selective_attention_xla.py", None,
            "tests/test_kernel_references.py", 120),
     Module("union-reference", "pallas_kernels/union_select_xla.py", None, "tests/test_kernels_xla.py -k union", 120),
+    Module("gemv-reference", "pallas_kernels/dense_gemv_xla.py", None, "tests/test_kernels_xla.py -k gemv", 120),
     Module("slots", "pallas_kernels/slots.py", None, "tests/test_kernel_references.py", 120),
     Module("activations", "pallas_kernels/activations.py", None, "tests/test_kernel_references.py", 120),
 )
