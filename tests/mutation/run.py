@@ -118,22 +118,51 @@ def write_config(root: Path, m: Module, all_operators: bool, timeout: float) -> 
     return cfg
 
 
-def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -> tuple[int, int]:
-    """Marks as skipped the mutants outside the module's functions and, when bounded, all but an even
-    sample of `max_mutants`; returns how many remain and how many the functions hold in all."""
+def annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions ((line 1-based, column 0-based), end exclusive) of every annotation in a file
+    that has `from __future__ import annotations` (there annotations are strings that nothing evaluates at
+    run time, so a mutant inside one is equivalent by construction); [] for any other file."""
+    tree = ast.parse(path.read_text())
+    future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
+                 any(a.name == "annotations" for a in n.names) for n in tree.body)
+    if not future:
+        return []
+    nodes = []
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = n.args
+            nodes += [x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg)
+                      if x is not None and x.annotation is not None]
+            nodes += [n.returns] if n.returns is not None else []
+        elif isinstance(n, ast.AnnAssign):
+            nodes.append(n.annotation)
+    return [((x.lineno, x.col_offset), (x.end_lineno, x.end_col_offset)) for x in nodes]
+
+
+def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -> tuple[int, int, int]:
+    """Marks as skipped the mutants outside the module's functions, those inside annotations (equivalent,
+    see `annotation_spans`; counted and reported) and, when bounded, all but an even sample of
+    `max_mutants`; returns how many remain, how many the functions hold outside annotations, and how many
+    were inside annotations."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     spans = function_lines(root / m.path, m.functions) if m.functions else None
+    annotations = annotation_spans(root / m.path)
+    n_annotation = 0
     with use_db(str(session), WorkDB.Mode.open) as db:
         kept = []
         for item in db.pending_work_items:
-            line = item.mutations[0].start_pos[0]
-            if spans is None or any(a <= line <= b for a, b in spans):
-                kept.append(item)
-            else:
+            pos = tuple(item.mutations[0].start_pos)
+            if spans is not None and not any(a <= pos[0] <= b for a, b in spans):
                 db.set_result(item.job_id, WorkResult(output="outside the module's functions",
                                                       worker_outcome=WorkerOutcome.SKIPPED))
+            elif any(a <= pos < b for a, b in annotations):
+                n_annotation += 1
+                db.set_result(item.job_id, WorkResult(output="inside an annotation (never evaluated)",
+                                                      worker_outcome=WorkerOutcome.SKIPPED))
+            else:
+                kept.append(item)
         population = len(kept)
         if max_mutants is not None and len(kept) > max_mutants:
             kept.sort(key=lambda it: (it.mutations[0].start_pos, it.mutations[0].operator_name,
@@ -145,7 +174,7 @@ def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -
                     db.set_result(it.job_id, WorkResult(output="not in the bounded sample",
                                                         worker_outcome=WorkerOutcome.SKIPPED))
             kept = [it for it in kept if it.job_id in chosen]
-        return len(kept), population
+        return len(kept), population, n_annotation
 
 
 def collect(session: Path, m: Module, root: Path) -> dict:
@@ -196,16 +225,17 @@ def run_module(m: Module, root: Path, args, log, baseline_s: float | None = None
 
     cr("cosmic-ray", "init", cfg.name, session.name)
     cr("cr-filter-operators", session.name, cfg.name)
-    n, population = select_work(session, m, root, args.max_mutants)
-    log(f"{m.name}: {n} of {population} mutants in {m.path} "
+    n, population, n_annotation = select_work(session, m, root, args.max_mutants)
+    log(f"{m.name}: {n} of {population} mutants ({n_annotation} more inside annotations, not run) in {m.path} "
         f"({', '.join(m.functions) if m.functions else 'whole file'})")
     if args.count:
-        return {"module": m.name, "mutants": n, "population": population}
+        return {"module": m.name, "mutants": n, "population": population, "annotation_mutants": n_annotation}
     t0 = time.time()
     cr("cosmic-ray", "exec", cfg.name, session.name)
     res = collect(session, m, root)
     res["seconds"] = round(time.time() - t0)
     res["population"] = population
+    res["annotation_mutants"] = n_annotation
     res["timeout_s"] = round(timeout)
     res["baseline_s"] = round(baseline_s) if baseline_s else None
     log(f"{m.name}: {res['killed']}/{res['mutants']} killed ({res['timeouts']} by timeout), {res['survived']} "
@@ -230,13 +260,16 @@ def report_md(entries: list[dict]) -> str:
          "Each row states the command, commit and date of the run that produced it.", "",
          "Killed includes mutants whose tests ran past the timeout (4x the unmutated tests' time, at least the",
          "module's floor); that count is given apart. Score = killed / mutants run.", "",
-         "| module | file (functions) | tests | mutants run (of all) | killed (by timeout) | survived | "
-         "equivalent | score | score without equivalent |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "Mutants inside annotations are not run: every file here has `from __future__ import annotations`, so",
+         "an annotation is a string nothing evaluates and such a mutant (`jax.Array | int` -> `jax.Array % int`)",
+         "is equivalent by construction. Their number is given; 'of all' counts the others.", "",
+         "| module | file (functions) | tests | mutants run (of all) | in annotations (not run) | killed (by timeout) "
+         "| survived | equivalent | score | score without equivalent |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in entries:
         fn = r["functions"] if isinstance(r["functions"], str) else ", ".join(r["functions"])
         L.append(f"| {r['module']} | `{r['file']}` ({fn}) | `{r['tests']}` | {r['mutants']} ({r.get('population', '?')}) "
-                 f"| {r['killed']} ({r.get('timeouts', '?')}) | {r['survived']} | {r['equivalent']} | {pct(r['score'])} | "
+                 f"| {r.get('annotation_mutants', 'not filtered')} | {r['killed']} ({r.get('timeouts', '?')}) | {r['survived']} | {r['equivalent']} | {pct(r['score'])} | "
                  f"{pct(r['score_excluding_equivalent'])} |")
     L += ["", "## Runs", ""]
     for r in entries:
