@@ -68,7 +68,7 @@ MODULES: tuple[Module, ...] = (
            "tests/test_parity.py -k 'rope_frequencies or prefill_logits'", 200),
     Module("selection", "polar_jax/selection.py", None,
            "tests/test_routers_core.py tests/test_sparse_selection.py -k 'union_rules or adaptive_counts or "
-           "top_units or adaptive_budgets or attention_selection'", 120),
+           "top_units or adaptive_budgets or attention_selection or selection_types'", 120),
     Module("calibrate", "polar_jax/routers/calibrate.py", None,
            "tests/test_calibrate.py tests/test_routers_core.py tests/test_sparse_selection.py -k 'calibrat or "
            "recall_curve or adaptive_budgets or monotone or importance'", 150),
