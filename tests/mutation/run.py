@@ -87,7 +87,21 @@ EXCLUDED_OPERATORS = (
 )
 
 # Survivors judged equivalent: (module name, operator, the source line stripped) -> why no test can fail.
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+_COMPACT_DEST = "dest = jnp.where(mask & (pos < capacity), pos, capacity)"
+_COMPACT_WHY = ("`pos < capacity` is redundant: where mask is True, pos >= 0, and a pos >= capacity is out of range "
+                "of idx, which the scatter (mode='drop') drops just as it drops dest = capacity; where mask is "
+                "False the mutated condition is still False (pos < capacity holds there, or pos >= capacity is "
+                "dropped either way)")
+_GEMV_SPEC = 'spec = "mk,kn->mn" if layout == "kn" else "mk,nk->mn"'
+EQUIVALENT: dict[tuple[str, str, str], str] = {
+    **{("union-reference", f"core/{op}", _COMPACT_DEST): _COMPACT_WHY
+       for op in ("ReplaceBinaryOperator_BitAnd_FloorDiv", "ReplaceBinaryOperator_BitAnd_Pow",
+                  "ReplaceComparisonOperator_Lt_IsNot", "ReplaceComparisonOperator_Lt_NotEq",
+                  "ReplaceComparisonOperator_Lt_LtE")},
+    ("gemv-reference", "core/ReplaceComparisonOperator_Eq_LtE", _GEMV_SPEC):
+        "layout is 'kn' or 'nk' (dense_gemv.check_gemv refuses anything else before dispatch), and "
+        "'kn' <= 'kn' is True, 'nk' <= 'kn' False: the same branch as ==",
+}
 
 
 def function_lines(path: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
