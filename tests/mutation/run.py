@@ -86,22 +86,55 @@ EXCLUDED_OPERATORS = (
     r"core/VariableInserter", r"core/VariableReplacer",
 )
 
-# Survivors judged equivalent: (module name, operator, the source line stripped) -> why no test can fail.
-_COMPACT_DEST = "dest = jnp.where(mask & (pos < capacity), pos, capacity)"
-_COMPACT_WHY = ("`pos < capacity` is redundant: where mask is True, pos >= 0, and a pos >= capacity is out of range "
-                "of idx, which the scatter (mode='drop') drops just as it drops dest = capacity; where mask is "
-                "False the mutated condition is still False (pos < capacity holds there, or pos >= capacity is "
-                "dropped either way)")
-_GEMV_SPEC = 'spec = "mk,kn->mn" if layout == "kn" else "mk,nk->mn"'
-EQUIVALENT: dict[tuple[str, str, str], str] = {
-    **{("union-reference", f"core/{op}", _COMPACT_DEST): _COMPACT_WHY
-       for op in ("ReplaceBinaryOperator_BitAnd_FloorDiv", "ReplaceBinaryOperator_BitAnd_Pow",
-                  "ReplaceComparisonOperator_Lt_IsNot", "ReplaceComparisonOperator_Lt_NotEq",
-                  "ReplaceComparisonOperator_Lt_LtE")},
-    ("gemv-reference", "core/ReplaceComparisonOperator_Eq_LtE", _GEMV_SPEC):
+# Survivors judged equivalent: (module name, source line, mutated line; both stripped) -> why no test can
+# fail. Keyed by the exact mutated text, so that another mutant of the same line is never excused by it.
+def _equivalent_table() -> dict[tuple[str, str, str], str]:
+    table: dict[tuple[str, str, str], str] = {}
+
+    def add(module: str, src: str, mutated: tuple[str, ...], why: str) -> None:
+        for new in mutated:
+            table[(module, src, new)] = why
+
+    dest = "dest = jnp.where(mask & (pos < capacity), pos, capacity)"
+    add("union-reference", dest, tuple(dest.replace("mask & (pos < capacity)", m) for m in (
+        "mask // (pos < capacity)", "mask ** (pos < capacity)", "mask & (pos is not capacity)",
+        "mask & (pos != capacity)", "mask & (pos <= capacity)")),
+        "`pos < capacity` is redundant: where mask is True, pos >= 0, and a pos >= capacity is out of range of "
+        "idx, which the scatter (mode='drop') drops just as it drops dest = capacity; where mask is False the "
+        "mutated condition is still False (pos < capacity holds there) or pos >= capacity is dropped anyway")
+    spec = 'spec = "mk,kn->mn" if layout == "kn" else "mk,nk->mn"'
+    add("gemv-reference", spec, (spec.replace("==", "<="),),
         "layout is 'kn' or 'nk' (dense_gemv.check_gemv refuses anything else before dispatch), and "
-        "'kn' <= 'kn' is True, 'nk' <= 'kn' False: the same branch as ==",
-}
+        "'kn' <= 'kn' is True, 'nk' <= 'kn' False: the same branch as ==")
+    rank = "return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)"
+    add("selection", rank, (rank.replace("|", "+"), rank.replace("|", "^")),
+        "above (s_j > s_i) and tie_before (s_j == s_i) are never both True, so on booleans + and ^ are |")
+    add("selection", "if start <= 0:", ("if start < 0:",),
+        "at start = 0 the skipped line returns jnp.where(arange(t) < 0, 1.0, mask), which is mask (the float "
+        "masks the evaluation passes); the early return only saves that work")
+    stab = "p = jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0.0))"
+    add("attention-reference", stab, (stab.replace("0.0", "1.0"), stab.replace("0.0", "-1.0")),
+        "the fallback only applies where mx = -inf, i.e. every key of the row is masked: then s = -inf and "
+        "exp(-inf - c) = 0 for any finite c (den = 0, the output is 0 either way)")
+    for src in ("return jnp.argmax(logits, axis=-1).astype(jnp.int32)",
+                "order = jnp.argsort(-logits, axis=-1)",
+                "sorted_logits = jnp.take_along_axis(logits, order, axis=-1)",
+                "probs = jax.nn.softmax(sorted_logits, axis=-1)",
+                "keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p",
+                "choice = jax.random.categorical(key, sorted_logits, axis=-1)",
+                "return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)"):
+        add("sampling", src, (src.replace("axis=-1", "axis=+1"),),
+            "sample_tokens takes logits [B, V] (its contract; generate and generate_stream pass [B, V]): on a "
+            "2-D array axis +1 is axis -1")
+    return table
+
+
+EQUIVALENT = _equivalent_table()
+
+
+def _mutated_line(diff: str) -> str:
+    added = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return added[0] if len(added) == 1 else "\n".join(added)
 
 
 def function_lines(path: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -205,7 +238,7 @@ def collect(session: Path, m: Module, root: Path) -> dict:
             mut = item.mutations[0]
             if result.test_outcome == TestOutcome.SURVIVED:
                 src = lines[mut.start_pos[0] - 1].strip()
-                why = EQUIVALENT.get((m.name, mut.operator_name, src))
+                why = EQUIVALENT.get((m.name, src, _mutated_line(result.diff or "")))
                 entry = {"line": mut.start_pos[0], "operator": mut.operator_name, "occurrence": mut.occurrence,
                          "source": src, "diff": result.diff, "equivalent": why}
                 survivors.append(entry)
