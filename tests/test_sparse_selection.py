@@ -265,3 +265,6 @@ def test_selection_types_are_pytrees_that_cross_jit():
     assert len(jax.tree_util.tree_leaves(mlp)) == 2
     signed = jax.jit(lambda s: s.n_active if s.dense else -s.n_active)
     assert int(signed(mlp)) == -2 and int(signed(MLPSelection(mlp.idx, mlp.n_active, dense=True))) == 2
+    for sel, field in ((att, "n_active"), (mlp, "n_active"), (mlp, "dense")):  # values: one selection is
+        with pytest.raises(dataclasses.FrozenInstanceError):  # shared by every layer's reads, never edited
+            setattr(sel, field, 0)
