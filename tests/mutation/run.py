@@ -106,6 +106,11 @@ def _equivalent_table() -> dict[tuple[str, str, str], str]:
     add("gemv-reference", spec, (spec.replace("==", "<="),),
         "layout is 'kn' or 'nk' (dense_gemv.check_gemv refuses anything else before dispatch), and "
         "'kn' <= 'kn' is True, 'nk' <= 'kn' False: the same branch as ==")
+    for src in ("y = jnp.where(_active_mask(n_active, idx.shape[0])[None, :], y, 0.0)",
+                "hm = jnp.where(_active_mask(n_active, idx.shape[0])[None, :], h, jnp.zeros((), h.dtype))",
+                "hm = jnp.where(_active_mask(n_active, idx.shape[0])[None, :], h.astype(jnp.float32), 0.0)"):
+        add("gemm-reference", src, (src.replace("idx.shape[0]", "idx.shape[ -1]"),),
+            "idx is 1-D [A] (selective_gemm._check_idx refuses any other rank): shape[-1] is shape[0]")
     rank = "return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)"
     add("selection", rank, (rank.replace("|", "+"), rank.replace("|", "^")),
         "above (s_j > s_i) and tie_before (s_j == s_i) are never both True, so on booleans + and ^ are |")
