@@ -96,6 +96,18 @@ def test_out_of_range_active_indices_are_clamped():
     np.testing.assert_allclose(gxla.dense_scatter_down(h, w, idx, 3), npref.gather_down_ref(h, w, clamped, 3), **TOL)
 
 
+def test_out_of_range_active_groups_are_clamped():
+    """Like the GEMMs' indices: a traced group id outside [0, Hkv) in a live slot reads and writes the
+    nearest valid group (the slot bookkeeping clamps its target the same way)."""
+    rng = npref.seeded_rng()
+    B, S, Hq, Hkv, D = 2, 7, 6, 3, 4
+    q, k, v = _f32(rng, (B, Hq, D)), _f32(rng, (B, S, Hkv, D)), _f32(rng, (B, S, Hkv, D))
+    lengths, n_active = jnp.asarray([5, 7], jnp.int32), jnp.asarray([2, 2], jnp.int32)
+    groups, clamped = jnp.asarray([[Hkv + 4, 0], [-3, 1]], jnp.int32), np.array([[Hkv - 1, 0], [0, 1]])
+    got = np.asarray(jax.jit(axla.select_decode_xla, static_argnums=(6,))(q, k, v, lengths, groups, n_active, 0.5))
+    np.testing.assert_allclose(got, npref.select_decode_ref(q, k, v, lengths, clamped, n_active, sm_scale=0.5), **TOL)
+
+
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2)])
 def test_select_and_dense_decode_references(window, Hq, Hkv):

@@ -170,6 +170,12 @@ def test_union_rules_and_masks_against_numpy():
     np.testing.assert_array_equal(np.asarray(union_threshold_mask(logits.transpose(1, 0, 2), t, jnp.asarray(live),
                                                                   axis=1)), (logits[live] > t).any(0))
     np.testing.assert_array_equal(np.asarray(union_threshold_mask(logits, logits.max() + 1)), False)
+    # Thresholds are router logits and can be negative: a dead row must still count for nothing.
+    low = logits.copy()
+    low[live, :, :5] = -3.0  # every live row far below the threshold on the first 5 neurons
+    want = (low[live] > -1.0).any(0)
+    assert not want[:, :5].any() and want.any()
+    np.testing.assert_array_equal(np.asarray(union_threshold_mask(low, -1.0, jnp.asarray(live))), want)
 
     keep = (logits > 0.3).any(0)  # [T, N]
     for cap in (0, 1, 5, int(keep.sum(-1).min()), 40):

@@ -85,6 +85,23 @@ def test_nucleus_sizes_are_the_smallest_prefix_reaching_top_p():
         assert_frequencies(draws[1], above, f"top_p just above {cum[j]:.3f}")
 
 
+def test_a_prefix_whose_mass_equals_top_p_closes_the_nucleus():
+    """Four equal logits: each probability is exactly 0.25 in float32, so the mass before the j-th token is
+    exactly j/4. At top_p = j/4 the nucleus holds j tokens (a token is dropped once the mass before it
+    reaches top_p, HF's rule), not j + 1; which of the tied tokens is left to the sort, so only the count
+    and the frequencies are checked."""
+    ps = jnp.asarray([0.25, 0.5, 0.75], jnp.float32)
+    draws = np.asarray(jax.jit(jax.vmap(lambda k, p: sample_tokens(jnp.zeros((DRAWS, 4), jnp.float32), k,
+                                                                   jnp.float32(1.0), p, False)))(
+        jax.random.split(jax.random.key(77), 3), ps))
+    for j, tokens in enumerate(draws, start=1):
+        kept = np.unique(tokens)
+        assert kept.size == j, f"top_p={j / 4}: {kept.size} tokens drawn, the nucleus holds {j}"
+        probs = np.zeros(4)
+        probs[kept] = 1.0 / j
+        assert_frequencies(tokens, probs, f"top_p={j / 4}")
+
+
 def test_greedy_is_argmax_per_row():
     rng = np.random.default_rng(5)
     logits = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32)

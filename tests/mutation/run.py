@@ -68,7 +68,7 @@ MODULES: tuple[Module, ...] = (
            "tests/test_parity.py -k 'rope_frequencies or prefill_logits'", 200),
     Module("selection", "polar_jax/selection.py", None,
            "tests/test_routers_core.py tests/test_sparse_selection.py -k 'union_rules or adaptive_counts or "
-           "top_units or adaptive_budgets or attention_selection'", 120),
+           "top_units or adaptive_budgets or attention_selection or selection_types'", 120),
     Module("calibrate", "polar_jax/routers/calibrate.py", None,
            "tests/test_calibrate.py tests/test_routers_core.py tests/test_sparse_selection.py -k 'calibrat or "
            "recall_curve or adaptive_budgets or monotone or importance'", 150),
@@ -76,6 +76,7 @@ MODULES: tuple[Module, ...] = (
     Module("attention-reference", "pallas_kernels/selective_attention_xla.py", None,
            "tests/test_kernel_references.py", 120),
     Module("union-reference", "pallas_kernels/union_select_xla.py", None, "tests/test_kernels_xla.py -k union", 120),
+    Module("gemv-reference", "pallas_kernels/dense_gemv_xla.py", None, "tests/test_kernels_xla.py -k gemv", 120),
     Module("slots", "pallas_kernels/slots.py", None, "tests/test_kernel_references.py", 120),
     Module("activations", "pallas_kernels/activations.py", None, "tests/test_kernel_references.py", 120),
 )
@@ -85,8 +86,60 @@ EXCLUDED_OPERATORS = (
     r"core/VariableInserter", r"core/VariableReplacer",
 )
 
-# Survivors judged equivalent: (module name, operator, the source line stripped) -> why no test can fail.
-EQUIVALENT: dict[tuple[str, str, str], str] = {}
+# Survivors judged equivalent: (module name, source line, mutated line; both stripped) -> why no test can
+# fail. Keyed by the exact mutated text, so that another mutant of the same line is never excused by it.
+def _equivalent_table() -> dict[tuple[str, str, str], str]:
+    table: dict[tuple[str, str, str], str] = {}
+
+    def add(module: str, src: str, mutated: tuple[str, ...], why: str) -> None:
+        for new in mutated:
+            table[(module, src, new)] = why
+
+    dest = "dest = jnp.where(mask & (pos < capacity), pos, capacity)"
+    add("union-reference", dest, tuple(dest.replace("mask & (pos < capacity)", m) for m in (
+        "mask // (pos < capacity)", "mask ** (pos < capacity)", "mask & (pos is not capacity)",
+        "mask & (pos != capacity)", "mask & (pos <= capacity)")),
+        "`pos < capacity` is redundant: where mask is True, pos >= 0, and a pos >= capacity is out of range of "
+        "idx, which the scatter (mode='drop') drops just as it drops dest = capacity; where mask is False the "
+        "mutated condition is still False (pos < capacity holds there) or pos >= capacity is dropped anyway")
+    spec = 'spec = "mk,kn->mn" if layout == "kn" else "mk,nk->mn"'
+    add("gemv-reference", spec, (spec.replace("==", "<="),),
+        "layout is 'kn' or 'nk' (dense_gemv.check_gemv refuses anything else before dispatch), and "
+        "'kn' <= 'kn' is True, 'nk' <= 'kn' False: the same branch as ==")
+    for src in ("y = jnp.where(_active_mask(n_active, idx.shape[0])[None, :], y, 0.0)",
+                "hm = jnp.where(_active_mask(n_active, idx.shape[0])[None, :], h, jnp.zeros((), h.dtype))",
+                "hm = jnp.where(_active_mask(n_active, idx.shape[0])[None, :], h.astype(jnp.float32), 0.0)"):
+        add("gemm-reference", src, (src.replace("idx.shape[0]", "idx.shape[ -1]"),),
+            "idx is 1-D [A] (selective_gemm._check_idx refuses any other rank): shape[-1] is shape[0]")
+    rank = "return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)"
+    add("selection", rank, (rank.replace("|", "+"), rank.replace("|", "^")),
+        "above (s_j > s_i) and tie_before (s_j == s_i) are never both True, so on booleans + and ^ are |")
+    add("selection", "if start <= 0:", ("if start < 0:",),
+        "at start = 0 the skipped line returns jnp.where(arange(t) < 0, 1.0, mask), which is mask (the float "
+        "masks the evaluation passes); the early return only saves that work")
+    stab = "p = jnp.exp(s - jnp.where(jnp.isfinite(mx), mx, 0.0))"
+    add("attention-reference", stab, (stab.replace("0.0", "1.0"), stab.replace("0.0", "-1.0")),
+        "the fallback only applies where mx = -inf, i.e. every key of the row is masked: then s = -inf and "
+        "exp(-inf - c) = 0 for any finite c (den = 0, the output is 0 either way)")
+    for src in ("return jnp.argmax(logits, axis=-1).astype(jnp.int32)",
+                "order = jnp.argsort(-logits, axis=-1)",
+                "sorted_logits = jnp.take_along_axis(logits, order, axis=-1)",
+                "probs = jax.nn.softmax(sorted_logits, axis=-1)",
+                "keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p",
+                "choice = jax.random.categorical(key, sorted_logits, axis=-1)",
+                "return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)"):
+        add("sampling", src, (src.replace("axis=-1", "axis=+1"),),
+            "sample_tokens takes logits [B, V] (its contract; generate and generate_stream pass [B, V]): on a "
+            "2-D array axis +1 is axis -1")
+    return table
+
+
+EQUIVALENT = _equivalent_table()
+
+
+def _mutated_line(diff: str) -> str:
+    added = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return added[0] if len(added) == 1 else "\n".join(added)
 
 
 def function_lines(path: Path, names: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -117,22 +170,51 @@ def write_config(root: Path, m: Module, all_operators: bool, timeout: float) -> 
     return cfg
 
 
-def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -> tuple[int, int]:
-    """Marks as skipped the mutants outside the module's functions and, when bounded, all but an even
-    sample of `max_mutants`; returns how many remain and how many the functions hold in all."""
+def annotation_spans(path: Path) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions ((line 1-based, column 0-based), end exclusive) of every annotation in a file
+    that has `from __future__ import annotations` (there annotations are strings that nothing evaluates at
+    run time, so a mutant inside one is equivalent by construction); [] for any other file."""
+    tree = ast.parse(path.read_text())
+    future = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and
+                 any(a.name == "annotations" for a in n.names) for n in tree.body)
+    if not future:
+        return []
+    nodes = []
+    for n in ast.walk(tree):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = n.args
+            nodes += [x.annotation for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg)
+                      if x is not None and x.annotation is not None]
+            nodes += [n.returns] if n.returns is not None else []
+        elif isinstance(n, ast.AnnAssign):
+            nodes.append(n.annotation)
+    return [((x.lineno, x.col_offset), (x.end_lineno, x.end_col_offset)) for x in nodes]
+
+
+def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -> tuple[int, int, int]:
+    """Marks as skipped the mutants outside the module's functions, those inside annotations (equivalent,
+    see `annotation_spans`; counted and reported) and, when bounded, all but an even sample of
+    `max_mutants`; returns how many remain, how many the functions hold outside annotations, and how many
+    were inside annotations."""
     from cosmic_ray.work_db import WorkDB, use_db
     from cosmic_ray.work_item import WorkerOutcome, WorkResult
 
     spans = function_lines(root / m.path, m.functions) if m.functions else None
+    annotations = annotation_spans(root / m.path)
+    n_annotation = 0
     with use_db(str(session), WorkDB.Mode.open) as db:
         kept = []
         for item in db.pending_work_items:
-            line = item.mutations[0].start_pos[0]
-            if spans is None or any(a <= line <= b for a, b in spans):
-                kept.append(item)
-            else:
+            pos = tuple(item.mutations[0].start_pos)
+            if spans is not None and not any(a <= pos[0] <= b for a, b in spans):
                 db.set_result(item.job_id, WorkResult(output="outside the module's functions",
                                                       worker_outcome=WorkerOutcome.SKIPPED))
+            elif any(a <= pos < b for a, b in annotations):
+                n_annotation += 1
+                db.set_result(item.job_id, WorkResult(output="inside an annotation (never evaluated)",
+                                                      worker_outcome=WorkerOutcome.SKIPPED))
+            else:
+                kept.append(item)
         population = len(kept)
         if max_mutants is not None and len(kept) > max_mutants:
             kept.sort(key=lambda it: (it.mutations[0].start_pos, it.mutations[0].operator_name,
@@ -144,7 +226,7 @@ def select_work(session: Path, m: Module, root: Path, max_mutants: int | None) -
                     db.set_result(it.job_id, WorkResult(output="not in the bounded sample",
                                                         worker_outcome=WorkerOutcome.SKIPPED))
             kept = [it for it in kept if it.job_id in chosen]
-        return len(kept), population
+        return len(kept), population, n_annotation
 
 
 def collect(session: Path, m: Module, root: Path) -> dict:
@@ -161,7 +243,7 @@ def collect(session: Path, m: Module, root: Path) -> dict:
             mut = item.mutations[0]
             if result.test_outcome == TestOutcome.SURVIVED:
                 src = lines[mut.start_pos[0] - 1].strip()
-                why = EQUIVALENT.get((m.name, mut.operator_name, src))
+                why = EQUIVALENT.get((m.name, src, _mutated_line(result.diff or "")))
                 entry = {"line": mut.start_pos[0], "operator": mut.operator_name, "occurrence": mut.occurrence,
                          "source": src, "diff": result.diff, "equivalent": why}
                 survivors.append(entry)
@@ -195,16 +277,17 @@ def run_module(m: Module, root: Path, args, log, baseline_s: float | None = None
 
     cr("cosmic-ray", "init", cfg.name, session.name)
     cr("cr-filter-operators", session.name, cfg.name)
-    n, population = select_work(session, m, root, args.max_mutants)
-    log(f"{m.name}: {n} of {population} mutants in {m.path} "
+    n, population, n_annotation = select_work(session, m, root, args.max_mutants)
+    log(f"{m.name}: {n} of {population} mutants ({n_annotation} more inside annotations, not run) in {m.path} "
         f"({', '.join(m.functions) if m.functions else 'whole file'})")
     if args.count:
-        return {"module": m.name, "mutants": n, "population": population}
+        return {"module": m.name, "mutants": n, "population": population, "annotation_mutants": n_annotation}
     t0 = time.time()
     cr("cosmic-ray", "exec", cfg.name, session.name)
     res = collect(session, m, root)
     res["seconds"] = round(time.time() - t0)
     res["population"] = population
+    res["annotation_mutants"] = n_annotation
     res["timeout_s"] = round(timeout)
     res["baseline_s"] = round(baseline_s) if baseline_s else None
     log(f"{m.name}: {res['killed']}/{res['mutants']} killed ({res['timeouts']} by timeout), {res['survived']} "
@@ -229,13 +312,16 @@ def report_md(entries: list[dict]) -> str:
          "Each row states the command, commit and date of the run that produced it.", "",
          "Killed includes mutants whose tests ran past the timeout (4x the unmutated tests' time, at least the",
          "module's floor); that count is given apart. Score = killed / mutants run.", "",
-         "| module | file (functions) | tests | mutants run (of all) | killed (by timeout) | survived | "
-         "equivalent | score | score without equivalent |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "Mutants inside annotations are not run: every file here has `from __future__ import annotations`, so",
+         "an annotation is a string nothing evaluates and such a mutant (`jax.Array | int` -> `jax.Array % int`)",
+         "is equivalent by construction. Their number is given; 'of all' counts the others.", "",
+         "| module | file (functions) | tests | mutants run (of all) | in annotations (not run) | killed (by timeout) "
+         "| survived | equivalent | score | score without equivalent |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in entries:
         fn = r["functions"] if isinstance(r["functions"], str) else ", ".join(r["functions"])
         L.append(f"| {r['module']} | `{r['file']}` ({fn}) | `{r['tests']}` | {r['mutants']} ({r.get('population', '?')}) "
-                 f"| {r['killed']} ({r.get('timeouts', '?')}) | {r['survived']} | {r['equivalent']} | {pct(r['score'])} | "
+                 f"| {r.get('annotation_mutants', 'not filtered')} | {r['killed']} ({r.get('timeouts', '?')}) | {r['survived']} | {r['equivalent']} | {pct(r['score'])} | "
                  f"{pct(r['score_excluding_equivalent'])} |")
     L += ["", "## Runs", ""]
     for r in entries:
