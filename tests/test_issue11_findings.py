@@ -4,6 +4,7 @@ on the code the issue was filed against. Only the public surface is used (`polar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -16,9 +17,11 @@ import polar_jax
 from cli_helpers import assert_refused, run_cli, tree_digest
 from conftest import SHARED, model_dir, require
 from convert import convert_checkpoint
+from convert.safetensors_io import SafetensorsFile, write_streaming
 from hf_factory import TINY_OPT, write_hf
 from polar_jax.cli import main
 from polar_jax.errors import CheckpointError, InputError
+from polar_jax.layout import hash_tensor
 
 VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
 DEFAULT_BUNDLE = polar_jax.routers.bundle.DEFAULT_DIR
@@ -133,6 +136,55 @@ def test_flipped_bytes_in_a_converted_checkpoint(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="weights_sha256"):
         polar_jax.load(ckpt)
     assert_refused(capsys, ["generate", "hello", "--model", ckpt, "--max-new-tokens", "1"], "weights_sha256")
+
+
+def test_no_verify_skips_the_check_on_trusted_disks(tmp_path, capsys):
+    """verify=False / --no-verify load a file whose bytes no longer match weights_sha256 (the user's choice,
+    for speed); the default refuses it."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(polar_jax.checkpoint.DEFAULT_MODEL_DIR, ckpt)
+    reference, _ = polar_jax.load(ckpt)
+    meta = json.loads((ckpt / "polar_jax.json").read_text())
+    meta["weights_sha256"] = "0" * 64  # as if one weight had changed
+    (ckpt / "polar_jax.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="weights_sha256"):
+        polar_jax.load(ckpt)
+    model, _ = polar_jax.load(ckpt, verify=False)
+    ids = jnp.asarray([[5, 17, 3]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(reference(ids)))
+    assert_refused(capsys, ["generate", "hello", "--model", ckpt, "--max-new-tokens", "1"], "--no-verify")
+    code, out, err = run_cli(capsys, "generate", "hello", "--model", ckpt, "--max-new-tokens", "1", "--no-verify")
+    assert code == 0 and out.startswith("hello"), err
+
+
+def test_weights_are_verified_in_any_file_order(tmp_path):
+    """The hash streams while the loader reads the tensors in the model's order; a file that stores them in
+    another order is hashed in file order afterwards, and a changed byte is still caught."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(polar_jax.checkpoint.DEFAULT_MODEL_DIR, ckpt)
+    params = ckpt / "params.safetensors"
+    src = SafetensorsFile(params)
+    names = src.data_order()[::-1]  # the loader's order reversed: it can never stream the hash
+    tensors = {n: np.array(src.get(n)) for n in names}
+    src.close()
+    digest = hashlib.sha256()
+    for n in names:
+        hash_tensor(digest, n, tensors[n])
+    params.unlink()
+    write_streaming(params, [(n, tensors[n].shape, tensors[n].dtype) for n in names], tensors.__getitem__,
+                    metadata={"format": "polar-jax"})
+    reread = SafetensorsFile(params)
+    assert reread.data_order() == names
+    reread.close()
+    meta = json.loads((ckpt / "polar_jax.json").read_text())
+    meta["weights_sha256"] = digest.hexdigest()
+    (ckpt / "polar_jax.json").write_text(json.dumps(meta))
+    polar_jax.load(ckpt)  # verified
+    data = bytearray(params.read_bytes())
+    data[-1000] ^= 0x40
+    params.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="weights_sha256"):
+        polar_jax.load(ckpt)
 
 
 # ---- misleading messages ---------------------------------------------------------------------------------
