@@ -207,6 +207,21 @@ def test_text_argument_that_is_a_folder(tmp_path, capsys):
     assert_refused(capsys, ["eval", "ppl", "--text", tmp_path, "--seq-len", "16"], "is a folder")
 
 
+def test_model_path_of_the_wrong_kind_says_what_is_expected(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for path, words in ((text, "neither a folder nor a GGUF file"), (folder, "has no config.json")):
+        line = assert_refused(capsys, ["generate", "hi", "--model", path, "--max-new-tokens", "1"], words)
+        assert ".gguf file" in line and "converted checkpoint" in line
+
+
+def test_dense_run_flags_name_what_they_need(capsys):
+    assert_refused(capsys, ["eval", "ppl", "--text", VALID, "--no-mlp"], "--no-mlp needs --sparsity")
+    assert_refused(capsys, ["eval", "ppl", "--text", VALID, "--no-mlp", "--per-layer"], "need --sparsity")
+
+
 # ---- CLI honesty -----------------------------------------------------------------------------------------
 def test_eval_ppl_is_dense_unless_sparsity_is_given(capsys, wikitext_test):
     """It used to default to --sparsity default, which refuses any model but the embedded one."""
