@@ -272,3 +272,18 @@ def test_generate_streams_text_per_row_and_reports_speed_and_mode(capsys, defaul
     assert [r["ids"] for r in res["rows"]] == [list(map(int, row)) for row in ids]
     assert res["decode"] == "dense" and res["tokens_per_s"] > 0
     assert plain.strip() == "\n\n".join(p + tok.decode(row) for p, row in zip(prompts, ids))
+
+
+def test_generate_says_whether_it_ran_sparse(capsys):
+    """With a bundle, the line says which variant ran: auto picks dense on a host with no measured speedup
+    (and says so), a forced policy runs sparse; --json carries the same."""
+    base = ["generate", "The album was released", "--sparsity", "default", "--max-new-tokens", "3"]
+    code, _, err = run_cli(capsys, *base)
+    assert code == 0 and "tokens/s" in err
+    if jax.default_backend() == "cpu":
+        assert "dense: policy auto chose dense here" in err
+    code, _, err = run_cli(capsys, *base, "--policy", "heads", "--attn-density", "0.5")
+    assert code == 0 and "sparse (heads, policy heads)" in err and "attention density 0.5" in err
+    code, out, _ = run_cli(capsys, *base, "--policy", "both", "--json")
+    res = json.loads(out)
+    assert code == 0 and res["decode"] == "sparse" and res["variant"] == "both" and res["sparsity"] == "default"
