@@ -187,6 +187,39 @@ def test_weights_are_verified_in_any_file_order(tmp_path):
         polar_jax.load(ckpt)
 
 
+@pytest.mark.parametrize("name, content, words", [
+    ("tokenizer.json", b'{"version": "1.0", "model": ', "cannot read"),
+    ("tokenizer.json", b"\x00\xff" * 50, "cannot read"),
+    ("generation_config.json", b'{"eos_token_id": 1.5}', "eos_token_id must be an integer"),
+    ("generation_config.json", b'{"pad_token_id": "0"}', "pad_token_id must be an integer"),
+    ("generation_config.json", b"{", "not valid JSON"),
+    ("tokenizer_config.json", b"[1, 2]", "expected an object"),
+])
+def test_malformed_tokenizer_files_are_checkpoint_errors(tmp_path, capsys, name, content, words):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(polar_jax.checkpoint.DEFAULT_MODEL_DIR, ckpt)
+    if name == "tokenizer_config.json":
+        (ckpt / "generation_config.json").unlink()  # so the EOS / pad ids are looked up in tokenizer_config.json
+        cfg = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.endswith("_token_id")}))
+    (ckpt / name).write_bytes(content)
+    before = tree_digest(ckpt)
+    with pytest.raises(CheckpointError, match=words):
+        polar_jax.load(ckpt, verify=False)
+    assert_refused(capsys, ["generate", "hi", "--model", ckpt, "--max-new-tokens", "1"], words)
+    assert tree_digest(ckpt) == before
+
+
+def test_malformed_sentencepiece_tokenizer_is_a_checkpoint_error(tmp_path):
+    """A folder with tokenizer.model / vocab.json but no tokenizer.json goes through transformers: its many
+    exception types for a bad file become one CheckpointError."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.json").write_bytes(b"{not json")
+    with pytest.raises(CheckpointError, match="cannot read the tokenizer files"):
+        polar_jax.tokenizer.load_tokenizer(folder)
+
+
 # ---- misleading messages ---------------------------------------------------------------------------------
 def test_opt_config_with_a_wrong_hidden_size(tmp_path):
     src = write_hf(tmp_path / "hf", TINY_OPT)
