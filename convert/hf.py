@@ -42,10 +42,14 @@ class HFReader:
         if not self.folder.exists():
             raise CheckpointError(f"checkpoint path {self.folder} does not exist")
         if not self.folder.is_dir():
-            raise CheckpointError(f"{self.folder} is not a folder (expected an HF checkpoint folder)")
+            raise CheckpointError(f"{self.folder} is neither a folder nor a GGUF file (expected an HF checkpoint folder, "
+                                  "a converted checkpoint folder or a .gguf file)")
         if (self.folder / META_FILE).is_file():
             raise CheckpointError(f"{self.folder} is already a polar-jax checkpoint (it has {META_FILE}): load it "
                                   "with polar_jax.load or use it as --model directly; there is nothing to convert")
+        if not (self.folder / "config.json").exists():
+            raise CheckpointError(f"{self.folder} is not a model folder: it has no config.json (expected an HF "
+                                  "checkpoint folder, a converted checkpoint folder or a .gguf file)")
         self.hf_config = read_json(self.folder / "config.json")
         self.config = ModelConfig.from_hf(self.hf_config)
         self.weights = WeightSource(self.folder)

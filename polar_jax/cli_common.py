@@ -28,7 +28,7 @@ class CommandLineError(InputError):
     """A command line argparse refuses (unknown flag, missing argument, value out of range)."""
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to a flag's help unless the help already says what the default is, or there is
     no default to show (None, or an off switch)."""
 
@@ -44,7 +44,7 @@ class Parser(argparse.ArgumentParser):
     `main` prints them as one line; sub-command parsers are made of the same class."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

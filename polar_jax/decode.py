@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -22,7 +21,7 @@ from polar_jax.cache import KVCache
 from polar_jax.errors import InputError
 from polar_jax.models import CausalLM
 from polar_jax.sparse_decode import IMPL_CHOICES, check_selector, sparse_selector
-from polar_jax.validate import check_positions, token_id
+from polar_jax.validate import check, check_optional, check_positions, token_id
 
 PROMPT_BUCKET = 16  # prompts are right-padded to a multiple of this, so lengths share compiled programs
 CACHE_BUCKET = 64
@@ -106,12 +105,11 @@ def validate_generation(
         bad = [t for t in p if t < 0 or t >= cfg.vocab_size]
         if bad:
             raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0 or not math.isfinite(temperature):
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    # the limits the CLI's flags have too (polar_jax.validate): a bool, a string or a float count is refused
+    max_new_tokens = check("max_new_tokens", max_new_tokens)
+    check("temperature", temperature)
+    check("top_p", top_p)
+    cache_size = check_optional("cache_size", cache_size)
     longest = max(len(p) for p in plist)
     needed = longest + int(max_new_tokens)
     check_positions(cfg, needed, f"prompt of {longest} tokens + {max_new_tokens} new tokens")
@@ -263,6 +261,7 @@ def generate(
     "both", "heads", "mlp" or "dense". `impl` sets the kernels' backend ("auto", "xla", "triton").
     `selector` (a DecodeSelector) is the low-level alternative to `sparsity`.
     """
+    check("seed", seed)
     req = _prepare(model, prompts, max_new_tokens, temperature, top_p, eos_token_id, cache_size, selector,
                    sparsity, attn_density, mlp_recall, policy, adaptive, impl, attn_impl, mlp_impl)
     graphdef, state = split_model(model)
@@ -302,6 +301,7 @@ def generate_stream(
 ) -> Iterator[np.ndarray]:
     """Like `generate` (same arguments), but yields each step's tokens [B] as soon as they exist (stops
     when all sequences have emitted EOS). The same tokens as `generate` for the same arguments."""
+    check("seed", seed)
     req = _prepare(model, prompts, max_new_tokens, temperature, top_p, eos_token_id, cache_size, selector,
                    sparsity, attn_density, mlp_recall, policy, adaptive, impl, attn_impl, mlp_impl)
     graphdef, state = split_model(model)

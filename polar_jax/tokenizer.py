@@ -95,7 +95,10 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
     elif any((folder / f).is_file() for f in ("tokenizer.model", "vocab.json")):
         from transformers import AutoTokenizer
 
-        backend = _HFBackend(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        try:
+            backend = _HFBackend(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        except Exception as e:  # transformers raises many types (OSError, ValueError, its own) for bad files
+            raise CheckpointError(f"cannot read the tokenizer files in {folder}: {e}") from None
     else:
         return None
     return Tokenizer(backend, _special_id(folder, backend, "eos"), _special_id(folder, backend, "pad"))

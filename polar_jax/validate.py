@@ -96,6 +96,14 @@ LIMITS: dict[str, Limit] = {
     "new_tokens": POSITIVE,
     "max_train_tokens": POSITIVE,
     "seed": Limit(int, 0, 2**32 - 1),  # numpy and jax seeds
+    "cache_size": POSITIVE,
+    # the decode benchmark (polar-jax bench decode)
+    "context": POSITIVE,
+    "mlp_density": FRACTION,
+    "steps": POSITIVE,
+    "repeats": POSITIVE,
+    "processes": POSITIVE,
+    "bw_bytes": Limit(int, 1024),  # the bandwidth probe: at least one float32 per kB
 }
 
 

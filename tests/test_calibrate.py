@@ -181,7 +181,7 @@ def test_calibrate_stores_layer_densities_and_refuses_bad_settings():
                     log=lambda s: None, progress=False)
     assert out.config.attn_layer_densities == (1.0, 0.5, 0.25)
     assert out.config.attn_density == bundle.config.attn_density and out.config.mlp_tile == 32
-    bad = [(dict(tile=0), "tile"), (dict(dense_threshold=1.5), "dense fallback"), (dict(recalls=(0.0,)), "recall"),
+    bad = [(dict(tile=0), "tile"), (dict(tile=2.5), "tile"), (dict(n_batches=0), "calibration batches"), (dict(dense_threshold=1.5), "dense fallback"), (dict(recalls=(0.0,)), "recall"),
            (dict(batch_sizes=()), "batch sizes"), (dict(batch_sizes=(0, 2)), "batch sizes"),
            (dict(layer_densities=(1.0, 0.5)), "need 3 layer densities"),
            (dict(layer_densities=(1.0, 0.5, 0.0)), "layer density"), (dict(attn_density=2.0), r"\(0, 1\]")]

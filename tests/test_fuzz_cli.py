@@ -6,7 +6,8 @@ clear error (the CLI: exit 2 and exactly one `error: ...` line; the API: a Polar
 (any other exception fails the test) and never a changed input file.
 
 CI runs a fixed number of derandomized examples (a fixed seed); `POLAR_NIGHTLY=1` runs 20x as many.
-Each test prints how many cases it ran and how they ended (`pytest -s` shows it).
+Each test records how many cases it ran and how they ended (a `fuzz_cases` property of the test, listed in
+pytest's summary under "property-based tests" by tests/conftest.py, also with -n 2).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import struct
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -45,17 +47,19 @@ def fuzz_settings(examples: int):
 
 
 class Tally:
-    """How the cases of one property test ended (printed at the end, and checked to have run)."""
+    """How the cases of one property test ended (recorded with the test's result, and checked to have run)."""
 
-    def __init__(self, name: str):
-        self.name, self.counts = name, collections.Counter()
+    def __init__(self, name: str, record_property: Callable[[str, object], None]):
+        self.name, self.counts, self.record = name, collections.Counter(), record_property
 
     def add(self, outcome: str) -> None:
         self.counts[outcome] += 1
 
     def report(self, expected: int) -> None:
         total = sum(self.counts.values())
-        print(f"\n{self.name}: {total} cases ({', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))})")
+        line = f"{self.name}: {total} cases ({', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))})"
+        self.record("fuzz_cases", line + (" [POLAR_NIGHTLY]" if NIGHTLY else ""))
+        print("\n" + line)
         assert total >= expected // 2, f"only {total} cases ran"
 
 
@@ -120,8 +124,8 @@ def tiny_hf(tmp_path_factory):
     return {"llama": write_hf(root / "llama", TINY_LLAMA, seed=1), "opt": write_hf(root / "opt", TINY_OPT, seed=2)}
 
 
-def test_malformed_configs(tmp_path, capsys, tiny_hf):
-    tally = Tally("malformed config.json")
+def test_malformed_configs(tmp_path, capsys, tiny_hf, record_property):
+    tally = Tally("malformed config.json", record_property)
     case = iter(range(10**9))
 
     @fuzz_settings(60)
@@ -175,9 +179,9 @@ def corrupt(data: bytes, spec) -> bytes:
     return bytes(out) + arg
 
 
-def test_corrupted_safetensors_headers(tmp_path, capsys, tiny_hf):
+def test_corrupted_safetensors_headers(tmp_path, capsys, tiny_hf, record_property):
     """An HF folder whose model.safetensors header is corrupted or cut: converted, or refused."""
-    tally = Tally("corrupted HF safetensors")
+    tally = Tally("corrupted HF safetensors", record_property)
     data = (tiny_hf["llama"] / "model.safetensors").read_bytes()
     case = iter(range(10**9))
 
@@ -206,10 +210,10 @@ def converted(tmp_path_factory, tiny_hf):
     return out
 
 
-def test_corrupted_converted_checkpoints(tmp_path, converted):
+def test_corrupted_converted_checkpoints(tmp_path, converted, record_property):
     """A converted checkpoint with any byte of its weights file changed, or its marker / config damaged:
     loads the same model (a change that does not matter), or is refused; the SHA-256 catches weight bytes."""
-    tally = Tally("corrupted converted checkpoint")
+    tally = Tally("corrupted converted checkpoint", record_property)
     files = {name: (converted / name).read_bytes() for name in ("params.safetensors", "polar_jax.json", "config.json")}
     reference = np.asarray(polar_jax.load(converted)[0](jnp.asarray([[1, 2, 3, 5, 8]], jnp.int32)))
     case = iter(range(10**9))
@@ -251,8 +255,8 @@ def tiny_gguf(tmp_path_factory):
     return path, header_end
 
 
-def test_corrupted_gguf_headers(tmp_path, capsys, tiny_gguf):
-    tally = Tally("corrupted GGUF header")
+def test_corrupted_gguf_headers(tmp_path, capsys, tiny_gguf, record_property):
+    tally = Tally("corrupted GGUF header", record_property)
     path, header_end = tiny_gguf
     data = path.read_bytes()
     case = iter(range(10**9))
@@ -406,10 +410,10 @@ def _check_success(argv: list[str], out: str) -> None:
         assert np.isfinite(json.loads(out)["tokens_per_s"])
 
 
-def test_random_command_lines(workspace, capsys):
+def test_random_command_lines(workspace, capsys, record_property):
     """Random verbs, flags and values (most of them wrong) against inputs of every kind. Outputs may land in
     a fresh folder or an earlier output of the same kind; every input stays byte-identical."""
-    tally = Tally("random command lines")
+    tally = Tally("random command lines", record_property)
     inputs = ("text.txt", "binary.bin", "dir", "ckpt", "hf", "m.gguf")
     package = tree_digest(DEFAULT_MODEL_DIR) | tree_digest(DEFAULT_BUNDLE)
     case = iter(range(10**9))

@@ -221,6 +221,18 @@ def test_sliding_window_model_decodes_past_its_window():
         ([[5] * 500], {"max_new_tokens": 20}, "exceeds the model's 512 positions"),
         ([[5]], {"temperature": -1.0}, "temperature"),
         ([[5]], {"top_p": 0.0}, "top_p"),
+        # the CLI's limits hold in the API too (polar_jax.validate): no bool / float / string counts, no raw
+        # TypeError or OverflowError from a string temperature or a seed numpy and jax cannot take
+        ([[5]], {"max_new_tokens": True}, "max_new_tokens"),
+        ([[5]], {"max_new_tokens": 2.0}, "max_new_tokens"),
+        ([[5]], {"temperature": "0.5"}, "temperature"),
+        ([[5]], {"temperature": float("nan")}, "temperature"),
+        ([[5]], {"top_p": "1"}, "top_p"),
+        ([[5]], {"seed": -1}, "seed"),
+        ([[5]], {"seed": 2**70}, "seed"),
+        ([[5]], {"seed": 1.5}, "seed"),
+        ([[5]], {"cache_size": 2.5}, "cache_size"),
+        ([[5]], {"cache_size": 0}, "cache_size"),
         ("hello", {}, "encode text"),
         (np.zeros((2, 3, 4), np.int32), {}, r"\[batch, tokens\]"),
     ],
@@ -230,6 +242,8 @@ def test_bad_generation_input(default, prompts, kw, words):
     kw = {"max_new_tokens": 4, **kw}
     with pytest.raises(InputError, match=words):
         polar_jax.generate(model, prompts, **kw)
+    with pytest.raises(InputError, match=words):
+        next(polar_jax.generate_stream(model, prompts, **kw))
 
 
 def test_cli_demo_and_generate_errors():

@@ -4,6 +4,7 @@ on the code the issue was filed against. Only the public surface is used (`polar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -16,9 +17,11 @@ import polar_jax
 from cli_helpers import assert_refused, run_cli, tree_digest
 from conftest import SHARED, model_dir, require
 from convert import convert_checkpoint
+from convert.safetensors_io import SafetensorsFile, write_streaming
 from hf_factory import TINY_OPT, write_hf
 from polar_jax.cli import main
 from polar_jax.errors import CheckpointError, InputError
+from polar_jax.layout import hash_tensor
 
 VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
 DEFAULT_BUNDLE = polar_jax.routers.bundle.DEFAULT_DIR
@@ -135,6 +138,88 @@ def test_flipped_bytes_in_a_converted_checkpoint(tmp_path, capsys):
     assert_refused(capsys, ["generate", "hello", "--model", ckpt, "--max-new-tokens", "1"], "weights_sha256")
 
 
+def test_no_verify_skips_the_check_on_trusted_disks(tmp_path, capsys):
+    """verify=False / --no-verify load a file whose bytes no longer match weights_sha256 (the user's choice,
+    for speed); the default refuses it."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(polar_jax.checkpoint.DEFAULT_MODEL_DIR, ckpt)
+    reference, _ = polar_jax.load(ckpt)
+    meta = json.loads((ckpt / "polar_jax.json").read_text())
+    meta["weights_sha256"] = "0" * 64  # as if one weight had changed
+    (ckpt / "polar_jax.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="weights_sha256"):
+        polar_jax.load(ckpt)
+    model, _ = polar_jax.load(ckpt, verify=False)
+    ids = jnp.asarray([[5, 17, 3]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(reference(ids)))
+    assert_refused(capsys, ["generate", "hello", "--model", ckpt, "--max-new-tokens", "1"], "--no-verify")
+    code, out, err = run_cli(capsys, "generate", "hello", "--model", ckpt, "--max-new-tokens", "1", "--no-verify")
+    assert code == 0 and out.startswith("hello"), err
+
+
+def test_weights_are_verified_in_any_file_order(tmp_path):
+    """The hash streams while the loader reads the tensors in the model's order; a file that stores them in
+    another order is hashed in file order afterwards, and a changed byte is still caught."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(polar_jax.checkpoint.DEFAULT_MODEL_DIR, ckpt)
+    params = ckpt / "params.safetensors"
+    src = SafetensorsFile(params)
+    names = src.data_order()[::-1]  # the loader's order reversed: it can never stream the hash
+    tensors = {n: np.array(src.get(n)) for n in names}
+    src.close()
+    digest = hashlib.sha256()
+    for n in names:
+        hash_tensor(digest, n, tensors[n])
+    params.unlink()
+    write_streaming(params, [(n, tensors[n].shape, tensors[n].dtype) for n in names], tensors.__getitem__,
+                    metadata={"format": "polar-jax"})
+    reread = SafetensorsFile(params)
+    assert reread.data_order() == names
+    reread.close()
+    meta = json.loads((ckpt / "polar_jax.json").read_text())
+    meta["weights_sha256"] = digest.hexdigest()
+    (ckpt / "polar_jax.json").write_text(json.dumps(meta))
+    polar_jax.load(ckpt)  # verified
+    data = bytearray(params.read_bytes())
+    data[-1000] ^= 0x40
+    params.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="weights_sha256"):
+        polar_jax.load(ckpt)
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("tokenizer.json", b'{"version": "1.0", "model": ', "cannot read"),
+    ("tokenizer.json", b"\x00\xff" * 50, "cannot read"),
+    ("generation_config.json", b'{"eos_token_id": 1.5}', "eos_token_id must be an integer"),
+    ("generation_config.json", b'{"pad_token_id": "0"}', "pad_token_id must be an integer"),
+    ("generation_config.json", b"{", "not valid JSON"),
+    ("tokenizer_config.json", b"[1, 2]", "expected an object"),
+])
+def test_malformed_tokenizer_files_are_checkpoint_errors(tmp_path, capsys, name, content, words):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(polar_jax.checkpoint.DEFAULT_MODEL_DIR, ckpt)
+    if name == "tokenizer_config.json":
+        (ckpt / "generation_config.json").unlink()  # so the EOS / pad ids are looked up in tokenizer_config.json
+        cfg = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.endswith("_token_id")}))
+    (ckpt / name).write_bytes(content)
+    before = tree_digest(ckpt)
+    with pytest.raises(CheckpointError, match=words):
+        polar_jax.load(ckpt, verify=False)
+    assert_refused(capsys, ["generate", "hi", "--model", ckpt, "--max-new-tokens", "1"], words)
+    assert tree_digest(ckpt) == before
+
+
+def test_malformed_sentencepiece_tokenizer_is_a_checkpoint_error(tmp_path):
+    """A folder with tokenizer.model / vocab.json but no tokenizer.json goes through transformers: its many
+    exception types for a bad file become one CheckpointError."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.json").write_bytes(b"{not json")
+    with pytest.raises(CheckpointError, match="cannot read the tokenizer files"):
+        polar_jax.tokenizer.load_tokenizer(folder)
+
+
 # ---- misleading messages ---------------------------------------------------------------------------------
 def test_opt_config_with_a_wrong_hidden_size(tmp_path):
     src = write_hf(tmp_path / "hf", TINY_OPT)
@@ -153,6 +238,21 @@ def test_reconverting_a_converted_folder(tmp_path, capsys):
 
 def test_text_argument_that_is_a_folder(tmp_path, capsys):
     assert_refused(capsys, ["eval", "ppl", "--text", tmp_path, "--seq-len", "16"], "is a folder")
+
+
+def test_model_path_of_the_wrong_kind_says_what_is_expected(tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for path, words in ((text, "neither a folder nor a GGUF file"), (folder, "has no config.json")):
+        line = assert_refused(capsys, ["generate", "hi", "--model", path, "--max-new-tokens", "1"], words)
+        assert ".gguf file" in line and "converted checkpoint" in line
+
+
+def test_dense_run_flags_name_what_they_need(capsys):
+    assert_refused(capsys, ["eval", "ppl", "--text", VALID, "--no-mlp"], "--no-mlp needs --sparsity")
+    assert_refused(capsys, ["eval", "ppl", "--text", VALID, "--no-mlp", "--per-layer"], "need --sparsity")
 
 
 # ---- CLI honesty -----------------------------------------------------------------------------------------
@@ -205,3 +305,18 @@ def test_generate_streams_text_per_row_and_reports_speed_and_mode(capsys, defaul
     assert [r["ids"] for r in res["rows"]] == [list(map(int, row)) for row in ids]
     assert res["decode"] == "dense" and res["tokens_per_s"] > 0
     assert plain.strip() == "\n\n".join(p + tok.decode(row) for p, row in zip(prompts, ids))
+
+
+def test_generate_says_whether_it_ran_sparse(capsys):
+    """With a bundle, the line says which variant ran: auto picks dense on a host with no measured speedup
+    (and says so), a forced policy runs sparse; --json carries the same."""
+    base = ["generate", "The album was released", "--sparsity", "default", "--max-new-tokens", "3"]
+    code, _, err = run_cli(capsys, *base)
+    assert code == 0 and "tokens/s" in err
+    if jax.default_backend() == "cpu":
+        assert "dense: policy auto chose dense here" in err
+    code, _, err = run_cli(capsys, *base, "--policy", "heads", "--attn-density", "0.5")
+    assert code == 0 and "sparse (heads, policy heads)" in err and "attention density 0.5" in err
+    code, out, _ = run_cli(capsys, *base, "--policy", "both", "--json")
+    res = json.loads(out)
+    assert code == 0 and res["decode"] == "sparse" and res["variant"] == "both" and res["sparsity"] == "default"

@@ -13,6 +13,7 @@ import convert.hf as convert_hf
 from cli_helpers import assert_refused, run_cli, tree_digest
 from conftest import SHARED, require
 from convert import convert_checkpoint
+from gguf_factory import write_gguf
 from hf_factory import TINY_OPT, write_hf
 from polar_jax.checkpoint import DEFAULT_MODEL_DIR, load
 from polar_jax.errors import PolarError
@@ -129,6 +130,63 @@ def test_interrupted_reconversion_keeps_the_old_checkpoint(tmp_path, monkeypatch
     assert tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
     load(out)  # still loads, weights verified
+
+
+# ---- convert from a GGUF file ------------------------------------------------------------------------------
+def test_gguf_convert_never_writes_over_its_source(tmp_path, capsys):
+    """The GGUF path is a file, not a folder: the output may still not be the file, a symlink to it, or a
+    folder holding it (the user's folder of models), with or without --overwrite."""
+    models = tmp_path / "models"
+    models.mkdir()
+    gguf_file = models / "m.gguf"
+    write_gguf(gguf_file, "llama")
+    (models / "notes.txt").write_text("where these came from")
+    link = tmp_path / "link.gguf"
+    link.symlink_to(gguf_file)
+    before = tree_digest(models)
+    cases = [
+        ([gguf_file, gguf_file, "--overwrite"], "is the input"),
+        ([gguf_file, link, "--overwrite"], "is the input"),
+        ([link, gguf_file, "--overwrite"], "is the input"),
+        ([gguf_file, models, "--overwrite"], "contains the input"),
+        ([gguf_file, models], "contains the input"),
+        ([gguf_file, tmp_path, "--overwrite"], "contains the input"),
+        ([link, models, "--overwrite"], "contains the input"),  # through the symlink: the real file is in there
+    ]
+    for argv, words in cases:
+        assert_refused(capsys, ["convert", *argv], words)
+        with pytest.raises(PolarError, match=words):
+            convert_checkpoint(argv[0], argv[1], overwrite="--overwrite" in argv, progress=False)
+    assert tree_digest(models) == before and link.resolve() == gguf_file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.gguf", "models"]  # no temporary left
+
+
+def test_gguf_convert_overwrite_keeps_user_files(tmp_path, capsys):
+    """--overwrite with a GGUF source refuses a user's folder (its files untouched) and replaces an earlier
+    checkpoint (converted from HF or GGUF) while moving the user's files into the new one."""
+    gguf_file = tmp_path / "m.gguf"
+    write_gguf(gguf_file, "llama")
+    source = tree_digest(gguf_file)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    (user / "params.safetensors").write_bytes(b"my own file that happens to have this name")
+    mine = tree_digest(user)
+    assert_refused(capsys, ["convert", gguf_file, user, "--overwrite"], "not a polar-jax checkpoint")
+    assert tree_digest(user) == mine
+    out = convert_checkpoint(write_hf(tmp_path / "hf", TINY_OPT), tmp_path / "ckpt", progress=False)
+    (out / "notes.txt").write_text("about this checkpoint")
+    (out / "special_tokens_map.json").write_text("{}")  # a checkpoint file the GGUF conversion does not write
+    code, _, err = run_cli(capsys, "convert", gguf_file, out, "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "polar_jax.json").read_text())["source"] == "m.gguf"
+    assert (out / "notes.txt").read_text() == "about this checkpoint"
+    assert not (out / "special_tokens_map.json").exists()  # the old checkpoint's own file went with it
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt", "params.safetensors",
+                                                     "polar_jax.json", "tokenizer.json", "tokenizer_config.json"]
+    assert tree_digest(gguf_file) == source
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf", "m.gguf", "mine"]
+    load(out)  # weights verified
 
 
 # ---- collect, train-routers, calibrate ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ Writes a converted checkpoint of random weights (LLaMA layout, float16, sized by
 alternating order: the SHA-256 of the weights file alone (streamed in 16 MB blocks), `polar_jax.load` with
 `verify=True` and with `verify=False`. The page cache is warm for every timed run (each run reads the file
 once before timing starts), so the numbers are CPU cost, not disk speed; the extrapolation assumes the same.
+The host's load average before and after is recorded: on a shared machine the numbers are upper bounds.
 
     python benchmarks/integrity/verify_cost.py --out benchmarks/results/verify_cost_DATE.json
 """
@@ -15,6 +16,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[float]] = {"sha256_only": [], "load_verify": [], "load_no_verify": []}
         jobs = {"sha256_only": lambda: sha256_file(params), "load_verify": lambda: load(root / "ckpt", True),
                 "load_no_verify": lambda: load(root / "ckpt", False)}
+        load_before = os.getloadavg()
         sha256_file(params)  # warm the page cache
         for _ in range(args.repeats):
             for name, job in jobs.items():
@@ -95,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "what": "cost of weights_sha256 verification in polar_jax.load (warm page cache)",
             "device": f"{platform.processor() or platform.machine()}, CPU only ({jax.default_backend()})",
-            "cpu_count": __import__("os").cpu_count(), "jax_version": jax.__version__,
+            "cpu_count": os.cpu_count(), "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
+            "jax_version": jax.__version__,
             "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
             "file_bytes": size, "seconds": runs, "median_seconds": med,
             "sha256_GB_per_s": size / med["sha256_only"] / 1e9,

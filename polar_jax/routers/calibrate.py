@@ -169,8 +169,7 @@ def calibrate(
     """Returns the bundle with MLP k tables for each recall target, head-importance curves, and the
     attention density settings; uses only the held-out split the routers were not trained on."""
     c = bundle.config
-    if tile < 1:
-        raise InputError(f"tile must be >= 1, got {tile}")
+    check("tile", tile)
     check("batches", n_batches, "number of calibration batches")
     check_density(dense_threshold, "dense fallback threshold")
     for r in recalls:

@@ -111,7 +111,8 @@ def _ppl_mode(args: argparse.Namespace) -> str:
         given = [flag for flag, on in (("--attn-density", args.attn_density is not None), ("--per-layer", args.per_layer),
                                        ("--no-attn", args.no_attn), ("--no-mlp", args.no_mlp)) if on]
         if given:
-            raise InputError(f"{', '.join(given)} need --sparsity or --mode oracle (the run would be dense)")
+            raise InputError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --sparsity or --mode oracle "
+                             "(the run would be dense)")
     return mode
 
 
