@@ -111,6 +111,14 @@ def _equivalent_table() -> dict[tuple[str, str, str], str]:
                 "hm = jnp.where(_active_mask(n_active, idx.shape[0])[None, :], h.astype(jnp.float32), 0.0)"):
         add("gemm-reference", src, (src.replace("idx.shape[0]", "idx.shape[ -1]"),),
             "idx is 1-D [A] (selective_gemm._check_idx refuses any other rank): shape[-1] is shape[0]")
+    add("rope", 'if rope.kind != "llama3":', ('if rope.kind < "llama3":',),
+        "kind is 'default', 'linear' or 'llama3' (config._rope refuses any other) and 'linear' has returned "
+        "above: 'default' < 'llama3' is True, 'llama3' < 'llama3' False, the same as !=")
+    medium = "medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)"
+    add("rope", medium, (medium.replace(">=", ">"),),
+        "at wavelen == high_wavelen the blend factor is 1, so the blended value is `scaled` (= inv there), which "
+        "is also what the edge gets when it is left out of the band (equal up to float32 rounding; the test "
+        "test_rope_frequencies_llama3_are_continuous_at_the_band_edges[high] puts a frequency on this edge)")
     rank = "return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)"
     add("selection", rank, (rank.replace("|", "+"), rank.replace("|", "^")),
         "above (s_j > s_i) and tie_before (s_j == s_i) are never both True, so on booleans + and ^ are |")
