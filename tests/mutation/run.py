@@ -119,6 +119,11 @@ def _equivalent_table() -> dict[tuple[str, str, str], str]:
         "at wavelen == high_wavelen the blend factor is 1, so the blended value is `scaled` (= inv there), which "
         "is also what the edge gets when it is left out of the band (equal up to float32 rounding; the test "
         "test_rope_frequencies_llama3_are_continuous_at_the_band_edges[high] puts a frequency on this edge)")
+    bracket = "lo0, hi0 = float(logits.min()) - 1.0, float(logits.max()) + 1.0"
+    add("calibrate", bracket, (bracket.replace("+ 1.0", "+ 2.0"), bracket.replace("- 1.0", "- 2.0")),
+        "a wider starting bracket of the bisection: any bracket that holds every logit contains the same step "
+        "point, and 60 halvings of a bracket a few units wide end within ~1e-17 of it (below float64's "
+        "resolution there), so the threshold is the same up to rounding")
     rank = "return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)"
     add("selection", rank, (rank.replace("|", "+"), rank.replace("|", "^")),
         "above (s_j > s_i) and tie_before (s_j == s_i) are never both True, so on booleans + and ^ are |")
