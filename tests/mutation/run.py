@@ -124,6 +124,11 @@ def _equivalent_table() -> dict[tuple[str, str, str], str]:
         "a wider starting bracket of the bisection: any bracket that holds every logit contains the same step "
         "point, and 60 halvings of a bracket a few units wide end within ~1e-17 of it (below float64's "
         "resolution there), so the threshold is the same up to rounding")
+    kept = ("kept = np.cumsum(np.take_along_axis(mass, order, axis=-1), axis=-1) / "
+            "np.maximum(mass.sum(-1, keepdims=True), 1e-30)")
+    add("calibrate", kept, (kept.replace("order, axis=-1", "order, axis=1"),
+                            kept.replace("), axis=-1)", "), axis=1)")),
+        "importance_curve takes [tokens, units] arrays (one router's scores and unit norms): axis 1 is axis -1")
     rank = "return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)"
     add("selection", rank, (rank.replace("|", "+"), rank.replace("|", "^")),
         "above (s_j > s_i) and tie_before (s_j == s_i) are never both True, so on booleans + and ^ are |")
