@@ -129,6 +129,11 @@ def _equivalent_table() -> dict[tuple[str, str, str], str]:
     add("calibrate", kept, (kept.replace("order, axis=-1", "order, axis=1"),
                             kept.replace("), axis=-1)", "), axis=1)")),
         "importance_curve takes [tokens, units] arrays (one router's scores and unit norms): axis 1 is axis -1")
+    step = "return i + 1, new, cache, out, done | jnp.isin(new, eos_ids), key"
+    add("decode-loop", step, (step.replace("done |", "done +"),),
+        "done and jnp.isin(...) are boolean arrays, and jnp's + on booleans is logical or (the carry stays bool: "
+        "any other dtype would make while_loop refuse the body)")
+    add("decode-loop", "if i > 0:", ("if i != 0:",), "i comes from range(max_new_tokens): never negative")
     rank = "return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)"
     add("selection", rank, (rank.replace("|", "+"), rank.replace("|", "^")),
         "above (s_j > s_i) and tie_before (s_j == s_i) are never both True, so on booleans + and ^ are |")
