@@ -5,6 +5,9 @@ refusals."""
 
 from __future__ import annotations
 
+import argparse
+import inspect
+
 import numpy as np
 import pytest
 
@@ -12,6 +15,7 @@ from polar_jax.errors import InputError
 from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.calibrate import (adaptive_thresholds, allocate_units, calibrate, calibrate_mlp_thresholds,
                                         importance_curve, monotone_k, union_recall_curve)
+from polar_jax.routers.cli import register
 from polar_jax.routers.config import MLPTable, SparsityConfig, budget_bounds
 
 L, D, U, N, TOKENS = 3, 8, 4, 48, 600
@@ -235,9 +239,24 @@ def test_monotone_k_and_threshold_rule_edges():
     assert t[0] == pytest.approx(1.0)  # one of the two suffices: halfway between 2 and 0
     t, _, _ = calibrate_mlp_thresholds(logits, labels, 1.5, 2, (1,), n_batches=4)
     assert t[0] == pytest.approx(-1.0)  # unreachable target: one below the lowest logit of an active neuron
+    rare = np.zeros((20, 6), bool)
+    rare[:2, 2] = True  # 18 of 20 tokens have nothing to find: those batches alone reach a recall of 0.5
+    t, cap, kept = calibrate_mlp_thresholds(logits, rare, 0.5, 2, (1,), n_batches=4)
+    assert t == [2.0] and kept == [pytest.approx(3 / 6)]  # nothing more needed: at the largest union logit
     with pytest.raises(InputError, match="held-out tokens"):
         calibrate_mlp_thresholds(logits, labels, 0.9, 2, (21,))
     flat = np.zeros((10, 4))  # all logits equal: 0 for the budgets a count of 0 or 4 clips to <= k, else lower
     np.testing.assert_allclose(adaptive_thresholds(flat, 0.5, 2.0), reference_head_thresholds(flat, 0.5, 2.0),
                                atol=1e-9)
     assert reference_head_thresholds(flat, 0.5, 2.0) == [0.0, 0.0, 0.0, -1.0]
+
+
+def test_calibrate_cli_defaults_are_the_api_defaults():
+    """`polar-jax calibrate` without options calibrates as `calibrate()` without arguments (tile, random
+    batches per batch size, dense fallback threshold, recall targets)."""
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["calibrate", "--bundle", "b", "--data", "d"])
+    api = {k: v.default for k, v in inspect.signature(calibrate).parameters.items()}
+    assert (args.tile, args.batches, args.dense_threshold) == (api["tile"], api["n_batches"], api["dense_threshold"])
+    assert tuple(args.recall) == tuple(api["recalls"])

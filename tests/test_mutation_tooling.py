@@ -59,3 +59,21 @@ def test_every_module_names_functions_that_exist(module):
     assert path.is_file()
     if module.functions:
         assert len(mutation_run.function_lines(path, module.functions)) == len(module.functions)
+
+
+def test_reclassify_judges_recorded_survivors_by_their_exact_mutated_line():
+    src = "if start <= 0:"  # selection.keep_prefix_dense; `< 0` is in EQUIVALENT, `<= 1` is not
+
+    def survivor(new: str) -> dict:
+        return {"line": 137, "operator": "op", "occurrence": 0, "source": src, "equivalent": None,
+                "diff": f"--- a/x.py\n+++ b/x.py\n@@ -1 +1 @@\n-    {src}\n+    {new}\n"}
+
+    r = {"module": "selection", "killed": 17, "mutants": 20, "survived": 3, "equivalent": 0,
+         "survivors": [survivor("if start < 0:"), survivor("if start < 0:"), survivor("if start <= 1:")]}
+    new = mutation_run.reclassify(r)
+    assert (new["survived"], new["equivalent"]) == (1, 2)
+    assert [bool(s["equivalent"]) for s in new["survivors"]] == [True, True, False]
+    assert new["score_excluding_equivalent"] == round(17 / 18, 4)
+    assert not mutation_run.goal_met(new)  # one survivor is not explained
+    r["survivors"] = r["survivors"][:2]
+    assert mutation_run.goal_met(mutation_run.reclassify(r))

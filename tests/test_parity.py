@@ -3,6 +3,7 @@ tests/golden/make_golden.py with HF + torch in float32. No torch here."""
 
 import hashlib
 import json
+import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 import polar_jax
 from polar_jax.cache import KVCache
+from polar_jax.config import RopeConfig
 from polar_jax.decode import decode_step, prefill, split_model
 from polar_jax.eval.perplexity import perplexity
 from polar_jax.models.layers import rope_inv_freq
@@ -39,6 +41,24 @@ def test_rope_frequencies_match_hf(name):
     want = golden(name)["rope_inv_freq"]
     got = np.asarray(rope_inv_freq(model.config.rope, model.config.head_dim))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("edge", ["low", "high"])
+def test_rope_frequencies_llama3_are_continuous_at_the_band_edges(edge):
+    """LLaMA-3.1 scaling divides long wavelengths by `factor`, keeps short ones and blends in between; the
+    blend reaches 1/factor at the low-frequency edge and 1 at the high one, so a frequency exactly on an
+    edge gets the limit from both sides (HF: strictly longer than the low edge is divided; the edges
+    themselves are blended). The edge is put exactly (in float32) on the first frequency, inv = 1."""
+    orig, factor = 8192, 8.0
+    on_edge = orig / (2 * math.pi)  # orig / on_edge is 2 pi, the wavelength of inv = 1
+    lff, hff = (on_edge, 4 * on_edge) if edge == "low" else (on_edge / 4, on_edge)
+    rope = RopeConfig(theta=10000.0, kind="llama3", factor=factor, low_freq_factor=lff, high_freq_factor=hff,
+                      original_max_position_embeddings=orig)
+    assert np.float32(2 * math.pi) == np.float32(orig / (lff if edge == "low" else hff))  # really on the edge
+    got = np.asarray(rope_inv_freq(rope, 8))
+    inv = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)  # inv[0] = 1; the others are far in the low band
+    want = np.concatenate([[1.0 / factor if edge == "low" else 1.0], inv[1:] / factor])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", MODELS)
