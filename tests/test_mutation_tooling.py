@@ -77,3 +77,18 @@ def test_reclassify_judges_recorded_survivors_by_their_exact_mutated_line():
     assert not mutation_run.goal_met(new)  # one survivor is not explained
     r["survivors"] = r["survivors"][:2]
     assert mutation_run.goal_met(mutation_run.reclassify(r))
+
+
+@pytest.mark.parametrize("module", mutation_run.MODULES, ids=lambda m: m.name)
+def test_every_module_selects_its_tests_with_at_most_one_k(module):
+    # pytest keeps only the last -k, so a second one would silently widen or narrow the selection that
+    # the report names.
+    assert module.tests.split().count("-k") <= 1
+
+
+def test_recorded_test_commands_are_the_modules_commands():
+    import json
+    recorded = json.loads((REPO / "tests" / "mutation" / "results.json").read_text())["modules"]
+    by_name = {m.name: m.tests for m in mutation_run.MODULES}
+    for name, entry in recorded.items():
+        assert entry["tests"] == by_name[name], name

@@ -62,8 +62,10 @@ class Module:
 MODULES: tuple[Module, ...] = (
     Module("sampling", "polar_jax/decode.py", ("sample_tokens",), "tests/test_sampling.py", 120),
     Module("decode-loop", "polar_jax/decode.py", ("_generate_on_device", "generate_stream"),
-           "tests/test_generate.py -k 'eos or stream or array or bad_generation or cached_generation or seeded'"
-           " tests/test_sampling.py -k generate", 300),
+           # One -k only: pytest keeps the last of several, so the recorded run's two -k options selected
+           # exactly what this selects (the whole of test_generate.py by its file name, and the
+           # generate tests of test_sampling.py).
+           "tests/test_generate.py tests/test_sampling.py -k generate", 300),
     Module("rope", "polar_jax/models/layers.py", ("rope_inv_freq", "apply_rope"),
            "tests/test_parity.py -k 'rope_frequencies or prefill_logits'", 200),
     Module("selection", "polar_jax/selection.py", None,
