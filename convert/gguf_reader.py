@@ -77,7 +77,10 @@ class GGUFFile:
         for key, field in reader.fields.items():
             if key.startswith("GGUF."):
                 continue  # the reader's own bookkeeping (version, counts)
-            self.metadata[key] = field.contents()
+            try:
+                self.metadata[key] = field.contents()
+            except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:  # e.g. a string that is not UTF-8
+                raise CheckpointError(f"{self.path} is corrupt: metadata field {key!r} cannot be read ({e})") from None
         self._tensors = {t.name: t for t in reader.tensors}
 
     # ---- tensor table ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 from convert.gguf_mapping import IGNORED_TENSORS, hf_config, parameter_sources, polar_shape, to_polar
 from convert.gguf_reader import GGUFFile
 from convert.gguf_tokenizer import build_tokenizer, tokenizer_files
-from polar_jax.checkpoint import param_shapes
+from polar_jax.layout import param_shapes
 from polar_jax.config import ModelConfig
 from polar_jax.errors import CheckpointError
 from polar_jax.tokenizer import Tokenizer

@@ -8,6 +8,7 @@ streams each tensor's bytes as it is produced, so no second copy of the model is
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -34,6 +35,27 @@ _NP_TO_ST = {v: k for k, v in _ST_TO_NP.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+def _check_entry(path: Path, name: str, e: object, data_size: int) -> None:
+    """One header entry: a known dtype, a shape of non-negative integers, and a byte range inside the data
+    section whose length matches the shape (anything else: the file is incomplete or corrupt)."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r} {why} (file incomplete or corrupt)")
+
+    if not isinstance(e, dict):
+        raise bad("has a malformed header entry")
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_TO_NP:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has invalid data offsets {offsets!r}")
+    start, end = offsets
+    if end - start != math.prod(shape) * _ST_TO_NP[dtype].itemsize or end > data_size:
+        raise bad("is truncated or inconsistent with its header")
+
+
 class SafetensorsFile:
     """One memory-mapped .safetensors file."""
 
@@ -42,6 +64,13 @@ class SafetensorsFile:
         if not self.path.is_file():
             raise CheckpointError(f"missing weights file {self.path}")
         self._fh = open(self.path, "rb")
+        try:
+            self._read_header()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _read_header(self) -> None:
         size = self.path.stat().st_size
         if size < 8:
             raise CheckpointError(f"{self.path} is not a safetensors file (only {size} bytes)")
@@ -50,25 +79,24 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path} has a corrupt safetensors header (length {n})")
         try:
             header = json.loads(self._fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise CheckpointError(f"{self.path} has a corrupt safetensors header") from None
-        self.metadata = header.pop("__metadata__", None) or {}
-        self._entries = header
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} has a corrupt safetensors header (not a JSON object)")
+        metadata = header.pop("__metadata__", None) or {}
+        self.metadata = metadata if isinstance(metadata, dict) else {}
         self._data_start = 8 + n
-        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
         for name, e in header.items():
-            start, end = e["data_offsets"]
-            if e["dtype"] not in _ST_TO_NP:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
-            expected = int(np.prod(e["shape"], dtype=np.int64)) * _ST_TO_NP[e["dtype"]].itemsize
-            if end - start != expected or self._data_start + end > size:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} is truncated or inconsistent with its header "
-                    "(file incomplete or corrupt)"
-                )
+            _check_entry(self.path, name, e, size - self._data_start)
+        self._entries = header
+        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
 
     def keys(self) -> list[str]:
         return list(self._entries)
+
+    def data_order(self) -> list[str]:
+        """Tensor names in the order their bytes are stored."""
+        return sorted(self._entries, key=lambda name: self._entries[name]["data_offsets"][0])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name]["shape"])

@@ -2,7 +2,8 @@
 
 A polar-jax checkpoint folder holds `config.json` (the HF config, dtype updated), `polar_jax.json` (format
 marker, dtype, source, weights fingerprint), `params.safetensors` (parameters named and laid out as the
-Flax modules hold them) and the tokenizer files. Loading never executes code from the checkpoint.
+Flax modules hold them) and the tokenizer files (polar_jax/layout.py names them). Loading never executes
+code from the checkpoint, and checks the weights against the stored SHA-256 while it reads them.
 """
 
 from __future__ import annotations
@@ -18,19 +19,23 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+# `import convert.hf as ...` (not `from convert.hf import ...`): convert imports polar_jax modules, so when
+# `import convert` runs first this module sees convert.hf still initialising; its functions are looked up
+# at call time.
+import convert.hf as convert_hf
+from convert.safetensors_io import SafetensorsFile
 from polar_jax.config import ModelConfig
+from polar_jax.dtypes import DTYPES, dtype_name
 from polar_jax.errors import CheckpointError
+from polar_jax.files import read_json
+from polar_jax.layout import (  # noqa: F401 (re-exported: the names the loader API has always had)
+    FORMAT, FORMAT_VERSION, META_FILE, PARAMS_FILE, hash_tensor, param_shapes, path_name,
+)
 from polar_jax.models import CausalLM, abstract_model
 from polar_jax.sharding import Placer, check_mesh, param_placer
 from polar_jax.tokenizer import Tokenizer, load_tokenizer
 
-FORMAT = "polar-jax"
-FORMAT_VERSION = 1
-PARAMS_FILE = "params.safetensors"
-META_FILE = "polar_jax.json"
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def resolve_dtype(dtype: str | None, cfg: ModelConfig) -> str:
@@ -40,20 +45,7 @@ def resolve_dtype(dtype: str | None, cfg: ModelConfig) -> str:
         dtype = cfg.dtype
         if dtype != "float32" and jax.default_backend() == "cpu":
             dtype = "float32"
-    dtype = str(dtype).removeprefix("torch.")
-    if dtype not in _DTYPES:
-        raise CheckpointError(f"unsupported dtype {dtype!r}: choose float32, bfloat16 or float16")
-    return dtype
-
-
-def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter's name and shape, from the module structure (nothing allocated)."""
-    _, state = nnx.split(abstract_model(cfg))
-    return {_path_name(path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(state)}
-
-
-def _path_name(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
+    return dtype_name(dtype)
 
 
 def _on_default_device(name: str, arr: np.ndarray, jdtype: Any) -> jax.Array:
@@ -67,12 +59,12 @@ def model_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype
     host_array, dtype)` puts each tensor on its device(s) as it arrives (default: whole, on the default
     device; `polar_jax.sharding.param_placer`: each device gets its own slice, read from `host_array` by
     indexing, so a memory-mapped checkpoint is read slice by slice)."""
-    jdtype = _DTYPES[dtype]
+    jdtype = DTYPES[dtype]
     place = place or _on_default_device
     graphdef, state = nnx.split(abstract_model(cfg, jdtype))
     flat = []
     for path, var in nnx.to_flat_state(state):
-        name = _path_name(path)
+        name = path_name(path)
         arr = get(name)
         want = tuple(var.get_value().shape)
         if tuple(arr.shape) != want:
@@ -84,7 +76,7 @@ def model_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype
 
 def flat_params(model: CausalLM) -> dict[str, jax.Array]:
     _, state = nnx.split(model)
-    return {_path_name(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    return {path_name(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
 # ---- converted checkpoints ---------------------------------------------------------------------------
@@ -92,12 +84,13 @@ def is_polar_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def load(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[CausalLM, Tokenizer | None]:
+def load(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None, *,
+         verify: bool = True) -> tuple[CausalLM, Tokenizer | None]:
     """Loads a converted polar-jax checkpoint (or "default", the embedded model, or a GGUF file). Returns
     (model, tokenizer). `mesh` (polar_jax.sharding.make_mesh): each tensor goes straight to its shards, each
-    device reading its own slice of the memory-mapped weights (no whole sharded tensor on any device)."""
-    from convert.safetensors_io import SafetensorsFile
-
+    device reading its own slice of the memory-mapped weights (no whole sharded tensor on any device).
+    `verify` checks the weights against the SHA-256 stored at conversion, hashed while they are read (a
+    corrupt or modified file is refused); `verify=False` skips it on trusted disks."""
     path = DEFAULT_MODEL_DIR if str(path) == "default" else Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
@@ -110,35 +103,73 @@ def load(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -
                 "use polar_jax.load_hf() or `polar-jax convert` first"
             )
         raise CheckpointError(f"{path} is not a polar-jax checkpoint (no {META_FILE})")
-    meta = _read_json(path / META_FILE)
+    meta = read_json(path / META_FILE)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / META_FILE} is not a polar-jax checkpoint marker")
-    if int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint format version {meta.get('version')} is newer than this polar-jax")
+    if not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {meta.get('version')!r} is not one this polar-jax reads")
     cfg = ModelConfig.from_hf_file(path / "config.json")
     weights = SafetensorsFile(path / PARAMS_FILE)
-    expected = set(param_shapes(cfg))
-    extra = set(weights.keys()) - expected
-    if extra:
-        raise CheckpointError(f"{path / PARAMS_FILE} has unexpected tensors {sorted(extra)[:5]}")
+    try:
+        expected = set(param_shapes(cfg))
+        extra = set(weights.keys()) - expected
+        if extra:
+            raise CheckpointError(f"{path / PARAMS_FILE} has unexpected tensors {sorted(extra)[:5]}")
+        check = WeightsCheck(weights, meta.get("weights_sha256")) if verify else None
 
-    def get(name: str) -> np.ndarray:
-        if name not in weights.keys():
-            raise CheckpointError(f"parameter {name} is missing from {path / PARAMS_FILE}")
-        return weights.get(name)
+        def get(name: str) -> np.ndarray:
+            if name not in weights.keys():
+                raise CheckpointError(f"parameter {name} is missing from {path / PARAMS_FILE}")
+            arr = weights.get(name)
+            if check is not None:
+                check.feed(name, arr)
+            return arr
 
-    model = model_from_tensors(cfg, get, resolve_dtype(dtype, cfg), _placer(cfg, mesh))
-    weights.close()
+        model = model_from_tensors(cfg, get, resolve_dtype(dtype, cfg), _placer(cfg, mesh))
+        if check is not None:
+            check.finish()
+    finally:
+        weights.close()
     return model, load_tokenizer(path)
+
+
+class WeightsCheck:
+    """The SHA-256 of a params file (`layout.hash_tensor` over its tensors in file order), fed by the loader
+    as it reads each tensor, so the check costs no second pass over the file."""
+
+    def __init__(self, weights: SafetensorsFile, expected: str | None):
+        self.weights, self.expected = weights, expected
+        self.order = weights.data_order()
+        self.digest = hashlib.sha256()
+        self.next = 0  # index in `order` of the tensor the digest expects next
+
+    def feed(self, name: str, arr: np.ndarray) -> None:
+        if self.next < len(self.order) and self.order[self.next] == name:
+            hash_tensor(self.digest, name, arr)
+            self.next += 1
+        else:
+            self.next = -1  # read out of file order: `finish` hashes the file on its own
+
+    def finish(self) -> None:
+        if self.expected is None:
+            return  # a checkpoint written without a fingerprint: nothing to compare
+        digest = self.digest
+        if self.next != len(self.order):
+            digest = hashlib.sha256()
+            for name in self.order:
+                hash_tensor(digest, name, self.weights.get(name))
+        if digest.hexdigest() != self.expected:
+            raise CheckpointError(
+                f"{self.weights.path} does not match the weights_sha256 in {META_FILE}: the file is corrupt or was "
+                "modified after conversion (re-convert it; or load with verify=False / --no-verify to skip the check)"
+            )
 
 
 def load_hf(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[CausalLM, Tokenizer | None]:
     """Loads a Hugging Face checkpoint folder or a GGUF file directly (converted on the fly, one tensor at a
     time; GGUF tensors dequantized). `mesh`: as in `load` (a GGUF tensor is dequantized whole in host memory,
     then sliced: quantized blocks do not split at arbitrary rows)."""
-    from convert.hf import open_reader
-
-    reader = open_reader(path)
+    reader = convert_hf.open_reader(path)
     try:
         model = model_from_tensors(reader.config, reader.get, resolve_dtype(dtype, reader.config),
                                    _placer(reader.config, mesh))
@@ -153,13 +184,6 @@ def _placer(cfg: ModelConfig, mesh: Mesh | None) -> Placer | None:
         return None
     check_mesh(cfg, mesh)
     return param_placer(mesh)
-
-
-def _read_json(p: Path) -> dict:
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {p}: {e}") from None
 
 
 # ---- identity for router bundles --------------------------------------------------------------------

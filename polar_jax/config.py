@@ -7,16 +7,17 @@ versus a `rope_parameters` dict) so checkpoints saved by either version load the
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from pathlib import Path
 from typing import Any
 
+from polar_jax.dtypes import dtype_name
 from polar_jax.errors import CheckpointError, UnsupportedModelError
+from polar_jax.files import read_json
 
 # model_type -> the module family that implements it.
 _FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
 _ACTIVATIONS = {"relu", "gelu", "gelu_new", "silu", "swish"}
-_DTYPES = {"float32", "float16", "bfloat16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,79 +115,132 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise CheckpointError(f"no config.json at {path}")
-        try:
-            hf = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-        return _from_hf(hf)
+        return _from_hf(read_json(path))
 
 
-def _require(hf: dict[str, Any], *keys: str) -> Any:
-    """First present key among the spellings in `keys`, else a clear error."""
+# ---- typed reads of config.json values: a wrong type or range is a clear error, never a silent cast ------
+_MISSING = object()
+
+
+def _value(hf: dict[str, Any], keys: tuple[str, ...], default: Any) -> tuple[str, Any]:
+    """(key, value) of the first spelling in `keys` that is present and not null, else the default."""
     for k in keys:
         if hf.get(k) is not None:
-            return hf[k]
-    raise CheckpointError(f"config.json lacks {' / '.join(repr(k) for k in keys)}")
+            return k, hf[k]
+    if default is _MISSING:
+        raise CheckpointError(f"config.json lacks {' / '.join(repr(k) for k in keys)}")
+    return keys[0], default
+
+
+def _int(hf: dict[str, Any], *keys: str, minimum: int = 1, default: Any = _MISSING) -> int:
+    key, v = _value(hf, keys, default)
+    if type(v) is not int or v < minimum:
+        raise CheckpointError(f"config.json: {key} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def _float(hf: dict[str, Any], *keys: str, minimum: float = 0.0, default: Any = _MISSING) -> float:
+    key, v = _value(hf, keys, default)
+    if type(v) not in (int, float) or not math.isfinite(v) or v < minimum:
+        raise CheckpointError(f"config.json: {key} must be a finite number >= {minimum}, got {v!r}")
+    return float(v)
+
+
+def _bool(hf: dict[str, Any], key: str, default: bool) -> bool:
+    v = hf.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise CheckpointError(f"config.json: {key} must be true or false, got {v!r}")
+    return v
+
+
+def _str(hf: dict[str, Any], key: str, default: str) -> str:
+    v = hf.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise CheckpointError(f"config.json: {key} must be a string, got {v!r}")
+    return v
+
+
+def _dict(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    v = hf.get(key)
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise CheckpointError(f"config.json: {key} must be an object, got {v!r}")
+    return v
 
 
 def _dtype(hf: dict[str, Any]) -> str:
-    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    dtype = str(dtype).removeprefix("torch.")
-    if dtype not in _DTYPES:
-        raise UnsupportedModelError(f"unsupported checkpoint dtype {dtype!r} (expected one of {sorted(_DTYPES)})")
-    return dtype
+    return dtype_name(hf.get("dtype") or hf.get("torch_dtype") or "float32", "checkpoint dtype",
+                      UnsupportedModelError)
 
 
 def _rope(hf: dict[str, Any]) -> RopeConfig:
     # v5 keeps theta and scaling together in `rope_parameters`; v4 has `rope_theta` + optional `rope_scaling`.
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or {}
-    params = {**scaling, **params}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    params = {**_dict(hf, "rope_scaling"), **_dict(hf, "rope_parameters")}
+    # theta >= 1 and factors >= 1: smaller values overflow the rotary frequencies to inf (NaN logits)
+    theta = _float({**hf, **params}, "rope_theta", minimum=1.0, default=10000.0)
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind == "default":
-        return RopeConfig(theta=float(theta))
+        return RopeConfig(theta=theta)
     if kind == "linear":
-        return RopeConfig(theta=float(theta), kind="linear", factor=float(params["factor"]))
+        return RopeConfig(theta=theta, kind="linear", factor=_float(params, "factor", minimum=1.0))
     if kind == "llama3":
-        try:
-            return RopeConfig(
-                theta=float(theta),
-                kind="llama3",
-                factor=float(params["factor"]),
-                low_freq_factor=float(params["low_freq_factor"]),
-                high_freq_factor=float(params["high_freq_factor"]),
-                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-            )
-        except KeyError as e:
-            raise CheckpointError(f"llama3 rope scaling lacks {e.args[0]!r}") from None
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if params.get(key) is None:
+                raise CheckpointError(f"llama3 rope scaling lacks {key!r}")
+        rope = RopeConfig(
+            theta=theta,
+            kind="llama3",
+            factor=_float(params, "factor", minimum=1.0),
+            low_freq_factor=_float(params, "low_freq_factor", minimum=1e-6),
+            high_freq_factor=_float(params, "high_freq_factor", minimum=1e-6),
+            original_max_position_embeddings=_int(params, "original_max_position_embeddings"),
+        )
+        if rope.high_freq_factor <= rope.low_freq_factor:
+            raise CheckpointError("config.json: llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                                  f"{rope.high_freq_factor} and {rope.low_freq_factor}")
+        return rope
     raise UnsupportedModelError(f"RoPE type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def _special_tokens(hf: dict[str, Any]) -> dict[str, Any]:
+    def token(key: str) -> int | None:
+        v = hf.get(key)
+        if v is not None and type(v) is not int:
+            raise CheckpointError(f"config.json: {key} must be an integer token id, got {v!r}")
+        return v
+
     eos = hf.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
-    return dict(bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids, pad_token_id=hf.get("pad_token_id"))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    if not all(type(t) is int for t in eos_ids):
+        raise CheckpointError(f"config.json: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return dict(bos_token_id=token("bos_token_id"), eos_token_ids=eos_ids, pad_token_id=token("pad_token_id"))
 
 
 def _from_hf(hf: dict[str, Any]) -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"config.json must hold a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type is None:
         raise CheckpointError("config.json has no 'model_type'")
-    if model_type not in _FAMILIES:
+    if not isinstance(model_type, str) or model_type not in _FAMILIES:
         archs = hf.get("architectures") or []
         raise UnsupportedModelError(
             f"unsupported architecture {model_type!r} {archs or ''}: polar-jax implements {sorted(_FAMILIES)}"
         )
     common = dict(
         model_type=model_type,
-        vocab_size=int(_require(hf, "vocab_size")),
-        hidden_size=int(_require(hf, "hidden_size")),
-        num_layers=int(_require(hf, "num_hidden_layers")),
-        num_heads=int(_require(hf, "num_attention_heads")),
-        max_position_embeddings=int(_require(hf, "max_position_embeddings")),
+        vocab_size=_int(hf, "vocab_size"),
+        hidden_size=_int(hf, "hidden_size"),
+        num_layers=_int(hf, "num_hidden_layers"),
+        num_heads=_int(hf, "num_attention_heads"),
+        max_position_embeddings=_int(hf, "max_position_embeddings"),
         dtype=_dtype(hf),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "opt")),
+        tie_word_embeddings=_bool(hf, "tie_word_embeddings", model_type == "opt"),
         **_special_tokens(hf),
     )
     if model_type == "opt":
@@ -199,50 +253,49 @@ def _from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def _llama(hf: dict[str, Any], common: dict[str, Any], model_type: str) -> ModelConfig:
     heads = common["num_heads"]
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
-    head_dim = int(hf.get("head_dim") or common["hidden_size"] // heads)
-    act = hf.get("hidden_act", "silu")
-    window = hf.get("sliding_window")
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-        window = None  # Qwen2 ships a sliding_window value but only uses it when this flag is on
-    if model_type == "llama":
-        window = None
-    attention_bias = bool(hf.get("attention_bias", False))
+    kv_heads = _int(hf, "num_key_value_heads", default=heads)
+    head_dim = _int(hf, "head_dim", default=max(1, common["hidden_size"] // heads))
+    act = _str(hf, "hidden_act", "silu")
+    window = None
+    if model_type == "mistral" or (model_type == "qwen2" and _bool(hf, "use_sliding_window", False)):
+        # Qwen2 ships a sliding_window value but only uses it when use_sliding_window is on; LLaMA has none
+        window = _int(hf, "sliding_window", default=None) if hf.get("sliding_window") else None
+    attention_bias = _bool(hf, "attention_bias", False)
     return ModelConfig(
         **common,
-        intermediate_size=int(_require(hf, "intermediate_size")),
+        intermediate_size=_int(hf, "intermediate_size"),
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=_float(hf, "rms_norm_eps", default=1e-6),
         activation="silu" if act == "swish" else act,
         rope=_rope(hf),
-        sliding_window=int(window) if window else None,
+        sliding_window=window,
         # Qwen2 always has q/k/v biases and none on o_proj; LLaMA's attention_bias covers all four.
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=False if model_type == "qwen2" else attention_bias,
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        mlp_bias=_bool(hf, "mlp_bias", False),
     )
 
 
 def _opt(hf: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
     heads = common["num_heads"]
     hidden = common["hidden_size"]
-    proj = hf.get("word_embed_proj_dim") or hidden
-    do_ln_before = bool(hf.get("do_layer_norm_before", True))
-    if not hf.get("layer_norm_elementwise_affine", True):
+    proj = _int(hf, "word_embed_proj_dim", default=hidden)
+    do_ln_before = _bool(hf, "do_layer_norm_before", True)
+    if not _bool(hf, "layer_norm_elementwise_affine", True):
         raise UnsupportedModelError("OPT with layer_norm_elementwise_affine=false is not supported")
     return ModelConfig(
         **common,
-        intermediate_size=int(_require(hf, "ffn_dim")),
+        intermediate_size=_int(hf, "ffn_dim"),
         num_kv_heads=heads,
-        head_dim=hidden // heads,
+        head_dim=max(1, hidden // heads),
         norm_eps=1e-5,
-        activation=hf.get("activation_function", "relu"),
+        activation=_str(hf, "activation_function", "relu"),
         do_layer_norm_before=do_ln_before,
-        word_embed_proj_dim=int(proj),
+        word_embed_proj_dim=proj,
         # HF builds the final norm only for pre-LN models that did not remove it.
-        final_layer_norm=do_ln_before and not hf.get("_remove_final_layer_norm", False),
-        enable_bias=bool(hf.get("enable_bias", True)),
+        final_layer_norm=do_ln_before and not _bool(hf, "_remove_final_layer_norm", False),
+        enable_bias=_bool(hf, "enable_bias", True),
     )
 
 
@@ -255,6 +308,3 @@ def _validate(cfg: ModelConfig) -> None:
         )
     if cfg.family == "opt" and cfg.hidden_size % cfg.num_heads:
         raise CheckpointError(f"hidden_size={cfg.hidden_size} is not divisible by {cfg.num_heads} heads")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "head_dim"):
-        if getattr(cfg, name) <= 0:
-            raise CheckpointError(f"config value {name}={getattr(cfg, name)} must be positive")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -31,6 +30,7 @@ from polar_jax.models import CausalLM
 from polar_jax.sharding import (cache_specs, check_mesh, empty_cache, is_parallel, mesh_shape, rows_spec, shard_state,
                                 state_specs)
 from polar_jax.sparse_decode import IMPL_CHOICES, check_selector, sparse_selector
+from polar_jax.validate import check, check_optional, check_positions, token_id
 
 PROMPT_BUCKET = 16  # prompts are right-padded to a multiple of this, so lengths share compiled programs
 CACHE_BUCKET = 64
@@ -57,7 +57,8 @@ def prefill(graphdef, state, tokens: jax.Array, lengths: jax.Array, cache: KVCac
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "attn_impl", "mlp_impl", "mesh", "rows"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("graphdef", "attn_impl", "mlp_impl", "gemv_impl", "mesh", "rows"),
+    donate_argnames=("cache",)
 )
 def decode_step(
     graphdef,
@@ -67,20 +68,22 @@ def decode_step(
     selector: Any = None,
     attn_impl: str = "auto",
     mlp_impl: str = "auto",
+    gemv_impl: str = "auto",
     mesh: Any = None,
     rows: int | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """One decode step for tokens [B]; the cache is donated and updated in place.
 
     `selector` (a pytree with the DecodeSelector methods, e.g. trained routers) makes the step sparse.
-    `mesh`: run tensor-parallel on it (state and cache placed on it, as for `prefill`); `rows`: when the
-    batch was padded to a multiple of the "data" size, the number of real (leading) rows."""
+    `gemv_impl`: the backend of small-batch projections (`CausalLM.decode`). `mesh`: run tensor-parallel on
+    it (state and cache placed on it, as for `prefill`); `rows`: when the batch was padded to a multiple of
+    the "data" size, the number of real (leading) rows."""
     def run(state, cache, tokens, selector, parallel=None):
         model = nnx.merge(graphdef, state)
         if parallel is not None:
             selector = tp.for_shard(selector, mesh, model.config, rows)
         return model.decode(tokens, cache, selector=selector, attn_impl=attn_impl, mlp_impl=mlp_impl,
-                            parallel=parallel)
+                            gemv_impl=gemv_impl, parallel=parallel)
 
     if not is_parallel(mesh):
         return run(state, cache, tokens, selector)
@@ -118,7 +121,7 @@ def _as_prompt_list(prompts: Any) -> list[list[int]]:
     if isinstance(prompts, str):
         raise InputError("prompts must be token ids; encode text with the tokenizer first (tokenizer.encode)")
     try:
-        out = [list(map(int, p)) for p in prompts]
+        out = [list(map(token_id, p)) for p in prompts]
     except (TypeError, ValueError):
         raise InputError("prompts must be an int array [B, T] or a list of token-id lists") from None
     return out
@@ -138,19 +141,14 @@ def validate_generation(
         bad = [t for t in p if t < 0 or t >= cfg.vocab_size]
         if bad:
             raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {cfg.vocab_size}): {bad[:5]}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature < 0 or not math.isfinite(temperature):
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    # the limits the CLI's flags have too (polar_jax.validate): a bool, a string or a float count is refused
+    max_new_tokens = check("max_new_tokens", max_new_tokens)
+    check("temperature", temperature)
+    check("top_p", top_p)
+    cache_size = check_optional("cache_size", cache_size)
     longest = max(len(p) for p in plist)
     needed = longest + int(max_new_tokens)
-    if cfg.family == "opt" and needed > cfg.max_position_embeddings:
-        raise InputError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
-            f"{cfg.max_position_embeddings} positions"
-        )
+    check_positions(cfg, needed, f"prompt of {longest} tokens + {max_new_tokens} new tokens")
     if cache_size is not None:
         if longest > cache_size:
             raise InputError(f"prompt of {longest} tokens is longer than the cache ({cache_size} positions)")
@@ -372,6 +370,7 @@ def generate(
     applied across the "tensor" shards: "global" (each sequence's k best heads overall) or "balanced"
     (its ceil(k/n) best on each of the n shards, so no shard waits for another).
     """
+    check("seed", seed)
     req = _prepare(model, prompts, max_new_tokens, temperature, top_p, eos_token_id, cache_size, selector,
                    sparsity, attn_density, mlp_recall, policy, adaptive, impl, attn_impl, mlp_impl, mesh, head_topk)
     graphdef, state = split_model(model)
@@ -418,6 +417,7 @@ def generate_stream(
 ) -> Iterator[np.ndarray]:
     """Like `generate` (same arguments), but yields each step's tokens [B] as soon as they exist (stops
     when all sequences have emitted EOS). The same tokens as `generate` for the same arguments."""
+    check("seed", seed)
     req = _prepare(model, prompts, max_new_tokens, temperature, top_p, eos_token_id, cache_size, selector,
                    sparsity, attn_density, mlp_recall, policy, adaptive, impl, attn_impl, mlp_impl, mesh, head_topk)
     graphdef, state = split_model(model)
@@ -435,7 +435,7 @@ def generate_stream(
     for i in range(int(max_new_tokens)):
         if i > 0:
             logits, cache = decode_step(graphdef, state, cache.with_live(~done), jnp.asarray(tok), req.selector,
-                                        req.attn_impl, req.mlp_impl, req.mesh, b)
+                                        req.attn_impl, req.mlp_impl, mesh=req.mesh, rows=b)
         key, sub = jax.random.split(key)
         tok = _host_array(_sample_jit(logits, sub, temp, top, req.greedy))  # rows of every process
         tok = np.where(done, req.pad_id, tok).astype(np.int32)

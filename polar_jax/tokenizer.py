@@ -3,8 +3,10 @@ transformers' AutoTokenizer is the fallback for folders without one)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from polar_jax.errors import CheckpointError
+from polar_jax.files import read_json
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -63,14 +65,16 @@ def _special_id(folder: Path, backend, key: str) -> int | None:
     for name in ("generation_config.json", "config.json"):
         p = folder / name
         if p.is_file():
-            v = json.loads(p.read_text()).get(f"{key}_token_id")
+            v = read_json(p).get(f"{key}_token_id")
             if isinstance(v, list):
                 v = v[0] if v else None
             if v is not None:
-                return int(v)
+                if type(v) is not int:
+                    raise CheckpointError(f"{p}: {key}_token_id must be an integer token id, got {v!r}")
+                return v
     p = folder / "tokenizer_config.json"
     if p.is_file():
-        tok = json.loads(p.read_text()).get(f"{key}_token")
+        tok = read_json(p).get(f"{key}_token")
         if isinstance(tok, dict):
             tok = tok.get("content")
         if isinstance(tok, str) and hasattr(backend, "token_to_id"):
@@ -84,11 +88,17 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | None:
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer as _Fast
 
-        backend = _Fast.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = _Fast.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises its own exception types for a malformed file
+            raise CheckpointError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
     elif any((folder / f).is_file() for f in ("tokenizer.model", "vocab.json")):
         from transformers import AutoTokenizer
 
-        backend = _HFBackend(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        try:
+            backend = _HFBackend(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+        except Exception as e:  # transformers raises many types (OSError, ValueError, its own) for bad files
+            raise CheckpointError(f"cannot read the tokenizer files in {folder}: {e}") from None
     else:
         return None
     return Tokenizer(backend, _special_id(folder, backend, "eos"), _special_id(folder, backend, "pad"))

@@ -15,7 +15,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 GOLDEN = REPO / "tests" / "golden"
 
 REAL_MODELS = ("tiny-llama", "tiny-opt", "polar-tiny-opt")
-RANDOM_MODELS = ("llama2-mha", "llama31-gqa", "mistral-swa", "qwen2-bias")
+RANDOM_MODELS = ("llama2-mha", "llama31-gqa", "mistral-swa", "qwen2-bias", "llama-linear-rope")
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -53,3 +53,20 @@ def load_cached(name: str, dtype: str = "float32"):
     if key not in _MODEL_CACHE:
         _MODEL_CACHE[key] = polar_jax.load_hf(model_dir(name), dtype=dtype)
     return _MODEL_CACHE[key]
+
+
+# ---- the property-based tests' case counts (tests/test_fuzz_cli.py), in the terminal summary ----------
+_FUZZ_CASES: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    # runs in the controller for the reports of xdist workers too (user_properties travel with them)
+    if report.when == "call":
+        _FUZZ_CASES.extend(str(v) for k, v in report.user_properties if k == "fuzz_cases")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _FUZZ_CASES:
+        terminalreporter.section("property-based tests (cases run)")
+        for line in _FUZZ_CASES:
+            terminalreporter.write_line(line)

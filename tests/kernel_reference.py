@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 import math
+import os
+import zlib
 
 import numpy as np
+
+
+def seeded_rng() -> np.random.Generator:
+    """A generator seeded from the running test's id: the same inputs in every run and process (a failure
+    reproduces), different inputs per test. POLAR_TEST_SEED=N shifts every seed to explore other inputs."""
+    test_id = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    seed = (zlib.crc32(test_id.encode()) + int(os.environ.get("POLAR_TEST_SEED", "0"))) % 2**32
+    print(f"seed={seed} ({test_id})")
+    return np.random.default_rng(seed)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -21,6 +32,15 @@ ACTS = {
 
 def f64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
+
+
+def gemv_ref(x, w, bias=None, activation=None, layout="kn"):
+    """act(x @ W + b) in float64; W is [K, N] ("kn") or [N, K] ("nk")."""
+    w = f64(w) if layout == "kn" else f64(w).T
+    y = f64(x) @ w
+    if bias is not None:
+        y = y + f64(bias)
+    return ACTS[activation](y)
 
 
 def gather_up_ref(x, w, idx, n, bias=None, activation="relu"):

@@ -30,6 +30,25 @@ class KernelOpTests:
     def arr(self, rng, shape, scale=1.0):
         return jnp.asarray(rng.standard_normal(shape) * scale, self.dtype)
 
+    # ---- decode GEMV -----------------------------------------------------------------------------------
+    def test_gemv_both_layouts_ragged_shapes_bias_and_activation(self):
+        rng = fresh_rng()
+        for M, K, N, layout, act, bias in ((1, 300, 100, "kn", None, True), (3, 256, 96, "nk", "relu", False),
+                                           (8, 520, 33, "kn", "silu", True), (16, 64, 130, "nk", "gelu", True)):
+            x = self.arr(rng, (M, K))
+            w = self.arr(rng, (K, N) if layout == "kn" else (N, K), K**-0.5)
+            b = self.arr(rng, (N,)) if bias else None
+            out = pk.gemv(x, w, b, act, layout, impl=self.impl)
+            assert out.shape == (M, N) and out.dtype == x.dtype
+            close(out, npref.gemv_ref(x, w, b, act, layout), self.dtype)
+
+    def test_gemv_layouts_are_transposes_of_each_other(self):
+        rng = fresh_rng()
+        x, w = self.arr(rng, (2, 128)), self.arr(rng, (128, 64), 128**-0.5)
+        kn = pk.gemv(x, w, layout="kn", impl=self.impl)
+        nk = pk.gemv(x, jnp.asarray(w.T), layout="nk", impl=self.impl)
+        close(nk, np.asarray(kn, np.float64), self.dtype)
+
     # ---- selective GEMMs ------------------------------------------------------------------------------
     def test_gather_up_partial_slots_and_bias(self):
         rng = fresh_rng()

@@ -10,6 +10,7 @@ import polar_jax
 from polar_jax.cache import KVCache
 from polar_jax.decode import decode_step, prefill, split_model
 from polar_jax.errors import InputError
+from polar_jax.routers.sparsify import router_selector
 from conftest import load_cached
 
 
@@ -57,15 +58,108 @@ def test_array_and_list_prompts_agree(default):
     np.testing.assert_array_equal(polar_jax.generate(model, arr, 5), polar_jax.generate(model, arr.tolist(), 5))
 
 
-def test_eos_then_padding(default):
+def first_eos(row, eos) -> int | None:
+    hits = np.flatnonzero(np.isin(row, list(eos)))
+    return int(hits[0]) if hits.size else None
+
+
+def with_eos(free: np.ndarray, eos, pad: int) -> np.ndarray:
+    """Reference: each row of an EOS-free greedy run cut after its first EOS and padded."""
+    out = free.copy()
+    for row in out:
+        j = first_eos(row, eos)
+        if j is not None:
+            row[j + 1:] = pad
+    return out
+
+
+@jax.tree_util.register_pytree_node_class
+class StepCounter:
+    """A dense DecodeSelector that records, for each decode step actually run, the rows it decodes as live
+    (a host callback per step)."""
+
+    calls: list = []
+
+    def attention(self, layer, router_input, live):
+        if layer == 0:
+            jax.debug.callback(lambda rows: StepCounter.calls.append(np.asarray(rows).tolist()), live, ordered=True)
+        return None
+
+    def mlp(self, layer, router_input, live):
+        return None
+
+    def tree_flatten(self):
+        return (), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls()
+
+
+EOS_TEXTS = ["The history of the city", "KING RICHARD :", "The album was released", "It was"]
+
+
+@pytest.fixture(scope="module")
+def free_run(default):
     model, tok = default
-    prompt = tok.encode("The history of the city")
-    free = polar_jax.generate(model, [prompt], 10, eos_token_id=())[0]
-    stop = int(free[3])  # pretend the 4th generated token is EOS
-    first = int(np.argmax(free == stop))
-    out = polar_jax.generate(model, [prompt, prompt[:2]], 10, eos_token_id=stop)
-    assert out[0, : first + 1].tolist() == free[: first + 1].tolist()
-    assert (out[0, first + 1 :] == model.config.pad_id).all()
+    prompts = [tok.encode(t) for t in EOS_TEXTS]
+    return prompts, polar_jax.generate(model, prompts, 12, eos_token_id=())
+
+
+def test_eos_stops_each_row_and_pads_it(default, free_run):
+    """One EOS id that rows emit at different steps and one row never emits: every row is cut after its
+    own first EOS, and the rows still running keep generating (the loop waits for all of them)."""
+    model, _ = default
+    prompts, free = free_run
+    pad = model.config.pad_id
+    chosen = None
+    for t in sorted(set(free.reshape(-1).tolist()) - {pad}):
+        firsts = [first_eos(r, {t}) for r in free]
+        hit = [f for f in firsts if f is not None]
+        if None in firsts and len(set(hit)) >= 2 and min(hit) < 8:
+            chosen = t
+            break
+    assert chosen is not None, "no token ends rows at different steps; pick other prompts"
+    out = polar_jax.generate(model, prompts, 12, eos_token_id=chosen)
+    np.testing.assert_array_equal(out, with_eos(free, {chosen}, pad))
+    stream = np.stack(list(polar_jax.generate_stream(model, prompts, 12, eos_token_id=chosen)), axis=1)
+    np.testing.assert_array_equal(stream, out)  # a row never finishes: the stream runs to the end
+
+
+def test_several_eos_ids_stop_the_loop_once_all_rows_are_done(default, free_run):
+    """Two EOS ids, neither of which ends every row alone: together they do, and then `generate` stops
+    decoding (counted) and `generate_stream` stops yielding. A finished row is not live in the steps after
+    its EOS (it reads no KV and is not in the MLP union), in both loops."""
+    model, _ = default
+    prompts, free = free_run
+    pad = model.config.pad_id
+    tokens = sorted(set(free.reshape(-1).tolist()) - {pad})
+    best = None
+    for i, a in enumerate(tokens):
+        for b in tokens[i + 1:]:
+            firsts = [first_eos(r, {a, b}) for r in free]
+            alone = [any(first_eos(r, {t}) is None for r in free) for t in (a, b)]
+            if None not in firsts and all(alone) and max(firsts) < 10:
+                if best is None or max(firsts) < best[0]:
+                    best = (max(firsts), (a, b))
+    assert best is not None, "no pair of tokens ends every row; pick other prompts"
+    last, eos = best
+    StepCounter.calls.clear()
+    out = polar_jax.generate(model, prompts, 12, eos_token_id=eos, selector=StepCounter())
+    jax.effects_barrier()
+    np.testing.assert_array_equal(out, with_eos(free, set(eos), pad))
+    assert len(StepCounter.calls) == last, "decode steps run: the loop must stop when the last row is done"
+    ends = [first_eos(r, set(eos)) for r in free]
+    live = [[end >= i for end in ends] for i in range(1, last + 1)]  # decode step i makes token i
+    assert StepCounter.calls == live
+    assert any(not all(step) for step in live)  # some row really finishes before the last one
+    StepCounter.calls.clear()
+    steps = list(polar_jax.generate_stream(model, prompts, 12, eos_token_id=list(eos), selector=StepCounter()))
+    jax.effects_barrier()
+    assert StepCounter.calls == live
+    assert len(steps) == last + 1
+    np.testing.assert_array_equal(np.stack(steps, axis=1), out[:, : last + 1])
+    assert (out[:, last + 1:] == pad).all()
 
 
 def test_stream_matches_generate(default):
@@ -127,6 +221,18 @@ def test_sliding_window_model_decodes_past_its_window():
         ([[5] * 500], {"max_new_tokens": 20}, "exceeds the model's 512 positions"),
         ([[5]], {"temperature": -1.0}, "temperature"),
         ([[5]], {"top_p": 0.0}, "top_p"),
+        # the CLI's limits hold in the API too (polar_jax.validate): no bool / float / string counts, no raw
+        # TypeError or OverflowError from a string temperature or a seed numpy and jax cannot take
+        ([[5]], {"max_new_tokens": True}, "max_new_tokens"),
+        ([[5]], {"max_new_tokens": 2.0}, "max_new_tokens"),
+        ([[5]], {"temperature": "0.5"}, "temperature"),
+        ([[5]], {"temperature": float("nan")}, "temperature"),
+        ([[5]], {"top_p": "1"}, "top_p"),
+        ([[5]], {"seed": -1}, "seed"),
+        ([[5]], {"seed": 2**70}, "seed"),
+        ([[5]], {"seed": 1.5}, "seed"),
+        ([[5]], {"cache_size": 2.5}, "cache_size"),
+        ([[5]], {"cache_size": 0}, "cache_size"),
         ("hello", {}, "encode text"),
         (np.zeros((2, 3, 4), np.int32), {}, r"\[batch, tokens\]"),
     ],
@@ -136,6 +242,8 @@ def test_bad_generation_input(default, prompts, kw, words):
     kw = {"max_new_tokens": 4, **kw}
     with pytest.raises(InputError, match=words):
         polar_jax.generate(model, prompts, **kw)
+    with pytest.raises(InputError, match=words):
+        next(polar_jax.generate_stream(model, prompts, **kw))
 
 
 def test_cli_demo_and_generate_errors():
@@ -149,11 +257,21 @@ def test_cli_demo_and_generate_errors():
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 
-def test_cli_sparse_generation():
+def test_cli_sparse_generation(default):
+    """The command line decodes sparsely with the bundle's routers when the policy is forced (auto runs dense on a
+    CPU, where no speedup is measured): its continuation is the API's (sparse)
+    one, which differs from the dense one. (The printed layout is free text; only the continuation's text
+    is looked for in it.)"""
     run = lambda *a: subprocess.run([sys.executable, "-m", "polar_jax.cli", *a], capture_output=True, text=True, timeout=600)
-    ok = run("generate", "The history of the city", "--sparsity", "default", "--attn-density", "0.5",
-             "--max-new-tokens", "8")
+    prompt = "The album was released"
+    ok = run("generate", prompt, "--sparsity", "default", "--attn-density", "0.25", "--policy", "heads",
+             "--max-new-tokens", "12")
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.startswith("The history of the city") and len(ok.stdout.strip()) > len("The history of the city")
+    model, tok = default
+    selector = router_selector(polar_jax.load_sparsity("default", model), attn_density=0.25)
+    sparse = polar_jax.generate(model, [tok.encode(prompt)], 12, selector=selector)[0]
+    dense = polar_jax.generate(model, [tok.encode(prompt)], 12)[0]
+    assert tok.decode(sparse) != tok.decode(dense), "pick a setting where sparse and dense decoding differ"
+    assert tok.decode(sparse) in ok.stdout and tok.decode(dense) not in ok.stdout
     bad = run("generate", "hello", "--sparsity", "/nonexistent/bundle")
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr

@@ -5,6 +5,7 @@ generate_until = `generate` + the same stop strings, sparse = the real sparse de
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -233,6 +234,20 @@ def test_bad_arguments_raise_input_errors(default, kwargs, message):
     base = {} if "model" in kwargs else dict(model=model, tokenizer=tok)
     with pytest.raises(polar_jax.InputError, match=message):
         PolarLM(**base, **kwargs)
+
+
+def test_checkpoint_is_verified_unless_verify_is_false(tmp_path):
+    """The adapter loads through the CLI's loader: a checkpoint whose weights no longer match weights_sha256
+    is refused, and `verify=false` (a model_args string, like --no-verify) skips the check."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(polar_jax.checkpoint.DEFAULT_MODEL_DIR, ckpt)
+    meta = json.loads((ckpt / "polar_jax.json").read_text())
+    (ckpt / "polar_jax.json").write_text(json.dumps(dict(meta, weights_sha256="0" * 64)))
+    with pytest.raises(polar_jax.CheckpointError, match="weights_sha256"):
+        PolarLM(model=str(ckpt))
+    assert PolarLM(model=str(ckpt), verify="false").model.config.vocab_size > 0
+    with pytest.raises(polar_jax.InputError, match="verify"):
+        PolarLM(model=str(ckpt), verify="sometimes")
 
 
 def test_generation_longer_than_the_model_is_refused(default):

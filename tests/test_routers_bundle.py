@@ -9,6 +9,7 @@ import pytest
 
 import polar_jax
 from conftest import load_cached
+from hf_factory import TINY_OPT, write_hf
 from polar_jax.checkpoint import model_signature
 from polar_jax.errors import CheckpointError, InputError, PolarError
 from polar_jax.routers import (
@@ -58,6 +59,25 @@ def test_mismatched_bundle_is_refused(tmp_path):
         load_sparsity(tmp_path / "b", other)
     with pytest.raises(ModelMismatchError):
         load_sparsity("default", other)
+
+
+def test_same_architecture_different_weights_is_refused(tmp_path):
+    """Two checkpoints with one config and different weights: the architecture hash matches, the weight
+    probe must not. The same weights in another dtype are the same model and are accepted."""
+    a, _ = polar_jax.load_hf(write_hf(tmp_path / "a", TINY_OPT, seed=1))
+    b, _ = polar_jax.load_hf(write_hf(tmp_path / "b", TINY_OPT, seed=2))
+    assert model_signature(a)["arch_hash"] == model_signature(b)["arch_hash"]
+    random_bundle(a).save(tmp_path / "bundle")
+    with pytest.raises(ModelMismatchError, match="same architecture but different weights"):
+        load_sparsity(tmp_path / "bundle", b)
+    assert load_sparsity(tmp_path / "bundle", a).signature == model_signature(a)
+    half, _ = polar_jax.load_hf(tmp_path / "a", dtype="bfloat16")
+    load_sparsity(tmp_path / "bundle", half)
+    # A change to one probed tensor alone is enough.
+    c, _ = polar_jax.load_hf(write_hf(tmp_path / "c", TINY_OPT, seed=1))
+    c.layers[1].mlp.up[...] = c.layers[1].mlp.up[...] * 1.5
+    with pytest.raises(ModelMismatchError, match="different weights"):
+        load_sparsity(tmp_path / "bundle", c)
 
 
 def test_default_bundle_matches_default_model():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -9,6 +10,8 @@ from polar_jax.errors import InputError
 from polar_jax.routers.calibrate import allocate_units, smallest_k, union_recall_curve
 from polar_jax.routers.config import MLPTable, SparsityConfig, check_density, units_kept
 from polar_jax.routers.train import TrainOptions, recall_at_count, recall_at_k, train_attention_router, train_mlp_router, weighted_bce
+from polar_jax.selection import (adaptive_counts, capped_union_mask, keep_prefix_dense, topk_mask, union_scores,
+                                 union_threshold_mask, union_topk)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan"), "x"])
@@ -139,3 +142,77 @@ def test_mlp_router_learns_a_realizable_low_rank_mask():
     _, info = train_mlp_router(xt, at, xv, av, 8, opts, log=lambda s: None, progress=False)
     assert 0.005 < act.mean() < 0.1
     assert info["best_val_recall"] > 0.85
+
+
+def test_union_rules_and_masks_against_numpy():
+    """The MLP union rules and masks of polar_jax.selection on their own (the decode-path tests share them
+    with their reference, so only a NumPy restatement can catch a wrong rule): the paper's batch scores
+    (ReLU'd logits summed over live rows), the threshold union over live rows, its capacity cap (lowest
+    ids), the paper's top-k union, top-k masks with ties to the lower index, the dense prompt prefix."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(4, 3, 40)).astype(np.float32)  # [B, T, N]; many rows negative
+    relu = np.maximum(logits, 0)
+    np.testing.assert_allclose(np.asarray(union_scores(logits)), relu.sum(0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(union_scores(logits, axis=1)), relu.sum(1), rtol=1e-6)
+    # A row of large negative logits must not pull a neuron down (it would without the ReLU).
+    neg = logits.copy()
+    neg[0] = -100.0
+    np.testing.assert_allclose(np.asarray(union_scores(neg)), relu[1:].sum(0), rtol=1e-6)
+    live = np.array([True, False, True, True])
+    np.testing.assert_allclose(np.asarray(union_scores(neg, jnp.asarray(live))), relu[[2, 3]].sum(0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(union_scores(logits.transpose(1, 0, 2), jnp.asarray(live), axis=1)),
+                               relu[live].sum(0), rtol=1e-6)
+
+    t = 0.8
+    np.testing.assert_array_equal(np.asarray(union_threshold_mask(logits, t)), (logits > t).any(0))
+    np.testing.assert_array_equal(np.asarray(union_threshold_mask(logits, t, jnp.asarray(live))),
+                                  (logits[live] > t).any(0))
+    np.testing.assert_array_equal(np.asarray(union_threshold_mask(logits.transpose(1, 0, 2), t, jnp.asarray(live),
+                                                                  axis=1)), (logits[live] > t).any(0))
+    np.testing.assert_array_equal(np.asarray(union_threshold_mask(logits, logits.max() + 1)), False)
+    # Thresholds are router logits and can be negative: a dead row must still count for nothing.
+    low = logits.copy()
+    low[live, :, :5] = -3.0  # every live row far below the threshold on the first 5 neurons
+    want = (low[live] > -1.0).any(0)
+    assert not want[:, :5].any() and want.any()
+    np.testing.assert_array_equal(np.asarray(union_threshold_mask(low, -1.0, jnp.asarray(live))), want)
+
+    keep = (logits > 0.3).any(0)  # [T, N]
+    for cap in (0, 1, 5, int(keep.sum(-1).min()), 40):
+        want = np.zeros_like(keep)
+        for r in range(keep.shape[0]):
+            want[r, np.flatnonzero(keep[r])[:cap]] = True
+        np.testing.assert_array_equal(np.asarray(capped_union_mask(jnp.asarray(keep), cap)), want)
+
+    scores2 = relu[:, 0].sum(0)  # [N], the batch scores of one token
+    order = np.argsort(-scores2, kind="stable")
+    sel = union_topk(logits[:, 0], 7, 12)
+    np.testing.assert_array_equal(np.asarray(sel.idx), order[:12])
+    assert int(sel.n_active) == 7 and not sel.dense
+    assert int(union_topk(logits[:, 0], 30, 12).n_active) == 12  # k is capped by the capacity
+    sel = union_topk(logits[:, 0], 5, 8, jnp.asarray(live))
+    np.testing.assert_array_equal(np.asarray(sel.idx), np.argsort(-relu[live, 0].sum(0), kind="stable")[:8])
+
+    union = relu.sum(0)  # [T, N]
+    for k in (1, 7, 40):
+        mask = np.asarray(topk_mask(union, k))
+        assert mask.dtype == np.float32 and (mask.sum(-1) == k).all()
+        want = np.argsort(-union, axis=-1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(mask, np.stack([np.isin(np.arange(40), w) for w in want]).astype(np.float32))
+    ties = np.array([1.0, 3.0, 3.0, 0.5, 3.0], np.float32)
+    np.testing.assert_array_equal(np.asarray(topk_mask(ties, 2)), [0, 1, 1, 0, 0])
+
+    m = np.zeros((2, 6, 5), np.float32)
+    np.testing.assert_array_equal(np.asarray(keep_prefix_dense(m, 0)), m)
+    kept = np.asarray(keep_prefix_dense(m, 4))
+    assert (kept[:, :4] == 1).all() and (kept[:, 4:] == 0).all()
+    kept = np.asarray(keep_prefix_dense(np.zeros((3, 2, 6)), 2, time_axis=2))
+    assert (kept[..., :2] == 1).all() and (kept[..., 2:] == 0).all()
+
+
+def test_adaptive_counts_are_the_units_above_the_threshold_clipped():
+    scores = np.array([[0.1, 0.9, 0.5, 0.7], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+    np.testing.assert_array_equal(np.asarray(adaptive_counts(scores, 0.5, 1, 3)), [2, 1, 3])
+    np.testing.assert_array_equal(np.asarray(adaptive_counts(scores, 0.5, 0, 4)), [2, 0, 4])
+    np.testing.assert_array_equal(np.asarray(adaptive_counts(scores, 0.0, 0, 4)), [4, 0, 4])  # strictly above
+    assert np.asarray(adaptive_counts(scores, 0.5, 1, 3)).dtype == np.int32

@@ -24,10 +24,7 @@ TOL = {jnp.bfloat16: 1.5e-2, jnp.float16: 3e-3, jnp.float32: 1e-4}
 
 
 def _rng(request) -> np.random.Generator:
-    # Fresh inputs per test (and per run): seed from entropy, printed on failure via the id.
-    seed = np.random.SeedSequence().entropy % (2**32)
-    print(f"seed={seed}")
-    return np.random.default_rng(seed)
+    return npref.seeded_rng()  # fixed per test id (printed; POLAR_TEST_SEED explores others)
 
 
 def _arr(rng, shape, dtype, scale=1.0):
@@ -207,6 +204,7 @@ def test_validation_errors():
     x = jnp.ones((2, 8), jnp.bfloat16)
     w = jnp.ones((10, 8), jnp.bfloat16)
     idx = jnp.arange(4, dtype=jnp.int32)
+    rng = npref.seeded_rng()
     with pytest.raises(ValueError, match="K"):
         pk.gather_up(x, jnp.ones((10, 9), jnp.bfloat16), idx, 2)
     with pytest.raises(TypeError, match="dtype mismatch"):
@@ -215,7 +213,15 @@ def test_validation_errors():
         pk.gather_up(x, w, idx, 5)
     with pytest.raises(ValueError, match="out of range"):
         pk.gather_up(x, w, idx.at[1].set(10), 3)
-    pk.gather_up(x, w, idx.at[3].set(99), 3, impl="xla")  # inactive slots may hold anything
+    # Inactive slots may hold anything (here out of range): ignored, on random values, both paths.
+    xr, wr = _arr(rng, (2, 8), jnp.float32), _arr(rng, (10, 8), jnp.float32)
+    hr = _arr(rng, (2, 4), jnp.float32)
+    for impl in ("xla", "triton"):
+        up = pk.gather_up(xr, wr, idx.at[3].set(99), 3, None, "gelu", impl=impl)
+        np.testing.assert_allclose(up, npref.gather_up_ref(xr, wr, idx, 3, None, "gelu"), rtol=1e-5, atol=1e-5)
+        assert not np.asarray(up[:, 3]).any()
+        down = pk.gather_down(hr, wr, idx.at[3].set(-7), 3, impl=impl)
+        np.testing.assert_allclose(down, npref.gather_down_ref(hr, wr, idx, 3), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="activation"):
         pk.gather_up(x, w, idx, 2, activation="tanh")
     with pytest.raises(ValueError, match="impl"):
@@ -228,8 +234,14 @@ def test_validation_errors():
         pk.gather_down(jnp.ones((2, 4), jnp.int32), jnp.ones((10, 8), jnp.int32), idx, 2)
     with pytest.raises(ValueError, match="gate and up"):
         pk.gather_up_gated(x, w, jnp.ones((11, 8), jnp.bfloat16), idx, 2)
-    # Traced values are not checked and must not crash.
-    jax.jit(lambda i, n: pk.gather_up(x, w, i, n, impl="triton"))(idx.at[3].set(1000), jnp.int32(4))
+    # Traced values are not checked and must not crash: an active out-of-range index reads the last row
+    # (clamped), on both paths.
+    bad, clamped = idx.at[3].set(1000), idx.at[3].set(9)
+    for impl in ("xla", "triton"):
+        got = jax.jit(lambda i, n: pk.gather_up(xr, wr, i, n, None, "relu", impl=impl))(bad, jnp.int32(4))
+        np.testing.assert_allclose(got, npref.gather_up_ref(xr, wr, clamped, 4), rtol=1e-5, atol=1e-5)
+        got = jax.jit(lambda i, n: pk.gather_down(hr, wr, i, n, impl=impl))(idx.at[0].set(-3), jnp.int32(4))
+        np.testing.assert_allclose(got, npref.gather_down_ref(hr, wr, idx.at[0].set(0), 4), rtol=1e-5, atol=1e-5)
 
 
 def test_crossover_decision():

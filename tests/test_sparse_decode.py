@@ -78,6 +78,9 @@ def random_selection(cfg, batch, seed):
     return sel, LastPositionMasks(jnp.asarray(gmask), jnp.asarray(nmask))
 
 
+SEEDS = {"tiny-opt": 11, "tiny-llama": 12}  # fixed: a failure reproduces in every process
+
+
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
 @pytest.mark.parametrize("impl", ["xla", "triton"])
 def test_sparse_decode_equals_masked_forward(name, impl):
@@ -87,7 +90,7 @@ def test_sparse_decode_equals_masked_forward(name, impl):
     t = max(len(p) for p in prompts)
     prompts = [p[:t] + [p[-1]] * (t - len(p)) for p in prompts]  # equal lengths: one masked forward covers both
     tokens = np.array(prompts, np.int32)
-    sel, masks = random_selection(cfg, len(prompts), seed=hash(name) % 1000)
+    sel, masks = random_selection(cfg, len(prompts), seed=SEEDS[name])
 
     graphdef, state = split_model(model)
     cache = KVCache.create(cfg, len(prompts), 32, model.dtype)
@@ -99,3 +102,54 @@ def test_sparse_decode_equals_masked_forward(name, impl):
     dense = model(jnp.asarray(tokens))[:, -1]
     assert float(jnp.max(jnp.abs(want - dense))) > 1e-2  # the selection really changes the output
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=2e-3, rtol=0)
+
+
+def _row(selector: FixedSelector, masks: LastPositionMasks, b: int) -> tuple[FixedSelector, LastPositionMasks]:
+    """Sequence b's part of a batch selection (the MLP neurons are shared by the batch)."""
+    return (FixedSelector(selector.groups[:, b:b + 1], selector.n_groups[:, b:b + 1], selector.neurons,
+                          selector.n_neurons),
+            LastPositionMasks(masks.group_mask[:, b:b + 1], masks.neuron_mask))
+
+
+def _prefilled(model, prompts):
+    graphdef, state = split_model(model)
+    cache = KVCache.create(model.config, len(prompts), 32, model.dtype)
+    padded = np.zeros((len(prompts), 16), np.int32)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    _, cache = prefill(graphdef, state, jnp.asarray(padded), lengths, cache)
+    return graphdef, state, cache
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_ragged_sparse_decode_equals_each_row_alone(name):
+    """Prompts of three lengths in one batch, three sparse decode steps with a new selection each: every
+    row's logits equal that row decoded alone with its own groups (and the batch's neurons): per-row
+    lengths, positions and cache slots must be respected. The batch runs the Pallas kernels, the rows
+    alone the XLA references (the single-row path is tested against the masked forward above)."""
+    model, tok = load_cached(name)
+    cfg = model.config
+    texts = ["The history of the city of", "KING RICHARD : I will not stay here and", "It was the"]
+    steps = 3
+    rows = [tok.encode(t) for t in texts]
+    prompts = [r[:-steps] for r in rows]
+    assert len({len(p) for p in prompts}) == len(rows) and max(len(p) for p in prompts) <= 16
+    selections = [random_selection(cfg, len(rows), seed=100 + s) for s in range(steps)]
+
+    graphdef, state, cache = _prefilled(model, prompts)
+    batch_logits = []
+    for s, (sel, _) in enumerate(selections):
+        feed = jnp.asarray([r[len(r) - steps + s] for r in rows], jnp.int32)
+        logits, cache = decode_step(graphdef, state, cache, feed, sel, "pallas", "pallas")
+        batch_logits.append(np.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [len(r) for r in rows])
+
+    for b, r in enumerate(rows):
+        graphdef, state, alone = _prefilled(model, [prompts[b]])
+        for s, (sel, masks) in enumerate(selections):
+            row_sel, _ = _row(sel, masks, b)
+            logits, alone = decode_step(graphdef, state, alone, jnp.asarray([r[len(r) - steps + s]], jnp.int32),
+                                        row_sel, "xla", "xla")
+            np.testing.assert_allclose(batch_logits[s][b], np.asarray(logits[0]), atol=2e-3, rtol=0,
+                                       err_msg=f"row {b}, step {s}")

@@ -42,6 +42,15 @@ def test_top_units_is_the_stable_descending_order_without_a_sort():
     for i, c in enumerate(counts):
         mask[i, want[i, :c]] = 1
     np.testing.assert_array_equal(np.asarray(unit_mask(jnp.asarray(scores), jnp.asarray(counts))), mask)
+    # The masked evaluation ranks [B, T, U] (routers.sparsify heads_mask): leading axes of any length.
+    scores3 = rng.integers(0, 5, (2, 3, 12)).astype(np.float32)
+    counts3 = rng.integers(0, 13, (2, 3))
+    want3 = np.argsort(-scores3, axis=-1, kind="stable")
+    mask3 = np.zeros_like(scores3)
+    for i, j in np.ndindex(2, 3):
+        mask3[i, j, want3[i, j, :counts3[i, j]]] = 1
+    np.testing.assert_array_equal(np.asarray(unit_mask(jnp.asarray(scores3), jnp.asarray(counts3))), mask3)
+    np.testing.assert_array_equal(np.asarray(top_units(jnp.asarray(scores3), 4)), want3[..., :4])
 
 
 def test_adaptive_budgets_average_k_within_their_bounds():
@@ -239,3 +248,23 @@ def test_bench_decode_runs_tiny_and_refuses_large_shapes_on_cpu(capsys):
 def test_attention_selection_for_dead_rows():
     sel = AttentionSelection.all_groups(3, 4).for_live(jnp.asarray([True, False, True]))
     assert np.asarray(sel.n_active).tolist() == [4, 0, 4]
+
+
+def test_selection_types_are_pytrees_that_cross_jit():
+    """The decode step takes AttentionSelection / MLPSelection through jit: their arrays are the leaves and
+    MLPSelection.dense is static (a Python bool the step branches on while tracing)."""
+    att = AttentionSelection(jnp.asarray([[2, 0], [1, 3]], jnp.int32), jnp.asarray([2, 1], jnp.int32))
+    assert len(jax.tree_util.tree_leaves(att)) == 2
+    out = jax.jit(lambda s, live: s.for_live(live))(att, jnp.asarray([False, True]))
+    assert isinstance(out, AttentionSelection)
+    np.testing.assert_array_equal(np.asarray(out.groups), np.asarray(att.groups))
+    assert np.asarray(out.n_active).tolist() == [0, 1]
+    assert att.for_live(None) is att  # no live mask: every row keeps its slots
+    mlp = MLPSelection.of(np.asarray([5, 1, 7]), 2)
+    assert mlp.idx.dtype == jnp.int32 and mlp.n_active.dtype == jnp.int32 and not mlp.dense
+    assert len(jax.tree_util.tree_leaves(mlp)) == 2
+    signed = jax.jit(lambda s: s.n_active if s.dense else -s.n_active)
+    assert int(signed(mlp)) == -2 and int(signed(MLPSelection(mlp.idx, mlp.n_active, dense=True))) == 2
+    for sel, field in ((att, "n_active"), (mlp, "n_active"), (mlp, "dense")):  # values: one selection is
+        with pytest.raises(dataclasses.FrozenInstanceError):  # shared by every layer's reads, never edited
+            setattr(sel, field, 0)

@@ -44,17 +44,23 @@ def kept_fraction(bundle, rule: str, batch: int, recall: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="polar-tiny-opt")
+    ap.add_argument("--model", default="polar-tiny-opt", help="a shared model name, or a checkpoint / HF / .gguf path")
+    ap.add_argument("--name", default=None, help="name of the results files (default: the model's)")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.75, 0.5, 0.3])
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--head-batch", type=int, default=8, help="windows per evaluation batch for the head runs")
     ap.add_argument("--bundle", default="default")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--recall", type=float, default=0.99)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    model, tok = polar_jax.load_hf(SHARED / "models" / args.model, "float32")
+    path = SHARED / "models" / args.model if (SHARED / "models" / args.model).is_dir() else Path(args.model)
+    model, tok = polar_jax.load_hf(path, "float32")
+    name = args.name or path.stem
     bundle = polar_jax.load_sparsity(args.bundle, model)
     ids = np.asarray(tok.encode((SHARED / "data" / "wikitext-2" / "test.txt").read_text()))
-    kw = dict(seq_len=256, max_tokens=args.max_tokens, progress=False)
-    dense = perplexity(model, ids, batch_size=8, **kw).ppl
+    kw = dict(seq_len=args.seq_len, max_tokens=args.max_tokens, progress=False)
+    dense = perplexity(model, ids, batch_size=args.head_batch, **kw).ppl
     rows = []
     if bundle.config.mlp_router:
         for batch in (1, 8, 32):
@@ -64,22 +70,22 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"part": "mlp", "rule": rule, "batch": batch, "ppl": ppl, "ratio": ppl / dense,
                              "kept": kept_fraction(bundle, rule, batch, args.recall)})
                 print(rows[-1], flush=True)
-    for rho in (0.75, 0.5, 0.3):
+    for rho in args.densities:
         for adaptive in (False, True):
-            ppl = sparse_perplexity(model, ids, bundle, "router", attn_density=rho, mlp=False, batch_size=8,
+            ppl = sparse_perplexity(model, ids, bundle, "router", attn_density=rho, mlp=False, batch_size=args.head_batch,
                                     adaptive=adaptive, **kw).ppl
             rows.append({"part": "heads", "rule": "adaptive" if adaptive else "fixed", "density": rho, "ppl": ppl,
                          "ratio": ppl / dense})
             print(rows[-1], flush=True)
-    res = {"model": args.model, "bundle": args.bundle, "dense_ppl": dense, "tokens": args.max_tokens,
+    res = {"model": name, "bundle": args.bundle, "dense_ppl": dense, "tokens": args.max_tokens,
            "recall": args.recall, "rows": rows, "device": jax.devices()[0].device_kind, "host": platform.node(),
            "jax_version": jax.__version__, "date": datetime.date.today().isoformat(),
            "command": "python benchmarks/accuracy/selection_rules.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"selection_rules_{args.model}"
+    stem = args.out / f"selection_rules_{name}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    lines = [f"# Selection rules: accuracy on {args.model} ({res['device']}, fp32)", "",
-             f"jax {res['jax_version']}, {res['date']}. WikiText-2 test, first {args.max_tokens} tokens, 256-token "
+    lines = [f"# Selection rules: accuracy on {name} ({res['device']}, fp32)", "",
+             f"jax {res['jax_version']}, {res['date']}. WikiText-2 test, first {args.max_tokens} tokens, {args.seq_len}-token "
              f"windows, masked evaluation with decode semantics; dense perplexity {dense:.2f}. Bundle `{args.bundle}` "
              f"(MLP tables at recall {args.recall}).", "", f"Command: `{res['command']}`", "",
              "| part | rule | batch / density | kept | perplexity | ratio to dense |", "|---|---|---|---|---|---|"]

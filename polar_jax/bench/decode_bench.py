@@ -46,13 +46,19 @@ from polar_jax.bench.report import print_table, write_report
 from polar_jax.bench.shapes import LARGE, SHAPES
 from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
 from polar_jax.config import ModelConfig
-from polar_jax.errors import InputError
+from polar_jax.cli_common import DefaultsFormatter, Parser
+from polar_jax.errors import InputError, PolarError
+from polar_jax.files import read_json
 from polar_jax.models import build_model
 from polar_jax.models.collect import capture_intermediates
 from polar_jax.policy import PARTS, choose_variant, model_class
 from polar_jax.routers.sparsify import router_selector
+from polar_jax.validate import arg_type
 
-VARIANTS = ("dense", "heads", "mlp", "both", "auto")
+VARIANTS = ("dense", "heads", "mlp", "both", "auto", "dense-xla")
+# "dense-xla": the dense step with every projection through XLA's dot (no Pallas GEMV at small batch),
+# to measure what the GEMV buys in the same process.
+GEMV_OFF = {"dense-xla": "dense"}
 MEMORY_LIMIT = 120e9  # bytes of weights + KV the benchmark allows on one GPU (H200: ~141 GB)
 
 
@@ -74,14 +80,14 @@ def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int, attn_f
 
 
 # ---- timing -------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("cache",))
-def run_steps(graphdef, state, cache, tokens, selector, steps: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "gemv_impl"), donate_argnames=("cache",))
+def run_steps(graphdef, state, cache, tokens, selector, steps: int, gemv_impl: str = "auto"):
     """`steps` decode steps in one executable (a device loop, as in `generate`)."""
     model = nnx.merge(graphdef, state)
 
     def body(_, carry):
         cache, _ = carry
-        logits, cache = model.decode(tokens, cache, selector)
+        logits, cache = model.decode(tokens, cache, selector, gemv_impl=gemv_impl)
         return cache, logits.astype(jnp.float32)
 
     logits0 = jnp.zeros((tokens.shape[0], model.config.vocab_size), jnp.float32)
@@ -120,6 +126,7 @@ class Variant:
     name: str
     selector: Any
     chose: str  # what it runs (for auto: the policy's choice)
+    gemv_impl: str = "auto"
     sizes: dict = dataclasses.field(default_factory=dict)
     times: list = dataclasses.field(default_factory=list)
     breakdown: dict | None = None
@@ -130,7 +137,7 @@ def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int,
                    dtype, policy_table: dict | None) -> list[Variant]:
     out = []
     for name in names:
-        chose = name
+        chose = GEMV_OFF.get(name, name)
         if name == "auto":
             chose = choose_variant(cfg, batch, context, cfg.relu_mlp, table=policy_table)
         attn, mlp = PARTS[chose]
@@ -140,7 +147,7 @@ def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int,
         if attn or mlp:
             sel = router_selector(bundle, attn_density=attn_density, mlp_recall=0.99 if mlp else None, attn=attn,
                                   mlp=mlp, dtype=dtype)
-        out.append(Variant(name, sel, chose))
+        out.append(Variant(name, sel, chose, gemv_impl="xla" if name in GEMV_OFF else "auto"))
     return out
 
 
@@ -160,7 +167,7 @@ def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argpars
     for v in variants:
         t0 = time.perf_counter()
         try:
-            logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps)
+            logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps, v.gemv_impl)
             v.logits = np.asarray(logits[:, :64])
             if v.selector is not None and args.sizes:
                 _, cache, inter = probe_step(graphdef, state, _reset(cache, context), tokens, v.selector)
@@ -184,19 +191,19 @@ def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argpars
         for v in variants:
             c = _reset(cache, context)
             t = time.perf_counter()
-            logits, cache = run_steps(graphdef, state, c, tokens, v.selector, args.steps)
+            logits, cache = run_steps(graphdef, state, c, tokens, v.selector, args.steps, v.gemv_impl)
             logits.block_until_ready()
             v.times.append((time.perf_counter() - t) / args.steps)
     if args.breakdown:
         for v in variants:
-            hlo = run_steps.lower(graphdef, state, cache, tokens, v.selector, args.steps).compile().as_text()
+            hlo = run_steps.lower(graphdef, state, cache, tokens, v.selector, args.steps, v.gemv_impl).compile().as_text()
             scopes = bd.hlo_scopes(hlo)
             if args.save_hlo is not None:
                 args.save_hlo.mkdir(parents=True, exist_ok=True)
                 with gzip.open(args.save_hlo / f"{cfg.model_type}_{batch}_{context}_{v.name}.hlo.gz", "wt") as f:
                     f.write(hlo)
             with bd.Cupti() as prof:
-                logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps)
+                logits, cache = run_steps(graphdef, state, _reset(cache, context), tokens, v.selector, args.steps, v.gemv_impl)
                 logits.block_until_ready()
             if prof.records:
                 v.breakdown = bd.breakdown(prof.records, scopes, args.steps)
@@ -230,7 +237,7 @@ def _fractions(cfg: ModelConfig, sizes: dict) -> tuple[float, float]:
 def worker(args: argparse.Namespace) -> dict:
     dev = jax.devices()[0]
     bws = measure_bandwidth(args.bw_bytes)
-    policy_table = json.loads(Path(args.policy).read_text()) if args.policy else None
+    policy_table = read_policy(args.policy) if args.policy else None
     out = {"device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
            "jax_version": jax.__version__, "pid": os.getpid(), "bandwidth": bws, "rows": []}
     print(f"[{os.getpid()}] {out['device']}, jax {jax.__version__}, copy {bws['copy_Bps'] / 1e12:.2f} TB/s, "
@@ -359,10 +366,13 @@ def merge_reports(paths: list[Path], argv: list[str]) -> dict:
     medians and spreads as `--processes K`, for runs that had to be split (a device call's time limit)."""
     workers = []
     for path in paths:
-        rep = json.loads(Path(path).read_text())
-        workers.append({"device": rep["device"], "jax_version": rep["jax_version"], "backend": rep["backend"],
-                        "bandwidth": rep["bandwidths"][0], "rows": rep["rows"],
-                        "command": rep["command"], "date": rep["date"]})
+        rep = read_json(path, InputError)
+        try:
+            workers.append({"device": rep["device"], "jax_version": rep["jax_version"], "backend": rep["backend"],
+                            "bandwidth": rep["bandwidths"][0], "rows": rep["rows"],
+                            "command": rep["command"], "date": rep["date"]})
+        except (KeyError, IndexError, TypeError):
+            raise InputError(f"{path} is not a report of `polar-jax bench decode` (its JSON output)") from None
     args = argparse.Namespace(argv=argv, rank=int(next((a for a in _after(argv, "--rank")), 1024)))
     merged = merge(workers, args)
     merged["commands"] = sorted({w["command"] for w in workers})
@@ -374,51 +384,106 @@ def _after(argv: list[str], flag: str) -> list[str]:
     return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
 
 
+def read_policy(path: str | Path) -> dict[str, Any]:
+    """A policy table file (as `--write-policy` writes it); InputError for anything else."""
+    table = read_json(path, InputError)
+    if not isinstance(table.get("entries"), list):
+        raise InputError(f"{path} is not a decode policy table (no \"entries\" list)")
+    return table
+
+
+def check_policy_target(path: Path) -> None:
+    """InputError unless `path` is free or an earlier policy table (checked before measuring, and again
+    before writing)."""
+    if path.is_dir():
+        raise InputError(f"--write-policy {path} is a folder: give a file name (e.g. {path / 'decode_policy.json'})")
+    if path.exists():
+        try:
+            read_policy(path)
+        except InputError:
+            raise InputError(f"--write-policy {path} exists and is not a decode policy table: refusing to replace "
+                             "it") from None
+
+
+def write_policy(path: Path, table: dict[str, Any]) -> None:
+    """Writes the policy table to `path`, replacing only an earlier policy table (any other file is refused),
+    through a temporary file renamed at the end."""
+    check_policy_target(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# Flags --tiny sets when they are not given: tiny shapes and sizes that run in seconds on a CPU.
+TINY = {"shapes": ["tiny-opt", "tiny-llama"], "batches": [1, 4], "contexts": [32], "steps": 2, "repeats": 2,
+        "bw_bytes": 1 << 20, "rank": 16}
+DEFAULTS = {"shapes": ["opt-6.7b", "llama2-7b"], "batches": [1, 8, 32], "contexts": [2048], "steps": 16,
+            "repeats": 5, "bw_bytes": 4 << 30, "rank": 1024}
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, DefaultsFormatter):
+    """The module docstring as written, and every flag's default."""
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="polar-jax bench decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=["opt-6.7b", "llama2-7b"], choices=sorted(SHAPES))
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
-    p.add_argument("--contexts", nargs="+", type=int, default=[2048])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--attn-density", type=float, default=0.3, help="fraction of heads / KV groups kept")
-    p.add_argument("--mlp-density", type=float, default=None,
+    """The benchmark's flags. Mistakes raise CommandLineError / InputError (the CLI prints one `error:` line);
+    numeric flags are typed by polar_jax.validate; large shapes are refused on a host without a GPU."""
+    p = Parser(prog="polar-jax bench decode", description=__doc__, formatter_class=_Formatter)
+    d = DEFAULTS
+    p.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES),
+                   help=f"model shapes (default: {' '.join(d['shapes'])}; with --tiny: {' '.join(TINY['shapes'])})")
+    p.add_argument("--batches", nargs="+", type=arg_type("batch_size"), default=None,
+                   help=f"batch sizes (default: {_words(d['batches'])}; with --tiny: {_words(TINY['batches'])})")
+    p.add_argument("--contexts", nargs="+", type=arg_type("context"), default=None,
+                   help=f"context lengths (default: {_words(d['contexts'])}; with --tiny: {_words(TINY['contexts'])})")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                   help=f"variants timed (default: all: {' '.join(VARIANTS)})")
+    p.add_argument("--attn-density", type=arg_type("attn_density"), default=0.3, help="fraction of heads / KV groups kept")
+    p.add_argument("--mlp-density", type=arg_type("mlp_density"), default=None,
                    help="MLP union density (default: PAPER.md's OPT table by batch size)")
-    p.add_argument("--rank", type=int, default=1024, help="MLP router rank (the paper's: 1024)")
-    p.add_argument("--steps", type=int, default=16, help="decode steps per timed executable")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant in each process")
-    p.add_argument("--processes", type=int, default=1, help="fresh worker processes (median and spread)")
+    p.add_argument("--rank", type=arg_type("rank"), default=None,
+                   help=f"MLP router rank (default: {d['rank']}, the paper's; with --tiny: {TINY['rank']})")
+    p.add_argument("--steps", type=arg_type("steps"), default=None,
+                   help=f"decode steps per timed executable (default: {d['steps']}; with --tiny: {TINY['steps']})")
+    p.add_argument("--repeats", type=arg_type("repeats"), default=None,
+                   help=f"timed runs per variant in each process (default: {d['repeats']}; with --tiny: {TINY['repeats']})")
+    p.add_argument("--processes", type=arg_type("processes"), default=1, help="fresh worker processes (median and spread)")
     p.add_argument("--breakdown", action="store_true", help="CUPTI profile per variant (first process)")
     p.add_argument("--sizes", action="store_true",
                    help="measure each variant's selection sizes with an extra probe step (one more compile)")
     p.add_argument("--save-hlo", type=Path, default=None, help="folder for the optimised HLO of each profiled step")
     p.add_argument("--policy", default=None, help="policy table for the `auto` variant (default: the committed one)")
-    p.add_argument("--write-policy", type=Path, default=None, help="write the measured policy table here")
-    p.add_argument("--bw-bytes", type=int, default=4 << 30)
+    p.add_argument("--write-policy", type=Path, default=None,
+                   help="write the measured policy table to this file (replaces only an earlier policy table)")
+    p.add_argument("--bw-bytes", type=arg_type("bw_bytes"), default=None,
+                   help=f"bytes of the bandwidth probe (default: {d['bw_bytes']}; with --tiny: {TINY['bw_bytes']})")
     p.add_argument("--out", type=Path, default=None, help="folder for JSON / markdown / PNG results")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes and sizes: checks the code path on CPU")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny shapes and sizes for the flags not given: checks the code path on CPU")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--merge", nargs="+", type=Path, default=None,
                    help="merge the JSON reports of separate runs (fresh processes) instead of measuring")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    if args.tiny:
-        args.shapes = ["tiny-opt", "tiny-llama"]
-        args.batches, args.contexts, args.steps, args.repeats, args.bw_bytes = [1, 4], [32], 2, 2, 1 << 20
-        args.rank = 16
-    for name, values in (("--batches", args.batches), ("--contexts", args.contexts)):
-        if any(v < 1 for v in values):
-            raise InputError(f"{name} must be positive, got {values}")
-    if args.steps < 1 or args.repeats < 1 or args.processes < 1:
-        raise InputError("--steps, --repeats and --processes must be >= 1")
-    if not 0 < args.attn_density <= 1:
-        raise InputError(f"--attn-density must be in (0, 1], got {args.attn_density}")
-    if args.mlp_density is not None and not 0 < args.mlp_density <= 1:
-        raise InputError(f"--mlp-density must be in (0, 1], got {args.mlp_density}")
+    for name, value in (TINY if args.tiny else DEFAULTS).items():
+        if getattr(args, name) is None:  # a flag given explicitly is never overridden
+            setattr(args, name, value)
+    # files read and written are checked before any measuring
+    if args.policy is not None:
+        read_policy(args.policy)
+    if args.write_policy is not None:
+        check_policy_target(args.write_policy)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} exists and is not a folder")
     large = [s for s in args.shapes if s in LARGE]
     if large and jax.default_backend() != "gpu" and args.worker is None and not args.merge:
         raise InputError(f"shapes {large} need a GPU (this host has {jax.default_backend()}); use --tiny on CPU")
     return args
+
+
+def _words(values: list) -> str:
+    return " ".join(map(str, values))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,8 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             write_report(merged, args.out)
         if args.write_policy is not None:
-            args.write_policy.parent.mkdir(parents=True, exist_ok=True)
-            args.write_policy.write_text(json.dumps(policy_table(merged), indent=1) + "\n")
+            write_policy(args.write_policy, policy_table(merged))
         return 0
     if args.worker:
         Path(args.worker).write_text(json.dumps(worker(args)))
@@ -441,10 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         write_report(merged, args.out)
     if args.write_policy is not None:
-        args.write_policy.parent.mkdir(parents=True, exist_ok=True)
-        args.write_policy.write_text(json.dumps(policy_table(merged), indent=1) + "\n")
+        write_policy(args.write_policy, policy_table(merged))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the worker processes (users run `polar-jax bench decode`)
+    try:
+        sys.exit(main())
+    except PolarError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)

@@ -33,7 +33,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 import polar_jax
-from polar_jax.cli import _load_any
+from polar_jax.cli_common import load_model
 from polar_jax.errors import InputError
 from polar_jax.eval.lm_eval_scoring import continuation_scores
 from polar_jax.eval.sparse_ppl import build_sparsifier
@@ -83,6 +83,7 @@ class PolarLM(TemplateLM):
     batch_size: requests per forward pass. max_length: positions the model sees (default: the model's, at most
     2048). max_gen_toks: default generation length. prefix_token_id: token that stands for an empty context
     (default BOS, else EOS). add_bos_token: prepend BOS to every encoded context (LLaMA-style checkpoints).
+    verify: check a converted checkpoint's weights against its weights_sha256 (false: `--no-verify`).
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class PolarLM(TemplateLM):
         prefix_token_id: int | None = None,
         add_bos_token: bool = False,
         seed: int = 0,
+        verify: bool | str = True,
         device: Any = None,  # lm-eval passes these; JAX places arrays on its default backend
         max_batch_size: Any = None,
     ) -> None:
@@ -113,7 +115,7 @@ class PolarLM(TemplateLM):
         else:
             if model != "default" and not Path(str(model)).exists():
                 raise InputError(f"model path {model} does not exist")
-            self.model, tok = _load_any(str(model), dtype)
+            self.model, tok = load_model(str(model), dtype, verify=_as_bool(verify, "verify"))
             if tok is None:
                 raise InputError(f"{model} has no tokenizer files; lm-eval works on text")
             self.tokenizer, self.model_name = tokenizer or tok, str(model)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from polar_jax.errors import InputError
 from polar_jax.models import CausalLM
+from polar_jax.validate import check, check_optional, check_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +42,10 @@ def _window_nll(graphdef, state, windows: jax.Array, sparsifier: Any = None) -> 
 
 
 def make_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None) -> np.ndarray:
+    check("seq_len", seq_len)
     tokens = np.asarray(tokens, np.int32)
     if max_tokens is not None:
         tokens = tokens[:max_tokens]
-    if seq_len < 2:
-        raise InputError(f"seq_len must be at least 2, got {seq_len}")
     n = len(tokens) // seq_len
     if n == 0:
         raise InputError(f"text has {len(tokens)} tokens, fewer than one window of {seq_len}")
@@ -64,9 +64,10 @@ def perplexity(
     """Perplexity of `model` on a token stream. `sparsifier` (see models.base.Sparsifier) applies masked
     sparsity; with it, the windows of one batch form the decode batch whose MLP union is shared (a smaller
     last batch is a smaller decode batch, so its calibrated MLP k differs, as it would when decoding)."""
+    check("batch_size", batch_size)
+    check_optional("max_tokens", max_tokens)
     windows = make_windows(tokens, seq_len, max_tokens)
-    if seq_len > getattr(model.config, "max_position_embeddings", seq_len) and model.config.family == "opt":
-        raise InputError(f"seq_len {seq_len} exceeds the model's {model.config.max_position_embeddings} positions")
+    check_positions(model.config, seq_len, f"seq_len {seq_len}")
     graphdef, state = nnx.split(model)
     total = 0.0
     n_full = (len(windows) // batch_size) * batch_size

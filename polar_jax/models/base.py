@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import dense_decode_xla, gather_down, gather_up, gather_up_gated, resolve_impl, select_decode
+from pallas_kernels import (dense_decode_xla, gather_down, gather_up, gather_up_gated, resolve_impl, select_decode,
+                            triton_gpu_available)
 from polar_jax.cache import KVCache, LayerKV
 from polar_jax.config import ModelConfig
 from polar_jax.models.layers import F32, MLP, Attention, LayerNorm, RMSNorm, apply_rope, causal_attention, rope_inv_freq
 from polar_jax.selection import AttentionSelection, MLPSelection
+from polar_jax.validate import check_model_input
 
 MODES = ("full", "prefill", "decode")
 # Named scopes of the decode step's parts: the profile breakdown (polar_jax/bench/breakdown.py) maps each
@@ -82,6 +84,7 @@ class Step:
     # tensor parallelism (prefill / decode inside a shard_map): a `polar_jax.tensor_parallel.Parallel`; the
     # layer then holds some heads and neurons and sums its two partial outputs over the shards
     parallel: Any = None
+    gemv_impl: str | None = None  # decode: kernel backend of the small-batch projections (None: XLA's dot)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -113,11 +116,21 @@ def decode_attention(q: jax.Array, kv: LayerKV, step: Step, choice: AttentionSel
                          window=step.window, impl=step.attn_impl)
 
 
-def dense_mlp(mlp: MLP, h: jax.Array, bias: bool = True) -> jax.Array:
-    return mlp.project_down(mlp.activations(h), bias)
+def gemv_backend(impl: str, dtype) -> str | None:
+    """The backend of the decode projections' GEMV, or None for XLA's dot. "auto" takes the Pallas kernel
+    where it runs natively and the model is 16-bit (the kernel's GPU dtypes)."""
+    if impl == "auto":
+        native = triton_gpu_available() and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "triton" if native else None
+    name = resolve_impl(impl)
+    return None if name == "xla" else name
 
 
-def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, impl: str,
+def dense_mlp(mlp: MLP, h: jax.Array, gemv: str | None = None, *, bias: bool = True) -> jax.Array:
+    return mlp.project_down(mlp.activations(h, gemv), gemv, bias=bias)
+
+
+def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, impl: str, *,
                   bias: bool = True) -> jax.Array:
     """MLP over the selected neurons only: h [B, d] -> [B, d] (gathered up/gate and down projections);
     `bias=False` leaves the down projection's bias out (a tensor-parallel partial sum)."""
@@ -130,13 +143,14 @@ def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, i
     return gather_down(act, mlp.down[...], idx, n_active, bias=down_bias, impl=impl)
 
 
-def decode_mlp(mlp: MLP, h: jax.Array, choice: MLPSelection | None, impl: str, bias: bool = True) -> jax.Array:
+def decode_mlp(mlp: MLP, h: jax.Array, choice: MLPSelection | None, impl: str, gemv: str | None = None, *,
+               bias: bool = True) -> jax.Array:
     """h [B, d] -> [B, d]: dense, or the selective kernels over the selected neurons. The choice between
     them is static (a selector decides per layer at trace time): a run-time `lax.cond` here splits the
     step's CUDA graph and cost ~0.5 ms per step at B=32 on the H200."""
     if choice is None or choice.dense:
-        return dense_mlp(mlp, h, bias)
-    return selective_mlp(mlp, h, choice.idx, choice.n_active, impl, bias)
+        return dense_mlp(mlp, h, gemv, bias=bias)
+    return selective_mlp(mlp, h, choice.idx, choice.n_active, impl, bias=bias)
 
 
 def sum_over_shards(partial: jax.Array, bias: nnx.Param | None, step: Step) -> jax.Array:
@@ -171,7 +185,7 @@ class Block(nnx.Module):
         """x [B, T, d] -> (x, the layer's cache after this step). T = 1 in decode mode."""
         h = self.attn_norm(x) if self.pre_norm else x
         with jax.named_scope(SCOPES["proj"]):
-            q, k, v = self.attn.qkv(h)
+            q, k, v = self.attn.qkv(h, step.gemv_impl)
             if self.use_rope:
                 q, k = apply_rope(q, step.positions, step.inv_freq), apply_rope(k, step.positions, step.inv_freq)
         if step.mode == "decode":
@@ -196,7 +210,7 @@ class Block(nnx.Module):
             self.sow(nnx.Intermediate, "router_input", h)
             self.sow(nnx.Intermediate, "head_norm", head_output_norms(heads))
         with jax.named_scope(SCOPES["proj"]):
-            partial = self.attn.out(heads, bias=step.parallel is None)
+            partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None)
         x = x + sum_over_shards(partial, self.attn.o_bias, step)
         if not self.pre_norm:
             x = self.attn_norm(x)
@@ -217,9 +231,9 @@ class Block(nnx.Module):
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "mlp_n_active", jnp.int32(-1) if choice.dense else choice.n_active)
             with jax.named_scope(SCOPES["mlp"]):
-                return decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl, bias)[:, None]
+                return decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl, step.gemv_impl, bias=bias)[:, None]
         if step.mode == "prefill" or (step.sparsifier is None and not step.collect):
-            return dense_mlp(self.mlp, h2, bias)
+            return dense_mlp(self.mlp, h2, bias=bias)
         act = self.mlp.activations(h2)
         if step.collect and self.mlp.act == "relu" and not self.mlp.gated:
             self.sow(nnx.Intermediate, "mlp_active", act > 0)
@@ -227,7 +241,7 @@ class Block(nnx.Module):
             mask = step.sparsifier.neurons_mask(layer, router_input, act)
             if mask is not None:
                 act = act * mask.astype(act.dtype)
-        return self.mlp.project_down(act, bias)
+        return self.mlp.project_down(act, bias=bias)
 
 
 class CausalLM(nnx.Module):
@@ -272,6 +286,7 @@ class CausalLM(nnx.Module):
         self, tokens: jax.Array, *, sparsifier: Sparsifier | None = None, collect: bool = False
     ) -> jax.Array:
         """Causal logits [B, T, V] for token ids [B, T] (positions 0..T-1, no cache)."""
+        check_model_input(self.config, tokens)
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x, _ = self.run_layers(self.embed(tokens, positions), None,
@@ -309,6 +324,7 @@ class CausalLM(nnx.Module):
         attn_impl: str = "auto",
         mlp_impl: str = "auto",
         collect: bool = False,
+        gemv_impl: str = "auto",
         parallel: Any = None,
     ) -> tuple[jax.Array, KVCache]:
         """One new token per row: tokens [B] at positions `cache.lengths`. Returns logits [B, V] and the
@@ -317,7 +333,9 @@ class CausalLM(nnx.Module):
         over the selected neurons (`gather_up` / `gather_down`); layers where it returns None stay dense.
         `attn_impl="auto"` runs dense attention through the Pallas kernel on CUDA GPUs and through the XLA
         einsum elsewhere. `collect` sows each layer's router input and selection sizes (`attn_n_active`
-        per row, `mlp_n_active`, -1 for a dense MLP) as `nnx.Intermediate`. `parallel` (a
+        per row, `mlp_n_active`, -1 for a dense MLP) as `nnx.Intermediate`. `gemv_impl` runs the dense
+        projections of small batches through the Pallas GEMV ("auto": on CUDA GPUs for 16-bit models, where
+        `pallas_kernels.prefers_gemv` says it is faster; "xla": never). `parallel` (a
         `polar_jax.tensor_parallel.Parallel`, set inside the tensor-parallel step's shard_map): this call sees
         one shard's heads, neurons and cache heads, and `selector` returns that shard's selections."""
         b = tokens.shape[0]
@@ -329,6 +347,7 @@ class CausalLM(nnx.Module):
             "decode", positions, lengths=jnp.where(live, new_len, 0), live=live, selector=selector,
             dense_attention=AttentionSelection.all_groups(b, cache.k[0].shape[2]),  # this shard's KV groups
             attn_impl=resolve_impl(attn_impl), mlp_impl=resolve_impl(mlp_impl), collect=collect, parallel=parallel,
+            gemv_impl=gemv_backend(gemv_impl, self.dtype),
         )
         x, layers = self.run_layers(self.embed(tokens[:, None], positions), cache, step)
         return self.logits(x[:, 0]), cache.with_layers(layers, new_len, cache.live)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from polar_jax.checkpoint import model_signature, same_model
 from polar_jax.errors import CheckpointError, PolarError
+from polar_jax.files import read_json
+from polar_jax.outputs import OutputKind, atomic_folder
 from polar_jax.routers.config import SparsityConfig
 
 FORMAT = "polar-jax-sparsity"
@@ -23,6 +25,7 @@ VERSION = 1
 META_FILE = "sparsity.json"
 WEIGHTS_FILE = "routers.safetensors"
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "default_sparsity"
+BUNDLE_OUTPUT = OutputKind("sparsity bundle", META_FILE, FORMAT, owns=lambda name: name in (META_FILE, WEIGHTS_FILE))
 
 
 class ModelMismatchError(PolarError):
@@ -47,19 +50,18 @@ class SparsityBundle:
         """Raises ModelMismatchError unless `model` is the one this bundle was made for."""
         check_signature(self.signature, model_signature(model), "sparsity bundle")
 
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Path:
+        """Writes the bundle folder (polar_jax.outputs rules: `overwrite` replaces only a bundle folder, never
+        one of `inputs`; written beside it and renamed, so an interrupted save leaves the old bundle). Saving
+        over the folder the bundle was loaded from (calibrating in place) is safe: it is read fully first."""
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        occupied = (path.is_dir() and any(path.iterdir())) or path.is_file()
-        if occupied and not overwrite:
-            raise PolarError(f"{path} already exists: pass overwrite=True (CLI: --overwrite) to replace it")
-        path.mkdir(parents=True, exist_ok=True)
         tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()}
-        save_file(tensors, str(path / WEIGHTS_FILE))
         meta = {"format": FORMAT, "version": VERSION, "config": self.config.to_dict(), "signature": self.signature}
-        (path / META_FILE).write_text(json.dumps(meta, indent=1))
-        return path
+        with atomic_folder(path, BUNDLE_OUTPUT, inputs, overwrite) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_FILE))
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        return Path(path)
 
 
 def check_signature(expected: dict, actual: dict, what: str) -> None:
@@ -81,20 +83,21 @@ def load_bundle(path: str | Path) -> SparsityBundle:
     for p in (meta_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{path} is not a sparsity bundle: {p.name} is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from None
+    meta = read_json(meta_path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} is not a polar-jax sparsity bundle")
-    if int(meta.get("version", 0)) > VERSION:
-        raise CheckpointError(f"sparsity bundle version {meta.get('version')} is newer than this polar-jax")
+    if not isinstance(meta.get("version", 0), int) or meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"sparsity bundle version {meta.get('version')!r} is not one this polar-jax reads")
     try:
         params = {k: np.asarray(v, np.float32) for k, v in load_file(str(weights_path)).items()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {weights_path}: {e}") from None
-    cfg = SparsityConfig.from_dict(meta["config"])
-    bundle = SparsityBundle(cfg, params, meta["signature"])
+    try:
+        cfg = SparsityConfig.from_dict(meta["config"])
+        signature = dict(meta["signature"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{meta_path} is malformed ({type(e).__name__}: {e})") from None
+    bundle = SparsityBundle(cfg, params, signature)
     _check_shapes(bundle)
     return bundle
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from polar_jax.errors import InputError
 from polar_jax.routers.bundle import SparsityBundle
+from polar_jax.validate import check
 from polar_jax.routers.collect import CollectedData
 from polar_jax.routers.config import (CALIBRATION_BATCH_SIZES, MLPTable, allocate_units,  # noqa: F401 (re-export)
                                       budget_bounds, check_density)
@@ -168,8 +169,8 @@ def calibrate(
     """Returns the bundle with MLP k tables for each recall target, head-importance curves, and the
     attention density settings; uses only the held-out split the routers were not trained on."""
     c = bundle.config
-    if tile < 1:
-        raise InputError(f"tile must be >= 1, got {tile}")
+    check("tile", tile)
+    check("batches", n_batches, "number of calibration batches")
     check_density(dense_threshold, "dense fallback threshold")
     for r in recalls:
         check_density(r, "recall target")

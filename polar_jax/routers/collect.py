@@ -22,15 +22,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from polar_jax.checkpoint import model_signature
-from polar_jax.errors import InputError, PolarError
+from polar_jax.errors import InputError
+from polar_jax.files import read_json, read_text
 from polar_jax.models.collect import forward_with_stats, group_norms
+from polar_jax.outputs import OutputKind, atomic_folder
 from polar_jax.routers.bundle import check_signature
 from polar_jax.routers.config import attention_units
+from polar_jax.validate import check, check_optional, check_positions
 
 FORMAT = "polar-jax-router-data"
 VERSION = 1
 META_FILE = "collect.json"
 _CHUNK_RE = re.compile(r"^chunk_\d{5}\.[a-z_]+\.npy$")
+COLLECT_OUTPUT = OutputKind("router-data folder", META_FILE, FORMAT,
+                            owns=lambda name: name == META_FILE or bool(_CHUNK_RE.match(name)))
 
 
 def read_text_tokens(tokenizer: Any, paths: Sequence[str | Path], max_tokens: int | None = None) -> list[np.ndarray]:
@@ -40,14 +45,11 @@ def read_text_tokens(tokenizer: Any, paths: Sequence[str | Path], max_tokens: in
         raise InputError("no text file given")
     if tokenizer is None:
         raise InputError("the checkpoint has no tokenizer files; text cannot be tokenized")
-    if max_tokens is not None and max_tokens <= 0:
-        raise InputError(f"max_tokens must be positive, got {max_tokens}")
+    check_optional("max_tokens", max_tokens)
     out = []
     for p in paths:
         p = Path(p)
-        if not p.is_file():
-            raise InputError(f"text file {p} does not exist")
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = read_text(p)
         if not text.strip():
             raise InputError(f"text file {p} is empty")
         # Long files are tokenized in line blocks so a huge file never becomes one giant string op.
@@ -73,21 +75,6 @@ def make_collect_windows(streams: list[np.ndarray], seq_len: int) -> np.ndarray:
     return windows
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
-    if out.is_file():
-        raise InputError(f"{out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise PolarError(f"{out} already holds data: pass overwrite=True (CLI: --overwrite) to replace it")
-        if not (out / META_FILE).is_file():
-            raise PolarError(f"{out} is not empty and is not a collection folder: refusing to overwrite it")
-        # Remove only what a collection writes, never anything else that might be in the folder.
-        for f in out.iterdir():
-            if f.name == META_FILE or _CHUNK_RE.match(f.name):
-                f.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def collect(
     model: Any,
     tokenizer: Any,
@@ -105,12 +92,12 @@ def collect(
     """Runs the model over the text(s) in non-overlapping windows and writes the router data to `out_dir`.
     `unit`: what the attention labels score (see `attention_units`; "head" = query heads of a GQA model)."""
     cfg = model.config
-    if cfg.family == "opt" and seq_len > cfg.max_position_embeddings:
-        raise InputError(f"seq_len {seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
+    check("seq_len", seq_len)
+    check("batch_size", batch_size)
+    check("chunk_tokens", chunk_tokens)
+    check_positions(cfg, seq_len, f"seq_len {seq_len}")
     streams = read_text_tokens(tokenizer, texts, max_tokens)
     windows = make_collect_windows(streams, seq_len)
-    out = Path(out_dir)
-    _prepare_dir(out, overwrite)
     units, kind = attention_units(cfg, unit)
     meta: dict[str, Any] = {
         "format": FORMAT, "version": VERSION, "complete": False, "model": model_name,
@@ -119,8 +106,16 @@ def collect(
         "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "units": units, "unit": kind,
         "ffn": cfg.intermediate_size, "mlp_active": bool(cfg.relu_mlp), "chunks": [],
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    # the model's folder (when model_name is a path) and the texts are inputs the output may not replace
+    inputs = [*texts, *([model_name] if model_name and model_name != "default" else [])]
+    with atomic_folder(out_dir, COLLECT_OUTPUT, inputs=inputs, overwrite=overwrite) as out:
+        _write_chunks(model, windows, out, meta, batch_size, chunk_tokens, kind, progress)
+    return Path(out_dir)
 
+
+def _write_chunks(model: Any, windows: np.ndarray, out: Path, meta: dict[str, Any], batch_size: int,
+                  chunk_tokens: int, kind: str, progress: bool) -> None:
+    cfg = model.config
     buf: dict[str, list[np.ndarray]] = {}
     n_buf = 0
 
@@ -162,7 +157,6 @@ def collect(
     flush()
     meta["complete"] = True
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
-    return out
 
 
 class CollectedData:
@@ -173,10 +167,7 @@ class CollectedData:
         meta_path = self.path / META_FILE
         if not meta_path.is_file():
             raise InputError(f"{self.path} is not a collection folder (no {META_FILE}); run `polar-jax collect`")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise InputError(f"{meta_path} is not valid JSON: {e}") from None
+        self.meta = read_json(meta_path, InputError)
         if self.meta.get("format") != FORMAT:
             raise InputError(f"{meta_path} is not a polar-jax router-data marker")
         if not self.meta.get("complete"):

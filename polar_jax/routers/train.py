@@ -26,6 +26,7 @@ from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.collect import CollectedData
 from polar_jax.routers.config import SparsityConfig, check_density, units_kept
 from polar_jax.routers.modules import AttentionRouter, MLPRouter
+from polar_jax.validate import check, check_optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,12 @@ class TrainOptions:
     patience: int = 2  # epochs without a better validation recall before stopping
     seed: int = 0
     max_val_tokens: int = 8192
+
+    def __post_init__(self):
+        for name, label in (("epochs", "epochs"), ("lr", "learning rate"), ("weight_decay", "weight decay"),
+                            ("batch_size", "training batch size"), ("patience", "patience"), ("seed", "seed"),
+                            ("max_val_tokens", "max_val_tokens")):
+            check(name, getattr(self, name), label)
 
 
 def weighted_bce(logits: jax.Array, labels: jax.Array, neg_weight: float | jax.Array) -> jax.Array:
@@ -160,11 +167,13 @@ def train_routers(
     """Trains the attention router of every sparse layer (1..L-1) and, for ReLU models, the MLP router.
     Returns an uncalibrated bundle (no MLP k table yet: run `calibrate`)."""
     check_density(attn_train_density, "training density")
+    check("val_fraction", val_fraction, "validation fraction")
+    check_optional("max_train_tokens", max_train_tokens)
     m = data.meta
     d, units, n, layers = int(m["hidden_size"]), int(m["units"]), int(m["ffn"]), int(m["num_layers"])
-    rank = min(1024, d) if rank is None else int(rank)
-    if rank < 1:
-        raise InputError(f"router rank must be >= 1, got {rank}")
+    rank = min(1024, d) if rank is None else check("rank", rank, "router rank")
+    if rank > max(d, n):
+        raise InputError(f"router rank {rank} is larger than both the model width {d} and its {n} MLP neurons")
     k = units_kept(attn_train_density, units)
     tr, val = data.split(val_fraction, opts.seed)
     if max_train_tokens is not None:

@@ -61,7 +61,7 @@ PPL_N_TOKENS = 32768
 PPL_BATCH = 16  # windows per forward; windows are independent, batching does not change them
 
 REAL_MODELS = ("tiny-llama", "tiny-opt", "polar-tiny-opt")
-RANDOM_MODELS = ("llama2-mha", "llama31-gqa", "mistral-swa", "qwen2-bias")
+RANDOM_MODELS = ("llama2-mha", "llama31-gqa", "mistral-swa", "qwen2-bias", "llama-linear-rope")
 
 # Random-init scales.  Weight std 0.2 (instead of HF's 0.02) spreads the logits so greedy
 # argmax is never a near-tie; norm weights and biases are randomized too so that a JAX port
@@ -151,6 +151,26 @@ def _random_configs() -> dict:
                 tie_word_embeddings=False,
             ),
             MistralForCausalLM,
+            {},
+        ),
+        # Linear RoPE scaling (position interpolation): every inverse frequency divided by the factor.
+        # Factor 4 changes every rotation angle, so a port that multiplies instead of dividing (or
+        # ignores the scaling) gets different logits from the first position on.
+        "llama-linear-rope": (
+            1005,
+            LlamaConfig(
+                **common,
+                hidden_size=64,
+                intermediate_size=128,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+                tie_word_embeddings=False,
+                attention_bias=False,
+                mlp_bias=False,
+            ),
+            LlamaForCausalLM,
             {},
         ),
         # Qwen2: q/k/v projections carry a bias; no sliding window; tied head.
@@ -479,7 +499,16 @@ def verify(name: str, vocab: int) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write the golden files (all by default)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="MODEL",
+                    help="regenerate only these models' npz (and fixtures); skips perplexity unless named")
+    only = ap.parse_args(argv).only
+    if only and not set(only) <= set(RANDOM_MODELS) | set(REAL_MODELS):
+        ap.error(f"unknown model(s) {sorted(set(only) - set(RANDOM_MODELS) - set(REAL_MODELS))}")
+    wanted = set(only or RANDOM_MODELS + REAL_MODELS)
     _deterministic_torch()
     GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
     FIXTURE_DIR.mkdir(parents=True, exist_ok=True)
@@ -487,6 +516,8 @@ def main() -> int:
 
     print("random fixtures")
     for name, (seed, config, cls, save_kwargs) in _random_configs().items():
+        if name not in wanted:
+            continue
         path = make_random_fixture(name, seed, config, cls, save_kwargs)
         prompts = random_prompts(config.vocab_size, seed)
         meta = write_golden(name, path, prompts, None, {"seed": seed, "fixture": str(path.relative_to(REPO))})
@@ -500,6 +531,8 @@ def main() -> int:
 
     print("real checkpoints")
     for name in REAL_MODELS:
+        if name not in wanted:
+            continue
         model_dir = MODELS_DIR / name
         tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         prompts, texts = wikitext_prompts(tok)
@@ -508,9 +541,11 @@ def main() -> int:
         summary["models"][name] = meta
 
     print("perplexity")
-    summary["ppl"] = {name: perplexity(name, MODELS_DIR / name) for name in REAL_MODELS}
+    summary["ppl"] = {name: perplexity(name, MODELS_DIR / name) for name in REAL_MODELS if name in wanted}
 
     for name in RANDOM_MODELS:
+        if name not in wanted:
+            continue
         d = FIXTURE_DIR / name
         size = sum(f.stat().st_size for f in d.iterdir())
         print(f"  fixture {name}: {size / 1024:.0f} KiB, files {sorted(f.name for f in d.iterdir())}")

@@ -1,0 +1,59 @@
+"""Decode GEMV: `gemv(x, w, bias, activation, layout)` = act(x @ W + b) for M <= 16 rows.
+
+The dense projections of a small-batch decode step are weight streams: at B=1 the whole step is a
+sequence of GEMVs, and XLA's GEMM fusions read the H200's HBM at 2.5-3.0 TB/s on them
+(benchmarks/results/decode_sparse_2026-11-28_notes.md). `layout` names how W is stored, so the model's
+weights are used where they are: "kn" is [K, N] (in, out: the attention projections, the MLP down
+projection), "nk" is [N, K] (out-major: the neuron-major MLP up/gate projections).
+"""
+from __future__ import annotations
+
+import jax
+
+from . import dense_gemv_triton as tri
+from .activations import ACTIVATIONS
+from .backends import dispatch
+from .dense_gemv_xla import LAYOUTS, gemv_xla
+from .validation import check_float, check_ndim, check_same_dtype
+
+Array = jax.Array
+_IMPLS = {"xla": gemv_xla, "triton": lambda x, w, b, a, lay: tri.gemv(x, w, b, a, lay)}
+
+
+def check_gemv(x, w, bias, activation, layout: str) -> None:
+    check_ndim("x", x, 2)
+    check_ndim("w", w, 2)
+    check_float("x", x)
+    check_same_dtype(x=x, w=w)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    M, K = x.shape
+    if not 1 <= M <= tri.MAX_M:
+        raise ValueError(f"gemv takes 1 to {tri.MAX_M} rows of x, got {M}")
+    k_w, n = (w.shape[0], w.shape[1]) if layout == "kn" else (w.shape[1], w.shape[0])
+    if k_w != K:
+        raise ValueError(f"x is [M, K={K}] but w ({layout}) is {w.shape}: its K is {k_w}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def gemv(x: Array, w: Array, bias: Array | None = None, activation: str | None = None, layout: str = "kn",
+         impl: str = "auto") -> Array:
+    """act(x @ W + b): x [M, K] (M <= 16), W [K, N] ("kn") or [N, K] ("nk") -> [M, N] in x's dtype,
+    float32 accumulation."""
+    check_gemv(x, w, bias, activation, layout)
+    return dispatch("gemv", _IMPLS, impl)(x, w, bias, activation, layout)
+
+
+# Where the decode step is faster with the Pallas GEMV (H200, 2026-11-29, benchmarks/results/
+# decode_gemv_2026-11-29.md): at B=1 the whole step (OPT-6.7B 1.06x, LLaMA-2-7B 1.24x over XLA's dot);
+# at B=4 it was slower (0.96-0.97x), although alone the out-major up/gate GEMV still beat XLA at M=8
+# (1.08x, gemv_probe_2026-11-29.md). B=2 and 3 are unmeasured, so they keep XLA.
+GEMV_MAX_M = {"nk": 1, "kn": 1}
+
+
+def prefers_gemv(m: int, layout: str) -> bool:
+    """True where the decode projections of m rows should use `gemv` rather than XLA's dot."""
+    return 1 <= m <= GEMV_MAX_M[layout]

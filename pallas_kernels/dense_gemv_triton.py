@@ -1,0 +1,149 @@
+"""Pallas (Triton backend) GEMV for decode-sized M: y = act(x @ W + b) with W in either layout.
+
+At M <= 16 a projection is a pure weight stream: every program owns `block_n` output columns and
+walks the reduction in `block_k` steps, loading one weight tile per step (rows of the out-major
+layout, or row segments of the (in, out) layout) with `num_stages` loads in flight. When the columns
+alone give too few programs to keep HBM busy, the reduction is split over `split_k` programs whose
+float32 partials one fused XLA epilogue sums (with the bias and the activation). The x tile is padded
+to 16 rows, the smallest `tl.dot` operand; the wasted MACs are free in a memory-bound kernel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .activations import get_activation
+from .backends import use_interpret
+from .devices import DeviceClass, current_device_class
+from .grid import cdiv, pow2_at_least
+from .smem import fit_tiling, staged_bytes
+from .validation import check_kernel_dtype
+
+MAX_M = 16  # one 16-row x tile; larger M is not a GEMV (the dense path uses XLA's GEMM there)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def gemv_smem(cfg: GemvConfig) -> int:
+    """Shared memory: per k-step an x tile [16, block_k] and a weight tile [block_n, block_k]."""
+    return staged_bytes(cfg.num_stages, (MAX_M + cfg.block_n) * cfg.block_k)
+
+
+def choose_gemv_config(M: int, K: int, N: int, layout: str, device: DeviceClass | None = None) -> GemvConfig:
+    """Static tiling from the shapes, from the H200 sweep (2026-11-29, benchmarks/results/gemv_probe_2026-11-29.md):
+    256-wide k-steps and 4 warps everywhere. Out-major ("nk") weights: no split, 64 columns per program
+    when that still gives 1.5 programs per SM, else 32 (OPT up 34.0 us, LLaMA up 24.1 us at M=1).
+    (in, out) ("kn") weights: about one program per SM, 64 columns and two k-splits where the k-blocks
+    divide evenly, else 32 columns (4096x4096: 11.2 us; 16384->4096: 33.3 us; 11008->4096: 26.0 us)."""
+    del M  # one 16-row x tile for every M <= 16
+    dev = device or current_device_class()
+    block_k = min(256, pow2_at_least(K, 16))
+    n_kb = cdiv(K, block_k)
+    if layout == "nk":
+        block_n = 64 if cdiv(N, 64) * 2 >= 3 * dev.num_sms else 32
+        cfg = GemvConfig(min(block_n, pow2_at_least(N, 16)), block_k, 1, num_warps=4, num_stages=3)
+    else:
+        best = None
+        for block_n in (64, 32):
+            for split in (2, 1):
+                if n_kb % split:
+                    continue
+                programs = cdiv(N, block_n) * split
+                if programs <= dev.num_sms * 9 // 8 and (best is None or programs > best[0]):
+                    best = (programs, block_n, split)
+        _, block_n, split = best or (0, 64, 1)
+        cfg = GemvConfig(min(block_n, pow2_at_least(N, 16)), block_k, split, num_warps=4, num_stages=4)
+    return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 32)
+
+
+def _load(ref, mask):
+    # Unmasked where the tiling divides the weight: Triton refuses `other` without a mask.
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0.0)
+
+
+def _gemv_kernel(x_ref, w_ref, *rest, M, K, N, cfg: GemvConfig, layout, activation, has_bias, direct):
+    b_ref = rest[0] if has_bias else None
+    o_ref = rest[-1]
+    bn, bk, sk = cfg.block_n, cfg.block_k, cfg.split_k
+    i_n, s = pl.program_id(0), pl.program_id(1)
+    n0 = i_n * bn
+    n_idx = n0 + jnp.arange(bn, dtype=jnp.int32)
+    n_ok = n_idx < N
+    m_ok = jnp.arange(MAX_M, dtype=jnp.int32) < M
+    kb_per_split = cdiv(K, bk) // sk
+    k_ragged = K % bk != 0
+    n_ragged = N % bn != 0
+
+    def body(kb, acc):
+        k0 = (s * kb_per_split + kb) * bk
+        k_ok = (k0 + jnp.arange(bk, dtype=jnp.int32)) < K
+        x_mask = m_ok[:, None] & k_ok[None, :] if k_ragged else jnp.broadcast_to(m_ok[:, None], (MAX_M, bk))
+        xt = plgpu.load(x_ref.at[pl.ds(0, MAX_M), pl.ds(k0, bk)], mask=x_mask, other=0.0)
+        if layout == "nk":
+            w_mask = None
+            if k_ragged or n_ragged:
+                w_mask = jnp.broadcast_to(n_ok[:, None] & k_ok[None, :], (bn, bk))
+            wt = _load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], w_mask)
+            return acc + plgpu.dot(xt, wt, trans_b=True)
+        w_mask = None
+        if k_ragged or n_ragged:
+            w_mask = jnp.broadcast_to(k_ok[:, None] & n_ok[None, :], (bk, bn))
+        wt = _load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], w_mask)
+        return acc + plgpu.dot(xt, wt)
+
+    acc = jax.lax.fori_loop(0, kb_per_split, body, jnp.zeros((MAX_M, bn), jnp.float32))
+    store_mask = m_ok[:, None] & n_ok[None, :]
+    if direct:
+        if has_bias:
+            acc = acc + plgpu.load(b_ref.at[pl.ds(n0, bn)], mask=n_ok, other=0.0).astype(jnp.float32)[None, :]
+        y = get_activation(activation)(acc)
+        plgpu.store(o_ref.at[pl.ds(0, MAX_M), pl.ds(n0, bn)], y.astype(o_ref.dtype), mask=store_mask)
+    else:
+        plgpu.store(o_ref.at[s, pl.ds(0, MAX_M), pl.ds(n0, bn)], acc, mask=store_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "layout", "cfg", "interpret"))
+def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpret: bool):
+    M, K = x.shape
+    N = w.shape[1] if layout == "kn" else w.shape[0]
+    has_bias = bias is not None
+    direct = cfg.split_k == 1
+    out_shape = (jax.ShapeDtypeStruct((M, N), x.dtype) if direct
+                 else jax.ShapeDtypeStruct((cfg.split_k, M, N), jnp.float32))
+    kernel = functools.partial(_gemv_kernel, M=M, K=K, N=N, cfg=cfg, layout=layout, activation=activation,
+                               has_bias=has_bias, direct=direct)
+    out = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(cdiv(N, cfg.block_n), cfg.split_k), interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        name=f"gemv_{layout}",
+    )(x, w, *([bias] if has_bias else []))
+    if direct:
+        return out
+    # Split-K epilogue, one fused XLA kernel: sum of the f32 partials, bias, activation, cast.
+    y = jnp.sum(out, axis=0)
+    if has_bias:
+        y = y + bias.astype(jnp.float32)[None, :]
+    return get_activation(activation)(y).astype(x.dtype)
+
+
+def gemv(x, w, bias=None, activation=None, layout: str = "kn", config: GemvConfig | None = None):
+    """Backend entry point (the public op in gemv.py validates first)."""
+    check_kernel_dtype(x.dtype, use_interpret())
+    M, K = x.shape
+    N = w.shape[1] if layout == "kn" else w.shape[0]
+    cfg = config or choose_gemv_config(M, K, N, layout)
+    if cfg.split_k < 1 or (K + cfg.block_k - 1) // cfg.block_k % cfg.split_k:
+        raise ValueError(f"split_k={cfg.split_k} must divide the {cdiv(K, cfg.block_k)} k-blocks")
+    return gemv_triton(x, w, bias, activation=activation, layout=layout, cfg=cfg, interpret=use_interpret())

@@ -1,0 +1,116 @@
+"""The decode GEMV (pallas_kernels.gemv): tilings, split-K, validation, CUDA lowering, and its use by the
+decode step (the Pallas path and XLA's dot give the same logits and tokens). The value contract on both
+backends is in kernel_test_base (test_gemv_*)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from conftest import load_cached
+from pallas_kernels import dense_gemv, dense_gemv_triton as tri
+from pallas_kernels.devices import CLASSES, SM90
+from pallas_kernels.lowering import count_triton_calls, lower_for_cuda
+from polar_jax.cache import KVCache
+from polar_jax.decode import decode_step, prefill, split_model
+from polar_jax.models.base import gemv_backend
+from tests import kernel_reference as npref
+
+SEVEN_B = [(4096, 4096, "kn"), (4096, 16384, "nk"), (16384, 4096, "kn"), (4096, 11008, "nk"), (11008, 4096, "kn"),
+           (4096, 1024, "kn"), (4096, 14336, "nk"), (14336, 4096, "kn")]
+
+
+@pytest.mark.parametrize("cfg", [tri.GemvConfig(32, 64, 1, 4, 2), tri.GemvConfig(16, 32, 3, 4, 2),
+                                 tri.GemvConfig(64, 128, 2, 4, 2)])
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_split_k_tilings_match_reference(cfg, layout):
+    rng = np.random.default_rng(11)
+    M, K, N = 5, 384, 80  # 80 columns: a ragged last column block for every block_n here
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((K, N) if layout == "kn" else (N, K)) * K**-0.5, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(N), jnp.float32)
+    if (K + cfg.block_k - 1) // cfg.block_k % cfg.split_k:
+        with pytest.raises(ValueError, match="split_k"):
+            tri.gemv(x, w, b, "relu", layout, config=cfg)
+        return
+    out = tri.gemv(x, w, b, "relu", layout, config=cfg)
+    assert npref.rel_err(out, npref.gemv_ref(x, w, b, "relu", layout)) < 1e-5
+
+
+def test_measured_tilings_are_chosen_on_hopper():
+    """The tilings the H200 sweep found best (benchmarks/results/gemv_probe_2026-11-29.md)."""
+    hopper = SM90
+    pick = lambda K, N, lay: tri.choose_gemv_config(1, K, N, lay, hopper)  # noqa: E731
+    assert pick(4096, 4096, "kn") == tri.GemvConfig(64, 256, 2, 4, 4)
+    assert pick(16384, 4096, "kn") == tri.GemvConfig(64, 256, 2, 4, 4)
+    assert pick(11008, 4096, "kn") == tri.GemvConfig(32, 256, 1, 4, 4)  # 43 k-blocks: no even split
+    assert pick(4096, 16384, "nk") == tri.GemvConfig(64, 256, 1, 4, 3)
+    assert pick(4096, 11008, "nk") == tri.GemvConfig(32, 256, 1, 4, 3)
+
+
+@pytest.mark.parametrize("dev", CLASSES, ids=lambda c: c.name)
+def test_tilings_fit_shared_memory_and_split_evenly(dev):
+    for K, N, lay in SEVEN_B + [(64, 256, "kn"), (48, 40, "nk")]:
+        cfg = tri.choose_gemv_config(1, K, N, lay, dev)
+        assert tri.gemv_smem(cfg) <= dev.smem_per_block
+        assert -(-K // cfg.block_k) % cfg.split_k == 0
+
+
+@pytest.mark.parametrize("K,N,layout", SEVEN_B[:5])
+def test_chosen_tilings_lower_to_one_triton_kernel(K, N, layout):
+    import functools
+    cfg = tri.choose_gemv_config(1, K, N, layout)
+    f = functools.partial(tri.gemv_triton, activation=None, layout=layout, cfg=cfg, interpret=False)
+    w = jax.ShapeDtypeStruct((K, N) if layout == "kn" else (N, K), jnp.bfloat16)
+    text = lower_for_cuda(lambda x, w: f(x, w, None), jax.ShapeDtypeStruct((1, K), jnp.bfloat16), w)
+    assert count_triton_calls(text) == 1
+
+
+def test_bad_inputs_are_refused():
+    x, w = jnp.ones((2, 8)), jnp.ones((8, 4))
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        pk.gemv(jnp.ones((17, 8)), w)
+    with pytest.raises(ValueError, match="layout"):
+        pk.gemv(x, w, layout="nn")
+    with pytest.raises(ValueError, match="its K is"):
+        pk.gemv(x, w, layout="nk")
+    with pytest.raises(ValueError, match="bias"):
+        pk.gemv(x, w, bias=jnp.ones(8))
+    with pytest.raises(TypeError, match="dtype"):
+        pk.gemv(x, w.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="activation"):
+        pk.gemv(x, w, activation="tanh")
+
+
+def test_gemv_rule_and_backend_choice():
+    assert pk.prefers_gemv(1, "kn") and pk.prefers_gemv(1, "nk")  # measured faster end to end at B=1
+    assert not pk.prefers_gemv(4, "kn") and not pk.prefers_gemv(4, "nk")  # measured slower at B=4
+    assert not pk.prefers_gemv(0, "nk")
+    assert gemv_backend("auto", jnp.float32) is None  # no GPU here, and float32 is not a kernel GPU dtype
+    assert gemv_backend("xla", jnp.bfloat16) is None
+    assert gemv_backend("triton", jnp.float32) == "triton"
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_with_gemv_equals_xla_dot(name, batch, monkeypatch):
+    """Every projection through the GEMV (the limits raised for B=3: a batch of several rows and a
+    ragged 16-row tile) against XLA's dot."""
+    monkeypatch.setattr(dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 16})
+    model, _ = load_cached(name)
+    rng = np.random.default_rng(batch)
+    toks = jnp.asarray(rng.integers(3, model.config.vocab_size, (batch, 9)), jnp.int32)
+    graphdef, state = split_model(model)
+    outs = {}
+    for gemv in ("xla", "triton"):
+        cache = KVCache.create(model.config, batch, 16, model.dtype)
+        _, cache = prefill(graphdef, state, toks[:, :6], jnp.full((batch,), 6, jnp.int32), cache)
+        logits = []
+        for i in range(6, 9):
+            lg, cache = decode_step(graphdef, state, cache, toks[:, i], None, "xla", "xla", gemv)
+            logits.append(np.asarray(lg))
+        outs[gemv] = np.stack(logits)
+    np.testing.assert_allclose(outs["triton"], outs["xla"], atol=1e-4, rtol=0)
+    assert (outs["triton"].argmax(-1) == outs["xla"].argmax(-1)).all()

@@ -1,0 +1,69 @@
+"""README result tables and counts equal what benchmarks/readme_claims.py computes from benchmarks/results:
+a number edited by hand, or a result file changed without regenerating the README, fails here."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import readme_claims  # noqa: E402
+
+
+def test_readme_blocks_match_the_results():
+    text = readme_claims.README.read_text()
+    assert readme_claims.render(text) == text, "README is stale: run python benchmarks/readme_claims.py"
+    for name in readme_claims.CLAIMS:
+        assert f"<!-- claims:{name} " in text and f"<!-- /claims:{name} -->" in text
+
+
+def test_a_hand_edited_number_is_caught():
+    text = readme_claims.README.read_text()
+    for old, new in (("| 6.11 ms |", "| 6.10 ms |"), ("at 39 of the 43", "at 43 of the 43"),
+                     ("| 1.093 |", "| 1.039 |"), ("93 of the 96", "96 of the 96"),
+                     ("| 13.11 ms | 1.66x", "| 13.11 ms | 1.86x"),
+                     ("within 90 % of their Amdahl bound: 4 of 8", "within 90 % of their Amdahl bound: 8 of 8"),
+                     ("SHA-256 runs at 0.56 GB/s", "SHA-256 runs at 5.6 GB/s")):
+        assert text.count(old) == 1, old
+        assert readme_claims.render(text.replace(old, new)) == text  # regenerating restores the source's value
+
+
+def test_no_placeholder_is_left_in_the_docs():
+    """A sentence waiting for a measurement was once committed as VERIFY_COST_SENTENCE."""
+    for path in (readme_claims.README, REPO / "docs" / "ARCHITECTURE.md"):
+        text = path.read_text()
+        assert not re.findall(r"\b[A-Z]+_[A-Z_]*(?:SENTENCE|NUMBER|RESULT|PLACEHOLDER)\b|\bTODO\b|\bTBD\b|\bFIXME\b",
+                              text), path
+
+
+def test_unregistered_or_missing_blocks_are_errors():
+    text = readme_claims.README.read_text()
+    with pytest.raises(KeyError, match="no registered claim"):
+        readme_claims.render(text + "\n<!-- claims:nope -->\nx\n<!-- /claims:nope -->\n")
+    start = text.index("<!-- claims:accuracy ")
+    end = text.index("<!-- /claims:accuracy -->") + len("<!-- /claims:accuracy -->")
+    with pytest.raises(KeyError, match="without a README block"):
+        readme_claims.render(text[:start] + text[end:])
+
+
+def test_an_unmeasured_point_never_counts_as_met(tmp_path):
+    """A NaN / missing XLA dense time or a missing bandwidth takes the point out of 'met'."""
+    results = tmp_path / "results"
+    shutil.copytree(readme_claims.RESULTS, results, ignore=shutil.ignore_patterns("*.png"))
+    path = results / readme_claims.KERNELS
+    data = json.loads(path.read_text())
+    big = [r for r in data["attn"] if r["active_bytes"] >= 256e6 and r["dense_xla"] is not None
+           and not math.isnan(r["dense_xla"])]
+    big[0]["dense_xla"] = None
+    big[1]["ours_TBps"] = float("nan")
+    path.write_text(json.dumps(data))
+    out = readme_claims.select_decode(results)
+    assert "at 38 of the 43" in out and "the other 5" in out
+    assert "at 42 of the 43 shapes" in out
