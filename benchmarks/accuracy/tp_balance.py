@@ -119,6 +119,15 @@ def run_model(name: str, bundle_path: str, max_tokens: int) -> dict:
                     "date": datetime.date.today().isoformat(), "seconds": round(time.time() - t0)}}
 
 
+def provenance(models: list[dict]) -> dict:
+    """Device, jax version and date of the run, from each model's environment (one value, or each joined)."""
+    def joined(values) -> str:
+        return "; ".join(dict.fromkeys(values))
+
+    return {"device": joined(m["env"]["backend"].upper() for m in models),
+            "jax": joined(m["env"]["jax"] for m in models), "date": joined(m["env"]["date"] for m in models)}
+
+
 def decide(models: list[dict]) -> dict:
     """The default from the data (rule in the module constants)."""
     worst_cost, worst_at, more_units = 0.0, None, []
@@ -209,7 +218,7 @@ def main() -> None:
     if args.from_json is not None:
         models = json.loads(args.from_json.read_text())["models"]
         decision = decide(models)
-        report = {"models": models, "decision": decision,
+        report = {"models": models, "decision": decision, **provenance(models),
                   "command": json.loads(args.from_json.read_text())["command"]}
         (args.out / "tp_balance.json").write_text(json.dumps(report, indent=1) + "\n")
         (args.out / "tp_balance.md").write_text(markdown(models, decision))
@@ -222,7 +231,7 @@ def main() -> None:
     models = [run_model(m, bundles[m], args.max_tokens) for m in args.models]
     decision = decide(models)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"models": models, "decision": decision, "command": " ".join(sys.argv)}
+    report = {"models": models, "decision": decision, **provenance(models), "command": " ".join(sys.argv)}
     (args.out / "tp_balance.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "tp_balance.md").write_text(markdown(models, decision))
     print(markdown(models, decision))
