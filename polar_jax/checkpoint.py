@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 # `import convert.hf as ...` (not `from convert.hf import ...`): convert imports polar_jax modules, so when
 # `import convert` runs first this module sees convert.hf still initialising; its functions are looked up
@@ -31,6 +32,7 @@ from polar_jax.layout import (  # noqa: F401 (re-exported: the names the loader 
     FORMAT, FORMAT_VERSION, META_FILE, PARAMS_FILE, hash_tensor, param_shapes, path_name,
 )
 from polar_jax.models import CausalLM, abstract_model
+from polar_jax.sharding import Placer, check_mesh, param_placer
 from polar_jax.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
@@ -46,9 +48,19 @@ def resolve_dtype(dtype: str | None, cfg: ModelConfig) -> str:
     return dtype_name(dtype)
 
 
-def model_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype: str) -> CausalLM:
-    """Builds the model, asking `get(name)` for each parameter (shape-checked, cast to `dtype`)."""
+def _on_default_device(name: str, arr: np.ndarray, jdtype: Any) -> jax.Array:
+    """The whole tensor on the default device (no mesh)."""
+    return jnp.asarray(np.asarray(arr, dtype=np.float32) if arr.dtype != np.float32 else arr, jdtype)
+
+
+def model_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype: str,
+                       place: Placer | None = None) -> CausalLM:
+    """Builds the model, asking `get(name)` for each parameter (shape-checked, cast to `dtype`). `place(name,
+    host_array, dtype)` puts each tensor on its device(s) as it arrives (default: whole, on the default
+    device; `polar_jax.sharding.param_placer`: each device gets its own slice, read from `host_array` by
+    indexing, so a memory-mapped checkpoint is read slice by slice)."""
     jdtype = DTYPES[dtype]
+    place = place or _on_default_device
     graphdef, state = nnx.split(abstract_model(cfg, jdtype))
     flat = []
     for path, var in nnx.to_flat_state(state):
@@ -57,7 +69,7 @@ def model_from_tensors(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype
         want = tuple(var.get_value().shape)
         if tuple(arr.shape) != want:
             raise CheckpointError(f"parameter {name}: checkpoint has shape {tuple(arr.shape)}, config implies {want}")
-        var.set_value(jnp.asarray(np.asarray(arr, dtype=np.float32) if arr.dtype != np.float32 else arr, jdtype))
+        var.set_value(place(name, arr, jdtype))
         flat.append((path, var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
@@ -72,15 +84,18 @@ def is_polar_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file()
 
 
-def load(path: str | Path, dtype: str | None = None, *, verify: bool = True) -> tuple[CausalLM, Tokenizer | None]:
+def load(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None, *,
+         verify: bool = True) -> tuple[CausalLM, Tokenizer | None]:
     """Loads a converted polar-jax checkpoint (or "default", the embedded model, or a GGUF file). Returns
-    (model, tokenizer). `verify` checks the weights against the SHA-256 stored at conversion, hashed while
-    they are read (a corrupt or modified file is refused); `verify=False` skips it on trusted disks."""
+    (model, tokenizer). `mesh` (polar_jax.sharding.make_mesh): each tensor goes straight to its shards, each
+    device reading its own slice of the memory-mapped weights (no whole sharded tensor on any device).
+    `verify` checks the weights against the SHA-256 stored at conversion, hashed while they are read (a
+    corrupt or modified file is refused); `verify=False` skips it on trusted disks."""
     path = DEFAULT_MODEL_DIR if str(path) == "default" else Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     if path.is_file():  # a single-file checkpoint (GGUF): read and dequantized on the fly
-        return load_hf(path, dtype)
+        return load_hf(path, dtype, mesh)
     if not is_polar_checkpoint(path):
         if (path / "config.json").is_file():
             raise CheckpointError(
@@ -110,7 +125,7 @@ def load(path: str | Path, dtype: str | None = None, *, verify: bool = True) -> 
                 check.feed(name, arr)
             return arr
 
-        model = model_from_tensors(cfg, get, resolve_dtype(dtype, cfg))
+        model = model_from_tensors(cfg, get, resolve_dtype(dtype, cfg), _placer(cfg, mesh))
         if check is not None:
             check.finish()
     finally:
@@ -150,15 +165,25 @@ class WeightsCheck:
             )
 
 
-def load_hf(path: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer | None]:
+def load_hf(path: str | Path, dtype: str | None = None, mesh: Mesh | None = None) -> tuple[CausalLM, Tokenizer | None]:
     """Loads a Hugging Face checkpoint folder or a GGUF file directly (converted on the fly, one tensor at a
-    time; GGUF tensors dequantized)."""
+    time; GGUF tensors dequantized). `mesh`: as in `load` (a GGUF tensor is dequantized whole in host memory,
+    then sliced: quantized blocks do not split at arbitrary rows)."""
     reader = convert_hf.open_reader(path)
     try:
-        model = model_from_tensors(reader.config, reader.get, resolve_dtype(dtype, reader.config))
+        model = model_from_tensors(reader.config, reader.get, resolve_dtype(dtype, reader.config),
+                                   _placer(reader.config, mesh))
         return model, reader.tokenizer()
     finally:
         reader.close()
+
+
+def _placer(cfg: ModelConfig, mesh: Mesh | None) -> Placer | None:
+    """The placement hook for `mesh` (None: whole tensors on the default device)."""
+    if mesh is None:
+        return None
+    check_mesh(cfg, mesh)
+    return param_placer(mesh)
 
 
 # ---- identity for router bundles --------------------------------------------------------------------

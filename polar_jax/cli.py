@@ -22,10 +22,13 @@ from polar_jax.cli_common import (
     Parser, SparseDecoding, add_model_args, add_sparsity_args, check_prompt, load_from_args, require_tokenizer,
     sparse_decoding,
 )
+from polar_jax.distributed import add_distributed_args, config_from_args, initialize, split_argv
 from polar_jax.dtypes import DTYPE_NAMES
 from polar_jax.errors import InputError, PolarError
 from polar_jax.models import CausalLM
 from polar_jax.routers.cli import register as register_router_verbs
+from polar_jax.sharding import make_mesh, mesh_shape
+from polar_jax.tensor_parallel import DEFAULT_HEAD_TOPK, HEAD_TOPK
 from polar_jax.tokenizer import Tokenizer
 from polar_jax.validate import arg_type
 
@@ -54,12 +57,27 @@ def generated_length(row: Sequence[int], eos_ids: Iterable[int]) -> int:
     return len(row)
 
 
-def _run_settings(args: argparse.Namespace, model: CausalLM, prompts: list[list[int]]) -> tuple[dict, SparseDecoding]:
+def _run_settings(args: argparse.Namespace, model: CausalLM, prompts: list[list[int]],
+                  mesh: Any = None) -> tuple[dict, SparseDecoding]:
     context = max(len(p) for p in prompts) + args.max_new_tokens
     decoding = sparse_decoding(args, model, batch=len(prompts), context=context)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               **decoding.generate_kwargs())
+    if mesh is not None:
+        kw.update(mesh=mesh, head_topk=args.head_topk)
     return kw, decoding
+
+
+def _mesh(args: argparse.Namespace) -> Any:
+    """The ("data", "tensor") mesh of `--tensor` / `--data` over the devices of every process, or None;
+    announced on stderr with this process's place in it."""
+    if args.tensor is None and args.data is None:
+        return None
+    mesh = make_mesh(tensor=args.tensor, data=args.data or 1)
+    data, tensor = mesh_shape(mesh)
+    print(f"mesh: data={data} x tensor={tensor} over {jax.device_count()} devices in {jax.process_count()} "
+          f"process(es) (this is process {jax.process_index()})", file=sys.stderr, flush=True)
+    return mesh
 
 
 def _speed_line(rows: np.ndarray, eos_ids: Iterable[int], seconds: float, note: str) -> tuple[int, str]:
@@ -158,10 +176,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.stream and args.json:
         raise InputError("--stream and --json do not combine: --json prints one object after generation")
     texts = [check_prompt(p, i) for i, p in enumerate(args.prompt)]
-    model, tok = load_from_args(args)
+    mesh = _mesh(args)
+    model, tok = load_from_args(args, mesh)
     tok = require_tokenizer(tok, args.model)
     prompts = [tok.encode(p) for p in texts]
-    kw, decoding = _run_settings(args, model, prompts)
+    kw, decoding = _run_settings(args, model, prompts, mesh)
     eos_ids = model.config.eos_token_ids
     t0 = time.perf_counter()
     if args.stream:
@@ -219,9 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print each row's text as it is generated")
     g.add_argument("--json", action="store_true", help="print one JSON object: token ids, texts, tokens/s, dense/sparse")
     add_sparsity_args(g)
+    t = g.add_argument_group("tensor parallelism (polar_jax.sharding)")
+    t.add_argument("--tensor", type=arg_type("tensor"), default=None,
+                   help="tensor-parallel degree: heads, KV cache and MLP neurons split over this many devices "
+                        "(with --data alone: the devices left)")
+    t.add_argument("--data", type=arg_type("data"), default=None,
+                   help="data-parallel degree: the batch split this many ways")
+    t.add_argument("--head-topk", choices=HEAD_TOPK, default=DEFAULT_HEAD_TOPK,
+                   help="sparse heads under tensor parallelism: each sequence's k best heads overall (global) "
+                        "or ceil(k/n) best on each of the n shards (balanced)")
+    add_distributed_args(g)
     g.set_defaults(fn=cmd_generate)
 
-    b = sub.add_parser("bench", help="benchmarks (GPU; --tiny checks the code path on CPU)")
+    b = sub.add_parser("bench", help="benchmarks (GPU; --tiny checks the code path on CPU); "
+                       "--coordinator/--num-processes/--process-id as for generate")
     bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     bd = bsub.add_parser("decode", add_help=False,
                          help="end-to-end decode step, sparse variants vs dense (`polar-jax bench decode --help`)")
@@ -241,9 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:2] == ["bench", "decode"]:
             # the benchmark owns its flags (argparse cannot forward options through nested sub-commands)
-            args: Any = argparse.Namespace(fn=cmd_bench_decode, rest=argv[2:])
+            ours, rest = split_argv(argv[2:])
+            dist = Parser(prog="polar-jax bench decode")
+            add_distributed_args(dist)
+            args: Any = dist.parse_args(ours)
+            args.fn, args.rest = cmd_bench_decode, rest
         else:
             args = build_parser().parse_args(argv)
+        initialize(config_from_args(args))  # before JAX touches a device
         return int(args.fn(args) or 0)
     except PolarError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)

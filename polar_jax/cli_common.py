@@ -60,13 +60,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="skip checking a converted checkpoint's weights against its stored SHA-256 (trusted disks)")
 
 
-def load_model(path: str, dtype: str | None = None, verify: bool = True) -> tuple[CausalLM, Tokenizer | None]:
-    """A converted checkpoint, "default", or an HF folder / GGUF file (converted on the fly)."""
+def load_model(path: str, dtype: str | None = None, verify: bool = True,
+               mesh: Any = None) -> tuple[CausalLM, Tokenizer | None]:
+    """A converted checkpoint, "default", or an HF folder / GGUF file (converted on the fly); with a `mesh`,
+    each tensor streamed onto its shards."""
     if path == "default" or is_polar_checkpoint(path):
-        return load(path, dtype, verify=verify)
+        return load(path, dtype, mesh, verify=verify)
     if not Path(path).exists():
         raise InputError(f"model path {path} does not exist")
-    return load_hf(path, dtype)
+    return load_hf(path, dtype, mesh)
 
 
 def model_input(path: str) -> Path:
@@ -74,8 +76,8 @@ def model_input(path: str) -> Path:
     return DEFAULT_MODEL_DIR if path == "default" else Path(path)
 
 
-def load_from_args(args: argparse.Namespace) -> tuple[CausalLM, Tokenizer | None]:
-    return load_model(args.model, args.dtype, verify=not args.no_verify)
+def load_from_args(args: argparse.Namespace, mesh: Any = None) -> tuple[CausalLM, Tokenizer | None]:
+    return load_model(args.model, args.dtype, verify=not args.no_verify, mesh=mesh)
 
 
 def require_tokenizer(tok: Tokenizer | None, model: str) -> Tokenizer:

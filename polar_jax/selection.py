@@ -14,7 +14,8 @@ scores cost about 50 us per layer (H200, benchmarks/results/decode_diag_2026-11-
 MLP sparsity saves.
 - Heads: `rank_units` ranks every unit against every other one ([B, U, U] comparisons, one fused
   kernel; U <= 128), giving the per-sequence top-k in score order; `adaptive_counts` turns a calibrated
-  threshold into per-sequence budgets (input-adaptive heads) with a floor and a cap.
+  threshold into per-sequence budgets (input-adaptive heads) with a floor and a cap;
+  `balanced_top_units` / `balanced_unit_mask` keep each row's best units per tensor-parallel shard.
 - MLP: `union_threshold_mask` keeps a neuron when any live row's router logit passes the layer's
   calibrated threshold (the union of per-row predictions), and `compact` turns the mask into ascending
   indices (so the gather kernels stream the weight rows in memory order) with a cumulative sum.
@@ -89,6 +90,46 @@ def adaptive_counts(scores: jax.Array, threshold: jax.Array | float, floor: int,
     """Input-adaptive budgets: per row, the units scoring above `threshold`, clipped to [floor, cap]."""
     n = jnp.sum(scores > threshold, axis=-1, dtype=jnp.int32)
     return jnp.clip(n, floor, cap).astype(jnp.int32)
+
+
+def compact_slots(ids: jax.Array, valid: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """Per row of ids [..., M], the valid entries in their order moved to the front of `capacity` slots
+    (zeros after), and their count [...] (entries past the capacity are dropped). No sort: a running count
+    gives each valid entry its slot."""
+    lead, m = ids.shape[:-1], ids.shape[-1]
+    ids2, valid2 = ids.reshape(-1, m).astype(jnp.int32), valid.reshape(-1, m)
+    slot = jnp.where(valid2, jnp.cumsum(valid2, axis=-1, dtype=jnp.int32) - 1, capacity)
+    rows = jnp.arange(ids2.shape[0])[:, None]
+    out = jnp.zeros((ids2.shape[0], capacity), jnp.int32).at[rows, slot].set(ids2, mode="drop")
+    count = jnp.minimum(jnp.sum(valid2, axis=-1, dtype=jnp.int32), capacity)
+    return out.reshape(*lead, capacity), count.reshape(lead)
+
+
+# ---- heads, balanced over tensor-parallel shards ----------------------------------------------------
+# Under tensor parallelism shard j holds units [j*U/n, (j+1)*U/n); the slowest shard sets the step time.
+# The balanced rule keeps each row's best units *per shard* (ceil(k/n) on every shard) instead of its k
+# best overall. It is a selection rule like any other: one device can run it too (the reference for the
+# sharded step, and the masked evaluation of its accuracy).
+def shard_budget(k: int, shards: int) -> int:
+    """Units each shard keeps for a global budget k: ceil(k / shards)."""
+    return -(-int(k) // int(shards))
+
+
+def balanced_top_units(scores: jax.Array, k: int, shards: int) -> jax.Array:
+    """Per row, the k best units of every shard, shard after shard: [..., U] -> [..., shards * k] ids."""
+    u = scores.shape[-1]
+    per = scores.reshape(*scores.shape[:-1], shards, u // shards)
+    local = top_units(per, k) + (jnp.arange(shards, dtype=jnp.int32) * (u // shards))[:, None]
+    return local.reshape(*scores.shape[:-1], shards * k)
+
+
+def balanced_unit_mask(scores: jax.Array, counts: jax.Array | int, shards: int) -> jax.Array:
+    """0/1 float mask of each row's `counts` best units within every shard (counts [..., shards] or a
+    scalar): [..., U]."""
+    u = scores.shape[-1]
+    per = scores.reshape(*scores.shape[:-1], shards, u // shards)
+    keep = rank_units(per) < jnp.asarray(counts, jnp.int32)[..., None]
+    return keep.reshape(scores.shape).astype(jnp.float32)
 
 
 # ---- MLP union --------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ __all__ = ["IMPL_CHOICES", "sparse_selector", "check_selector"]
 
 def sparse_selector(model: CausalLM, sparsity: Any, batch: int, context: int, attn_density: float | None = None,
                     mlp_recall: float | None = 0.99, policy: str = "auto", adaptive: bool = False,
-                    impl: str = "auto") -> RouterSelector | None:
+                    impl: str = "auto", balance: int = 1) -> RouterSelector | None:
     """The decode selector for `sparsity` (a SparsityBundle, a bundle folder or "default"); None when the
-    policy decides that dense decoding is fastest here."""
+    policy decides that dense decoding is fastest here. `balance` n > 1: the head budget per shard of n
+    tensor-parallel shards (balanced top-k)."""
     if policy != "auto" and policy not in PARTS:
         raise InputError(f"policy must be 'auto' or one of {sorted(PARTS)}, got {policy!r}")
     if attn_density is not None:
@@ -43,7 +44,8 @@ def sparse_selector(model: CausalLM, sparsity: Any, batch: int, context: int, at
     if not attn and not mlp:
         return None
     return router_selector(bundle, attn_density=attn_density, mlp_recall=mlp_recall if mlp else None,
-                           attn=attn, mlp=mlp, adaptive=adaptive, dtype=model.dtype, select_impl=impl)
+                           attn=attn, mlp=mlp, adaptive=adaptive, dtype=model.dtype, select_impl=impl,
+                           balance=balance)
 
 
 def check_selector(model: CausalLM, selector: Any) -> None:

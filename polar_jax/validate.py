@@ -97,6 +97,8 @@ LIMITS: dict[str, Limit] = {
     "max_train_tokens": POSITIVE,
     "seed": Limit(int, 0, 2**32 - 1),  # numpy and jax seeds
     "cache_size": POSITIVE,
+    "tensor": POSITIVE,  # tensor- and data-parallel degrees (polar_jax.sharding.make_mesh)
+    "data": POSITIVE,
     # the decode benchmark (polar-jax bench decode)
     "context": POSITIVE,
     "mlp_density": FRACTION,

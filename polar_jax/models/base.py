@@ -35,7 +35,7 @@ MODES = ("full", "prefill", "decode")
 # Named scopes of the decode step's parts: the profile breakdown (polar_jax/bench/breakdown.py) maps each
 # GPU kernel to the part whose scope its HLO op carries.
 SCOPES = {"proj": "polar_attn_proj", "router": "polar_router", "attention": "polar_attn_core",
-          "mlp": "polar_mlp"}
+          "mlp": "polar_mlp", "allreduce": "polar_allreduce"}
 
 
 class Sparsifier(Protocol):
@@ -81,6 +81,9 @@ class Step:
     collect: bool = False
     attn_impl: str = "xla"
     mlp_impl: str = "xla"
+    # tensor parallelism (prefill / decode inside a shard_map): a `polar_jax.tensor_parallel.Parallel`; the
+    # layer then holds some heads and neurons and sums its two partial outputs over the shards
+    parallel: Any = None
     gemv_impl: str | None = None  # decode: kernel backend of the small-batch projections (None: XLA's dot)
 
     def __post_init__(self):
@@ -123,28 +126,40 @@ def gemv_backend(impl: str, dtype) -> str | None:
     return None if name == "xla" else name
 
 
-def dense_mlp(mlp: MLP, h: jax.Array, gemv: str | None = None) -> jax.Array:
-    return mlp.project_down(mlp.activations(h, gemv), gemv)
+def dense_mlp(mlp: MLP, h: jax.Array, gemv: str | None = None, *, bias: bool = True) -> jax.Array:
+    return mlp.project_down(mlp.activations(h, gemv), gemv, bias=bias)
 
 
-def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, impl: str) -> jax.Array:
-    """MLP over the selected neurons only: h [B, d] -> [B, d] (gathered up/gate and down projections)."""
+def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, impl: str, *,
+                  bias: bool = True) -> jax.Array:
+    """MLP over the selected neurons only: h [B, d] -> [B, d] (gathered up/gate and down projections);
+    `bias=False` leaves the down projection's bias out (a tensor-parallel partial sum)."""
     if mlp.gated:
         act = gather_up_gated(h, mlp.gate[...], mlp.up[...], idx, n_active, impl=impl)
     else:
-        bias = mlp.up_bias[...] if mlp.up_bias is not None else None
-        act = gather_up(h, mlp.up[...], idx, n_active, bias=bias, activation=mlp.act, impl=impl)
-    bias = mlp.down_bias[...] if mlp.down_bias is not None else None
-    return gather_down(act, mlp.down[...], idx, n_active, bias=bias, impl=impl)
+        up_bias = mlp.up_bias[...] if mlp.up_bias is not None else None
+        act = gather_up(h, mlp.up[...], idx, n_active, bias=up_bias, activation=mlp.act, impl=impl)
+    down_bias = mlp.down_bias[...] if bias and mlp.down_bias is not None else None
+    return gather_down(act, mlp.down[...], idx, n_active, bias=down_bias, impl=impl)
 
 
-def decode_mlp(mlp: MLP, h: jax.Array, choice: MLPSelection | None, impl: str, gemv: str | None = None) -> jax.Array:
+def decode_mlp(mlp: MLP, h: jax.Array, choice: MLPSelection | None, impl: str, gemv: str | None = None, *,
+               bias: bool = True) -> jax.Array:
     """h [B, d] -> [B, d]: dense, or the selective kernels over the selected neurons. The choice between
     them is static (a selector decides per layer at trace time): a run-time `lax.cond` here splits the
     step's CUDA graph and cost ~0.5 ms per step at B=32 on the H200."""
     if choice is None or choice.dense:
-        return dense_mlp(mlp, h, gemv)
-    return selective_mlp(mlp, h, choice.idx, choice.n_active, impl)
+        return dense_mlp(mlp, h, gemv, bias=bias)
+    return selective_mlp(mlp, h, choice.idx, choice.n_active, impl, bias=bias)
+
+
+def sum_over_shards(partial: jax.Array, bias: nnx.Param | None, step: Step) -> jax.Array:
+    """A layer part's output: as computed on one device, or under tensor parallelism this shard's partial
+    sum (computed without the bias) reduced over the shards, plus the bias once."""
+    if step.parallel is None:
+        return partial
+    with jax.named_scope(SCOPES["allreduce"]):
+        return step.parallel.reduce(partial, None if bias is None else bias[...])
 
 
 class Block(nnx.Module):
@@ -195,7 +210,8 @@ class Block(nnx.Module):
             self.sow(nnx.Intermediate, "router_input", h)
             self.sow(nnx.Intermediate, "head_norm", head_output_norms(heads))
         with jax.named_scope(SCOPES["proj"]):
-            x = x + self.attn.out(heads, step.gemv_impl)
+            partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None)
+        x = x + sum_over_shards(partial, self.attn.o_bias, step)
         if not self.pre_norm:
             x = self.attn_norm(x)
         h2 = self.mlp_norm(x) if self.pre_norm else x
@@ -205,15 +221,19 @@ class Block(nnx.Module):
         return x, kv
 
     def _mlp(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int) -> jax.Array:
+        return sum_over_shards(self._mlp_partial(h2, router_input, step, layer), self.mlp.down_bias, step)
+
+    def _mlp_partial(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int) -> jax.Array:
+        bias = step.parallel is None
         if step.mode == "decode":
             with jax.named_scope(SCOPES["router"]):
                 choice = step.selector.mlp(layer, router_input[:, 0], step.live) if step.selector is not None else None
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "mlp_n_active", jnp.int32(-1) if choice.dense else choice.n_active)
             with jax.named_scope(SCOPES["mlp"]):
-                return decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl, step.gemv_impl)[:, None]
+                return decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl, step.gemv_impl, bias=bias)[:, None]
         if step.mode == "prefill" or (step.sparsifier is None and not step.collect):
-            return dense_mlp(self.mlp, h2)
+            return dense_mlp(self.mlp, h2, bias=bias)
         act = self.mlp.activations(h2)
         if step.collect and self.mlp.act == "relu" and not self.mlp.gated:
             self.sow(nnx.Intermediate, "mlp_active", act > 0)
@@ -221,7 +241,7 @@ class Block(nnx.Module):
             mask = step.sparsifier.neurons_mask(layer, router_input, act)
             if mask is not None:
                 act = act * mask.astype(act.dtype)
-        return self.mlp.project_down(act)
+        return self.mlp.project_down(act, bias=bias)
 
 
 class CausalLM(nnx.Module):
@@ -275,16 +295,17 @@ class CausalLM(nnx.Module):
 
     # ---- prefill -------------------------------------------------------------------------------------
     def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
-                rows: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+                rows: jax.Array | None = None, parallel: Any = None) -> tuple[jax.Array, KVCache]:
         """Dense pass over right-padded prompts [b, T] with true `lengths` [b]; writes K/V at positions
         0..T-1 of cache rows `rows` [b] (default: rows 0..b-1, b = the cache's batch; padding slots are
         overwritten by decode before they are ever read). Returns the logits of each prompt's last real
-        token [b, V] and the cache with those rows' lengths set and marked live."""
+        token [b, V] and the cache with those rows' lengths set and marked live. `parallel`: see `decode`."""
         b, t = tokens.shape
         if rows is None and b != cache.batch:
             rows = jnp.arange(b, dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        x, layers = self.run_layers(self.embed(tokens, positions), cache, self._step("prefill", positions, rows=rows))
+        x, layers = self.run_layers(self.embed(tokens, positions), cache,
+                                    self._step("prefill", positions, rows=rows, parallel=parallel))
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         lengths = lengths.astype(jnp.int32)
         if rows is None:
@@ -304,6 +325,7 @@ class CausalLM(nnx.Module):
         mlp_impl: str = "auto",
         collect: bool = False,
         gemv_impl: str = "auto",
+        parallel: Any = None,
     ) -> tuple[jax.Array, KVCache]:
         """One new token per row: tokens [B] at positions `cache.lengths`. Returns logits [B, V] and the
         cache with the new K/V written and lengths + 1 on live rows (other rows stay as they are). With a
@@ -313,7 +335,9 @@ class CausalLM(nnx.Module):
         einsum elsewhere. `collect` sows each layer's router input and selection sizes (`attn_n_active`
         per row, `mlp_n_active`, -1 for a dense MLP) as `nnx.Intermediate`. `gemv_impl` runs the dense
         projections of small batches through the Pallas GEMV ("auto": on CUDA GPUs for 16-bit models, where
-        `pallas_kernels.prefers_gemv` says it is faster; "xla": never)."""
+        `pallas_kernels.prefers_gemv` says it is faster; "xla": never). `parallel` (a
+        `polar_jax.tensor_parallel.Parallel`, set inside the tensor-parallel step's shard_map): this call sees
+        one shard's heads, neurons and cache heads, and `selector` returns that shard's selections."""
         b = tokens.shape[0]
         live = cache.live_rows()
         pos = cache.lengths.astype(jnp.int32)
@@ -321,8 +345,8 @@ class CausalLM(nnx.Module):
         new_len = jnp.where(live, pos + 1, pos)
         step = self._step(
             "decode", positions, lengths=jnp.where(live, new_len, 0), live=live, selector=selector,
-            dense_attention=AttentionSelection.all_groups(b, self.config.num_kv_heads),
-            attn_impl=resolve_impl(attn_impl), mlp_impl=resolve_impl(mlp_impl), collect=collect,
+            dense_attention=AttentionSelection.all_groups(b, cache.k[0].shape[2]),  # this shard's KV groups
+            attn_impl=resolve_impl(attn_impl), mlp_impl=resolve_impl(mlp_impl), collect=collect, parallel=parallel,
             gemv_impl=gemv_backend(gemv_impl, self.dtype),
         )
         x, layers = self.run_layers(self.embed(tokens[:, None], positions), cache, step)

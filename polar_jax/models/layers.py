@@ -148,17 +148,19 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, hd
 
     def qkv(self, x: jax.Array, gemv: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [..., d] -> q [..., Hq, D], k/v [..., Hkv, D]. `gemv`: see `linear`."""
+        """x [..., d] -> q [..., Hq, D], k/v [..., Hkv, D]. `gemv`: see `linear`. Head counts follow the
+        weights, so a tensor-parallel shard holding some of the heads runs the same code."""
         lead = x.shape[:-1]
-        q = linear(x, self.q[...], _value(self.q_bias), "kn", gemv).reshape(*lead, self.num_heads, self.head_dim)
-        k = linear(x, self.k[...], _value(self.k_bias), "kn", gemv).reshape(*lead, self.num_kv_heads, self.head_dim)
-        v = linear(x, self.v[...], _value(self.v_bias), "kn", gemv).reshape(*lead, self.num_kv_heads, self.head_dim)
+        q = linear(x, self.q[...], _value(self.q_bias), "kn", gemv).reshape(*lead, -1, self.head_dim)
+        k = linear(x, self.k[...], _value(self.k_bias), "kn", gemv).reshape(*lead, -1, self.head_dim)
+        v = linear(x, self.v[...], _value(self.v_bias), "kn", gemv).reshape(*lead, -1, self.head_dim)
         return q, k, v
 
-    def out(self, heads: jax.Array, gemv: str | None = None) -> jax.Array:
-        """Per-head outputs [..., Hq, D] -> [..., d]."""
-        flat = heads.reshape(*heads.shape[:-2], self.num_heads * self.head_dim)
-        return linear(flat, self.o[...], _value(self.o_bias), "kn", gemv)
+    def out(self, heads: jax.Array, gemv: str | None = None, *, bias: bool = True) -> jax.Array:
+        """Per-head outputs [..., H, D] -> [..., d]. `bias=False` leaves the output bias out (a tensor-parallel
+        shard's partial sum: the bias is added once, after the reduction)."""
+        flat = heads.reshape(*heads.shape[:-2], heads.shape[-2] * heads.shape[-1])
+        return linear(flat, self.o[...], _value(self.o_bias) if bias else None, "kn", gemv)
 
 
 class MLP(nnx.Module):
@@ -181,5 +183,6 @@ class MLP(nnx.Module):
             return (get_activation(self.act)(gate) * up).astype(x.dtype)
         return get_activation(self.act)(up)
 
-    def project_down(self, h: jax.Array, gemv: str | None = None) -> jax.Array:
-        return linear(h, self.down[...], _value(self.down_bias), "kn", gemv)
+    def project_down(self, h: jax.Array, gemv: str | None = None, *, bias: bool = True) -> jax.Array:
+        """[..., N] -> [..., d]; `bias=False` as in `Attention.out`."""
+        return linear(h, self.down[...], _value(self.down_bias) if bias else None, "kn", gemv)

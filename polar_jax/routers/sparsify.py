@@ -5,7 +5,8 @@ through `jax.jit` as ordinary arguments. Layer 0 (and any dense layer) returns N
 rules from `polar_jax.selection` to the same router logits, so a masked evaluation predicts exactly what
 the sparse decode step computes:
 - heads: each sequence keeps its k best units (fixed budget), or the units whose logit passes a
-  calibrated threshold clipped to [floor, cap] (input-adaptive budgets, same mean);
+  calibrated threshold clipped to [floor, cap] (input-adaptive budgets, same mean); with `balance` n > 1
+  the budget applies per tensor-parallel shard of units (ceil(k/n) best units on each of n shards);
 - MLP, threshold rule (default when the bundle is calibrated for it): a neuron is kept when any live
   row's logit passes the layer's threshold for that many rows; a union larger than the calibrated
   capacity runs the dense MLP;
@@ -34,12 +35,13 @@ from polar_jax.models.base import head_output_norms
 from polar_jax.models.collect import group_norms
 from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.config import SparsityConfig, attention_units, check_density, units_kept
-from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_counts, capped_union_mask, keep_prefix_dense,
+from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_counts, balanced_top_units,
+                                 balanced_unit_mask, capped_union_mask, compact_slots, keep_prefix_dense, shard_budget,
                                  top_units, topk_mask, union_scores, union_threshold_mask, union_topk, unit_mask)
 
 _ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b"]
 _ROUTER_META = ["attn_k", "budgets", "units", "plan", "mlp_recall", "mlp_rule", "use_attn", "use_mlp", "start",
-                "select_impl"]
+                "select_impl", "balance"]
 MLP_RULES = ("threshold", "topk")
 
 
@@ -61,6 +63,7 @@ class _Routers:
     use_mlp: bool = True
     start: int = 0  # masked eval: positions before it stay dense; decode ignores it (prefill is dense)
     select_impl: str = "auto"  # the fused router + threshold + compaction op
+    balance: int = 1  # heads: > 1 keeps the budget per shard of this many tensor-parallel shards
 
     def _attn_on(self, layer: int) -> bool:
         return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
@@ -70,7 +73,17 @@ class _Routers:
         return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32) + self.attn_b[layer].astype(jnp.float32)
 
     def _attn_counts(self, layer: int, logits: jax.Array) -> tuple[jax.Array, int]:
-        """Per-row unit counts [...] and the slot capacity."""
+        """Per-row unit counts [...] and the slot capacity; balanced: per shard, [..., balance] and the
+        capacity of one shard."""
+        n = self.balance
+        if n > 1:
+            per = logits.reshape(*logits.shape[:-1], n, self.units // n)
+            if self.budgets is not None:
+                t, floor, cap = self.budgets[layer]
+                cap = min(shard_budget(cap, n), self.units // n)
+                return adaptive_counts(per, t, min(shard_budget(floor, n), cap), cap), cap
+            k = min(shard_budget(self.attn_k[layer], n), self.units // n)
+            return jnp.full(per.shape[:-1], k, jnp.int32), k
         if self.budgets is not None:
             t, floor, cap = self.budgets[layer]
             return adaptive_counts(logits, t, floor, cap), cap
@@ -112,7 +125,8 @@ class RouterSparsifier(_Routers):
             return None
         logits = self._attn_logits(layer, router_input)
         counts, _ = self._attn_counts(layer, logits)
-        return keep_prefix_dense(unit_mask(logits, counts), self.start)
+        mask = unit_mask(logits, counts) if self.balance == 1 else balanced_unit_mask(logits, counts, self.balance)
+        return keep_prefix_dense(mask, self.start)
 
     def neurons_mask(self, layer: int, router_input: jax.Array, act: jax.Array) -> jax.Array | None:
         batch = router_input.shape[0]
@@ -140,7 +154,13 @@ class RouterSelector(_Routers):
             return None
         logits = self._attn_logits(layer, router_input)  # [B, U]
         counts, cap = self._attn_counts(layer, logits)
-        return AttentionSelection(top_units(logits, cap), counts)
+        if self.balance == 1:
+            return AttentionSelection(top_units(logits, cap), counts)
+        ids = balanced_top_units(logits, cap, self.balance)  # [B, balance * cap], shard after shard
+        if self.budgets is None:  # every shard keeps exactly cap units: all slots are live
+            return AttentionSelection(ids, jnp.sum(counts, axis=-1, dtype=jnp.int32))
+        valid = (jnp.arange(cap, dtype=jnp.int32) < counts[..., None]).reshape(ids.shape)
+        return AttentionSelection(*compact_slots(ids, valid, ids.shape[-1]))
 
     def mlp(self, layer: int, router_input: jax.Array, live: jax.Array) -> MLPSelection | None:
         batch = router_input.shape[0]
@@ -149,6 +169,8 @@ class RouterSelector(_Routers):
         n_live = jnp.sum(live, dtype=jnp.int32)
         if self.mlp_rule == "threshold":
             cap = self.plan.mlp_table(self.mlp_recall).capacity_for(layer, batch, self.plan.ffn)
+            # under tensor parallelism mlp_b holds this shard's neurons (columns): a per-shard union
+            cap = min(cap, self.mlp_b[layer].shape[1])
             threshold = jnp.asarray(self._by_live_count(layer, batch, "threshold"))[n_live]
             idx, count = union_select(self._mlp_hidden(layer, router_input), self.mlp_b[layer], live, threshold,
                                       cap, impl=self.select_impl)
@@ -188,8 +210,10 @@ class OracleSparsifier:
 # ---- builders ---------------------------------------------------------------------------------------
 def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recall: float | None,
                    per_layer: bool, attn: bool, mlp: bool, adaptive: bool, mlp_rule: str | None,
-                   dtype: Any, select_impl: str) -> dict[str, Any]:
+                   dtype: Any, select_impl: str, balance: int = 1) -> dict[str, Any]:
     c = bundle.config
+    if not isinstance(balance, (int, np.integer)) or balance < 1 or c.attn_units % balance:
+        raise InputError(f"balance must be a positive divisor of the {c.attn_units} attention units, got {balance!r}")
     if attn_density is not None:
         check_density(attn_density)
     use_mlp = bool(mlp and c.mlp_router)
@@ -218,31 +242,34 @@ def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recal
         units=c.attn_units,
         plan=dataclasses.replace(c, train=None),  # hashable static copy
         mlp_recall=mlp_recall if use_mlp else None, mlp_rule=rule,
-        use_attn=attn, use_mlp=use_mlp, select_impl=select_impl,
+        use_attn=attn, use_mlp=use_mlp, select_impl=select_impl, balance=int(balance),
     )
 
 
 def router_sparsifier(bundle: SparsityBundle, attn_density: float | None = None, mlp_recall: float | None = 0.99,
                       per_layer: bool = False, attn: bool = True, mlp: bool = True, start: int = 0,
-                      adaptive: bool = False, mlp_rule: str | None = None) -> RouterSparsifier:
+                      adaptive: bool = False, mlp_rule: str | None = None, balance: int = 1) -> RouterSparsifier:
     """Masked-evaluation sparsifier from trained routers. `attn`/`mlp` switch each part off (dense);
     `adaptive` uses input-adaptive head budgets; `mlp_rule` "threshold" | "topk" (default: threshold
-    when the bundle is calibrated for it)."""
+    when the bundle is calibrated for it); `balance` n > 1: the head budget per shard of n (balanced
+    top-k of tensor-parallel decoding)."""
     return RouterSparsifier(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp, adaptive,
-                                             mlp_rule, jnp.float32, "xla"), start=start)
+                                             mlp_rule, jnp.float32, "xla", balance), start=start)
 
 
 def router_selector(bundle: SparsityBundle, attn_density: float | None = None, mlp_recall: float | None = 0.99,
                     per_layer: bool = False, attn: bool = True, mlp: bool = True, adaptive: bool = False,
-                    mlp_rule: str | None = None, dtype: Any = jnp.float32, select_impl: str = "auto") -> RouterSelector:
+                    mlp_rule: str | None = None, dtype: Any = jnp.float32, select_impl: str = "auto",
+                    balance: int = 1) -> RouterSelector:
     """Decode selector from trained routers (same choices as `router_sparsifier` on the same inputs).
-    `dtype`: the router weights' dtype (the model's on a GPU: half the bytes of float32)."""
+    `dtype`: the router weights' dtype (the model's on a GPU: half the bytes of float32); `balance` as in
+    `router_sparsifier`."""
     c, arch = bundle.config, bundle.signature.get("arch", {})
     if attn and c.unit == "head" and int(arch.get("num_kv_heads", c.attn_units)) < c.attn_units:
         raise InputError("this bundle's routers score query heads of a GQA model (unit='head'): usable for masked "
                          "evaluation only; sparse decoding selects KV groups (train with unit='group')")
     return RouterSelector(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp, adaptive,
-                                           mlp_rule, dtype, select_impl))
+                                           mlp_rule, dtype, select_impl, balance))
 
 
 def oracle_sparsifier(cfg: ModelConfig, attn_density: float, mlp: bool = True, start: int = 0,

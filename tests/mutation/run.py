@@ -61,7 +61,7 @@ class Module:
 
 MODULES: tuple[Module, ...] = (
     Module("sampling", "polar_jax/decode.py", ("sample_tokens",), "tests/test_sampling.py", 120),
-    Module("decode-loop", "polar_jax/decode.py", ("_generate_on_device", "generate_stream"),
+    Module("decode-loop", "polar_jax/decode.py", ("_token_loop", "_generate_on_device", "generate_stream"),
            # One -k only: pytest keeps the last of several, so the recorded run's two -k options selected
            # exactly what this selects (the whole of test_generate.py by its file name, and the
            # generate tests of test_sampling.py).
@@ -131,7 +131,7 @@ def _equivalent_table() -> dict[tuple[str, str, str], str]:
     add("calibrate", kept, (kept.replace("order, axis=-1", "order, axis=1"),
                             kept.replace("), axis=-1)", "), axis=1)")),
         "importance_curve takes [tokens, units] arrays (one router's scores and unit norms): axis 1 is axis -1")
-    step = "return i + 1, new, cache, out, done | jnp.isin(new, eos_ids), key"
+    step = "done = done | jnp.isin(new, eos_ids)"
     add("decode-loop", step, (step.replace("done |", "done +"),),
         "done and jnp.isin(...) are boolean arrays, and jnp's + on booleans is logical or (the carry stays bool: "
         "any other dtype would make while_loop refuse the body)")
