@@ -27,6 +27,7 @@ from pallas_kernels import (dense_decode_xla, gather_down, gather_up, gather_up_
                             triton_gpu_available)
 from polar_jax.cache import KVCache, LayerKV
 from polar_jax.config import ModelConfig
+from polar_jax.errors import InputError
 from polar_jax.models.layers import F32, MLP, Attention, LayerNorm, RMSNorm, apply_rope, causal_attention, rope_inv_freq
 from polar_jax.selection import AttentionSelection, MLPSelection
 from polar_jax.validate import check_model_input
@@ -85,6 +86,9 @@ class Step:
     # layer then holds some heads and neurons and sums its two partial outputs over the shards
     parallel: Any = None
     gemv_impl: str | None = None  # decode: kernel backend of the small-batch projections (None: XLA's dot)
+    # the blocks' weights stacked along a leading layer axis (`CausalLM.stack_layers`): the layers then run
+    # under one `lax.scan`, so XLA compiles one layer instead of `num_layers` copies
+    stacked: "StackedBlocks | None" = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -244,6 +248,37 @@ class Block(nnx.Module):
         return self.mlp.project_down(act, bias=bias)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StackedBlocks:
+    """Every block's weights with a leading layer axis [L, ...], and the graph one block is rebuilt from."""
+
+    graphdef: Any = dataclasses.field(metadata=dict(static=True))
+    state: Any
+
+    @property
+    def num_layers(self) -> int:
+        return jax.tree.leaves(self.state)[0].shape[0]
+
+
+def scan_blocks(stacked: StackedBlocks, x: jax.Array, cache: KVCache | None,
+                step: Step) -> tuple[jax.Array, list[LayerKV | None]]:
+    """The layer loop as one `lax.scan` over the stacked weights (and the cache's layers, stacked on the
+    way in and split on the way out). Dense layers only: a selector, a sparsifier and `collect` decide per
+    layer at trace time (static k tables, sown values), which a traced layer index cannot."""
+    if step.selector is not None or step.sparsifier is not None or step.collect:
+        raise InputError("stacked (scanned) layers run dense only: no selector, sparsifier or collect")
+    kvs = None if cache is None else LayerKV(jnp.stack(cache.k), jnp.stack(cache.v))
+
+    def body(x: jax.Array, layer: tuple) -> tuple[jax.Array, LayerKV | None]:
+        state, kv = layer
+        return nnx.merge(stacked.graphdef, state)(x, kv, step, -1)
+
+    x, out = jax.lax.scan(body, x, (stacked.state, kvs))
+    n = stacked.num_layers
+    return x, [None] * n if out is None else [LayerKV(out.k[i], out.v[i]) for i in range(n)]
+
+
 class CausalLM(nnx.Module):
     """Common decoder stack. Subclasses provide `embed(tokens, positions)` and `logits(x)`."""
 
@@ -273,8 +308,18 @@ class CausalLM(nnx.Module):
         return Step(mode=mode, positions=positions, inv_freq=self._inv_freq(), window=self.config.sliding_window,
                     scale=self.scale, **kw)
 
+    def stack_layers(self) -> StackedBlocks:
+        """A copy of the blocks' weights stacked along a leading layer axis, for `stacked=` (made once,
+        outside the jit: it holds a second copy of the layer weights)."""
+        graphdef, _ = nnx.split(self.layers[0])
+        states = [nnx.split(block)[1] for block in self.layers]
+        return StackedBlocks(graphdef, jax.tree.map(lambda *w: jnp.stack(w), *states))
+
     def run_layers(self, x: jax.Array, cache: KVCache | None, step: Step) -> tuple[jax.Array, list[LayerKV | None]]:
-        """The layer loop, shared by every mode: threads x and each layer's cache through the blocks."""
+        """The layer loop, shared by every mode: threads x and each layer's cache through the blocks
+        (unrolled, or under `lax.scan` when the step carries stacked weights)."""
+        if step.stacked is not None:
+            return scan_blocks(step.stacked, x, cache, step)
         new = []
         for i, block in enumerate(self.layers):
             x, kv = block(x, cache.layer(i) if cache is not None else None, step, i)
@@ -283,29 +328,35 @@ class CausalLM(nnx.Module):
 
     # ---- full-sequence -------------------------------------------------------------------------------
     def __call__(
-        self, tokens: jax.Array, *, sparsifier: Sparsifier | None = None, collect: bool = False
+        self, tokens: jax.Array, *, sparsifier: Sparsifier | None = None, collect: bool = False,
+        stacked: StackedBlocks | None = None,
     ) -> jax.Array:
-        """Causal logits [B, T, V] for token ids [B, T] (positions 0..T-1, no cache)."""
+        """Causal logits [B, T, V] for token ids [B, T] (positions 0..T-1, no cache). `stacked`
+        (`stack_layers()`): the same layers under one `lax.scan`."""
         check_model_input(self.config, tokens)
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x, _ = self.run_layers(self.embed(tokens, positions), None,
-                               self._step("full", positions, sparsifier=sparsifier, collect=collect))
+                               self._step("full", positions, sparsifier=sparsifier, collect=collect,
+                                          stacked=stacked))
         return self.logits(x)
 
     # ---- prefill -------------------------------------------------------------------------------------
     def prefill(self, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
-                rows: jax.Array | None = None, parallel: Any = None) -> tuple[jax.Array, KVCache]:
+                rows: jax.Array | None = None, parallel: Any = None,
+                stacked: StackedBlocks | None = None) -> tuple[jax.Array, KVCache]:
         """Dense pass over right-padded prompts [b, T] with true `lengths` [b]; writes K/V at positions
         0..T-1 of cache rows `rows` [b] (default: rows 0..b-1, b = the cache's batch; padding slots are
         overwritten by decode before they are ever read). Returns the logits of each prompt's last real
-        token [b, V] and the cache with those rows' lengths set and marked live. `parallel`: see `decode`."""
+        token [b, V] and the cache with those rows' lengths set and marked live. `parallel`, `stacked`: see
+        `decode`."""
         b, t = tokens.shape
         if rows is None and b != cache.batch:
             rows = jnp.arange(b, dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x, layers = self.run_layers(self.embed(tokens, positions), cache,
-                                    self._step("prefill", positions, rows=rows, parallel=parallel))
+                                    self._step("prefill", positions, rows=rows, parallel=parallel,
+                                               stacked=stacked))
         last = jnp.take_along_axis(x, (lengths - 1)[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         lengths = lengths.astype(jnp.int32)
         if rows is None:
@@ -326,6 +377,7 @@ class CausalLM(nnx.Module):
         collect: bool = False,
         gemv_impl: str = "auto",
         parallel: Any = None,
+        stacked: StackedBlocks | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """One new token per row: tokens [B] at positions `cache.lengths`. Returns logits [B, V] and the
         cache with the new K/V written and lengths + 1 on live rows (other rows stay as they are). With a
@@ -337,7 +389,9 @@ class CausalLM(nnx.Module):
         projections of small batches through the Pallas GEMV ("auto": on CUDA GPUs for 16-bit models, where
         `pallas_kernels.prefers_gemv` says it is faster; "xla": never). `parallel` (a
         `polar_jax.tensor_parallel.Parallel`, set inside the tensor-parallel step's shard_map): this call sees
-        one shard's heads, neurons and cache heads, and `selector` returns that shard's selections."""
+        one shard's heads, neurons and cache heads, and `selector` returns that shard's selections.
+        `stacked` (`stack_layers()`): the layers run under one `lax.scan` over those weights (dense only;
+        compile-time and step-time trade-off in docs/ARCHITECTURE.md)."""
         b = tokens.shape[0]
         live = cache.live_rows()
         pos = cache.lengths.astype(jnp.int32)
@@ -347,7 +401,7 @@ class CausalLM(nnx.Module):
             "decode", positions, lengths=jnp.where(live, new_len, 0), live=live, selector=selector,
             dense_attention=AttentionSelection.all_groups(b, cache.k[0].shape[2]),  # this shard's KV groups
             attn_impl=resolve_impl(attn_impl), mlp_impl=resolve_impl(mlp_impl), collect=collect, parallel=parallel,
-            gemv_impl=gemv_backend(gemv_impl, self.dtype),
+            gemv_impl=gemv_backend(gemv_impl, self.dtype), stacked=stacked,
         )
         x, layers = self.run_layers(self.embed(tokens[:, None], positions), cache, step)
         return self.logits(x[:, 0]), cache.with_layers(layers, new_len, cache.live)
