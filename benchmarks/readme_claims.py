@@ -319,6 +319,31 @@ def render(text: str, results: Path = RESULTS) -> str:
     return out
 
 
+# ---- compile time: layers unrolled vs lax.scan; generate vs the decode step (H200) ----------------------
+SCAN = "scan_compile_2026-11-29"
+
+
+@claim("scan-compile")
+def scan_compile(results: Path) -> str:
+    d = load(results, f"{SCAN}.json")
+    meta, s = d["meta"], d["summary"]
+    by = {(p["program"], p["layout"]): p for p in s["programs"]}
+    out = [f"Source: `benchmarks/results/{SCAN}.md` ({meta['device']}, jax {meta['jax_version']}, "
+           f"{meta['date'][:10]}, {meta['shape']}, {meta['processes']} fresh processes, medians).", "",
+           "| program | compile unrolled | compile scanned | run unrolled | run scanned |", "|---|---|---|---|---|"]
+    for prog, what in (("prefill", "prefill, B={batch}, {tokens} tokens"), ("decode", "decode step, B={batch}, "
+                                                                                      "context {context}")):
+        u, c = by[(prog, "unrolled")], by[(prog, "scanned")]
+        out.append(f"| {what.format(**u)} | {u['compile_s']['median']:.1f} s | {c['compile_s']['median']:.1f} s "
+                   f"({c['compile_s']['median'] / u['compile_s']['median']:.2f}x) | {u['run_ms']['median']:.1f} ms | "
+                   f"{c['run_ms']['median']:.1f} ms ({c['run_ms']['median'] / u['run_ms']['median']:.2f}x) |")
+    rates = ", ".join(f"B={g['batch']}: {100 * g['rate_vs_step']['median']:.0f} %" for g in s["generate"])
+    met = all(g["rate_vs_step"]["median"] >= 0.95 for g in s["generate"])
+    out += ["", f"- `generate`'s decoding rate over 1 / (the decode step timed in a device loop): {rates} "
+                f"(goal >= 95 %: {'met' if met else 'missed'})."]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the results give")

@@ -56,7 +56,7 @@ def worker(args: argparse.Namespace) -> dict:
     stacked = model.stack_layers()
     rng = np.random.default_rng(0)
     out = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax_version": jax.__version__,
-           "pid": os.getpid(), "shape": args.shape, "num_layers": cfg.num_layers, "dtype": cfg.dtype, "programs": [], "generate": []}
+           "pid": os.getpid(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "shape": args.shape, "num_layers": cfg.num_layers, "dtype": cfg.dtype, "programs": [], "generate": []}
     print(f"[{os.getpid()}] {out['device']} jax {jax.__version__} {args.shape}", flush=True)
 
     def compile_and_time(name: str, fn, make_args, reps: int, extra: dict) -> None:

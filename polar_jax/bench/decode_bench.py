@@ -239,7 +239,8 @@ def worker(args: argparse.Namespace) -> dict:
     bws = measure_bandwidth(args.bw_bytes)
     policy_table = read_policy(args.policy) if args.policy else None
     out = {"device": getattr(dev, "device_kind", str(dev)), "backend": jax.default_backend(),
-           "jax_version": jax.__version__, "pid": os.getpid(), "bandwidth": bws, "rows": []}
+           "jax_version": jax.__version__, "pid": os.getpid(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "bandwidth": bws, "rows": []}
     print(f"[{os.getpid()}] {out['device']}, jax {jax.__version__}, copy {bws['copy_Bps'] / 1e12:.2f} TB/s, "
           f"read {bws['read_Bps'] / 1e12:.2f} TB/s", flush=True)
     for shape in args.shapes:
