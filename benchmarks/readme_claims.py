@@ -344,6 +344,32 @@ def scan_compile(results: Path) -> str:
     return "\n".join(out)
 
 
+# ---- tensor parallelism: what one GPU could measure (H200) ------------------------------------------------
+TP_ONE_GPU = ("tp_bench_tp1_2026-11-29_ctx1024_4096.json", "tp_bench_tp1_2026-11-29_ctx2048.json")
+TP_MERGE_CHECK = "raw_2026-11-29_h200/call7_compare_tp_merge.jsonl"
+
+
+@claim("tp-one-gpu")
+def tp_one_gpu(results: Path) -> str:
+    runs = [load(results, name) for name in TP_ONE_GPU]
+    rows = sorted((r for d in runs for r in d["rows"]), key=lambda r: (r["batch"], r["context"], r["variant"]))
+    out = [f"Source: `benchmarks/results/{TP_ONE_GPU[0][:-5]}.md` and `{TP_ONE_GPU[1][:-5]}.md` "
+           f"({runs[0]['device']} x {runs[0]['devices']}, jax {runs[0]['jax_version']}, {runs[0]['date']}).", "",
+           "| shape | TP | B | context | variant | step | tokens/s | roofline | speedup | Amdahl bound |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['shape']} | {r['tp']} | {r['batch']} | {r['context']} | {r['variant']} | "
+                   f"{1e3 * r['step_s']:.2f} ms | {r['tokens_per_s']:.0f} | {100 * r['roofline_fraction']:.0f} % | "
+                   f"{r.get('speedup_vs_dense', 1.0):.2f}x | {r.get('amdahl_bound', 1.0):.2f}x |")
+    lines = [json.loads(x) for x in (results / TP_MERGE_CHECK).read_text().splitlines() if x.strip()]
+    ms = {(x["tag"], x["variant"]): x["step_ms"] for x in lines}
+    ratios = ", ".join(f"{v} {ms[('after', v)] / ms[('before', v)]:.3f}x" for v in ("dense", "heads"))
+    out += ["", f"- The single-device step after the tensor-parallel restructure, same device call as the code "
+                f"before it (LLaMA-2-7B shape, B={lines[0]['batch']}, context {lines[0]['context']}): {ratios} "
+                f"the old step time."]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the results give")

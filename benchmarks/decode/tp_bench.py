@@ -50,15 +50,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from polar_jax import tensor_parallel as tp
 from polar_jax.bench.decode_bench import measure_bandwidth, step_bytes
 from polar_jax.bench.shapes import _OPT
-from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
+from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle
 from polar_jax.cache import KVCache
 from polar_jax.config import ModelConfig, RopeConfig
 from polar_jax.distributed import add_distributed_args, config_from_args, initialize
-from polar_jax.models import abstract_model, build_model
+from polar_jax.models import abstract_model
 from polar_jax.routers.config import units_kept
 from polar_jax.routers.sparsify import router_selector
 from polar_jax.selection import shard_budget
-from polar_jax.sharding import TENSOR, cache_specs, is_parallel, make_mesh, rows_spec, state_specs
+from polar_jax.sharding import TENSOR, cache_specs, is_parallel, make_mesh, param_spec, rows_spec, state_specs
 
 # the issue's shapes (public configs), and tiny ones that split over 4 CPU devices
 SHAPE_ARGS: dict[str, dict[str, Any]] = {
@@ -101,19 +101,62 @@ def shape_config(name: str) -> ModelConfig:
 
 
 # ---- building on the mesh ----------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "kind", "sharding"))
+def _random_tensor(key, shape: tuple, dtype, kind: str, sharding):
+    if kind == "ones":
+        x = jnp.ones(shape, dtype)
+    elif kind == "zeros":
+        x = jnp.zeros(shape, dtype)
+    else:
+        x = (jax.random.normal(key, shape, jnp.float32) * (1.0 / np.sqrt(shape[0]))).astype(dtype)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _kind(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if "norm" in name and leaf in ("weight", "scale"):
+        return "ones"
+    return "zeros" if "bias" in leaf else "normal"
+
+
 def sharded_model_state(cfg, dtype, mesh):
-    """(graphdef, state) with random weights created on their shards (no device holds a whole tensor)."""
+    """(graphdef, state) with random weights created on their shards (no device holds a whole tensor).
+
+    One small jitted program per tensor (shared by tensors of one shape), with the key an argument: the
+    whole model's initialisation in one program, keyed by a constant, took minutes to compile on the GPU
+    for the 13B shape (the first device run of this script timed out in it)."""
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(abstract))
-    state = jax.jit(lambda: nnx.split(build_model(cfg, dtype))[1], out_shardings=shardings)()
-    return graphdef, state
+    flat = []
+    key = jax.random.key(0)
+    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
+        name = ".".join(str(p) for p in path)
+        shape = tuple(var.get_value().shape)
+        value = _random_tensor(jax.random.fold_in(key, i), shape, jnp.dtype(var.get_value().dtype), _kind(name),
+                               NamedSharding(mesh, param_spec(name, len(shape))))
+        var.set_value(value)
+        flat.append((path, var))
+    return graphdef, nnx.from_flat_state(flat)
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "sharding"))
+def _random_kv(key, shape: tuple, dtype, sharding):
+    return jax.lax.with_sharding_constraint(jax.random.normal(key, shape, dtype), sharding)
 
 
 def sharded_cache(cfg, batch: int, capacity: int, context: int, dtype, mesh):
-    """Random keys/values of `context` positions for every row, created on their shards."""
+    """Random keys/values (every row live, `context` positions written), each layer's arrays created on
+    their shards by one small program keyed by an argument (see `sharded_model_state`)."""
     like = jax.eval_shape(lambda: KVCache.create(cfg, batch, capacity, jnp.dtype(dtype)))
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), cache_specs(like))
-    return jax.jit(lambda: random_cache(cfg, batch, capacity, context, dtype), out_shardings=shardings)()
+    specs = cache_specs(like)
+    key = jax.random.key(1)
+    shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    ks = tuple(_random_kv(jax.random.fold_in(key, 2 * i), shape, jnp.dtype(dtype), NamedSharding(mesh, specs.k[i]))
+               for i in range(cfg.num_layers))
+    vs = tuple(_random_kv(jax.random.fold_in(key, 2 * i + 1), shape, jnp.dtype(dtype),
+                          NamedSharding(mesh, specs.v[i])) for i in range(cfg.num_layers))
+    rows = NamedSharding(mesh, specs.lengths)
+    return KVCache(ks, vs, jax.device_put(jnp.full((batch,), context, jnp.int32), rows),
+                   jax.device_put(jnp.ones((batch,), bool), NamedSharding(mesh, specs.live)))
 
 
 def selectors(cfg, batch: int, density: float, tensor: int, rank: int, dtype) -> dict[str, Any]:
