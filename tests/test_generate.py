@@ -165,7 +165,8 @@ def test_several_eos_ids_stop_the_loop_once_all_rows_are_done(default, free_run)
 def test_stream_matches_generate(default):
     model, tok = default
     prompts = [tok.encode("KING RICHARD :"), tok.encode("The album")]
-    for kw in (dict(), dict(temperature=0.9, top_p=0.9, seed=3)):
+    # the last case leaves the seed to each function's default: they must be the same
+    for kw in (dict(), dict(temperature=0.9, top_p=0.9, seed=3), dict(temperature=0.9)):
         full = polar_jax.generate(model, prompts, 8, eos_token_id=(), **kw)
         steps = list(polar_jax.generate_stream(model, prompts, 8, eos_token_id=(), **kw))
         np.testing.assert_array_equal(np.stack(steps, axis=1), full)
@@ -275,3 +276,34 @@ def test_cli_sparse_generation(default):
     assert tok.decode(sparse) in ok.stdout and tok.decode(dense) not in ok.stdout
     bad = run("generate", "hello", "--sparsity", "/nonexistent/bundle")
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_token_loop_parallel_path_and_dead_rows(default, free_run):
+    """The token loop as the tensor-parallel step runs it (a `Parallel` of one shard, so no collective
+    needs a mesh) equals the plain loop; a row marked dead (padding of the batch) emits only padding, and a
+    row whose first token is EOS is done at once."""
+    from polar_jax.decode import _eos_ids, _token_loop
+    from polar_jax.tensor_parallel import Parallel
+
+    model, _ = default
+    prompts, free = free_run
+    pad = model.config.pad_id
+    n, b = 6, len(prompts)
+    t = max(len(p) for p in prompts)
+    tokens = jnp.asarray([p + [pad] * (t - len(p)) for p in prompts], jnp.int32)
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    eos = _eos_ids(model, int(free[0, 0]))  # row 0 ends at its first token
+
+    def run(parallel=None, dead=None):
+        cache = KVCache.create(model.config, b, t + n + 8, model.dtype)
+        return np.asarray(_token_loop(model, tokens, lengths, jax.random.key(0), jnp.float32(0.0), jnp.float32(1.0),
+                                      jnp.asarray(eos), pad, None, cache, max_new_tokens=n, greedy=True,
+                                      attn_impl="xla", mlp_impl="xla", parallel=parallel, dead=dead))
+
+    plain = run()
+    np.testing.assert_array_equal(plain, with_eos(free[:, :n], {int(free[0, 0])}, pad))
+    assert (plain[0, 1:] == pad).all() and (plain[1:, 1:] != pad).any()
+    dead = jnp.asarray([False] * (b - 1) + [True])
+    got = run(Parallel(tensor=1, data=1), dead)
+    np.testing.assert_array_equal(got[: b - 1], plain[: b - 1])
+    assert (got[b - 1, 1:] == pad).all(), "a dead row decoded"
