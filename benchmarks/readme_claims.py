@@ -370,6 +370,22 @@ def tp_one_gpu(results: Path) -> str:
     return "\n".join(out)
 
 
+# ---- SmolLM2 dense perplexity on the whole WikiText-2 test file vs HF (CPU) -----------------------------
+@claim("smollm2-full-ppl")
+def smollm2_full_ppl(results: Path) -> str:
+    d = load(results, "ppl_smollm2_full.json")
+    ours, hf = d["polar_jax"], d["hf_same_windows"]
+    if d["partial"] or hf is None or hf["n_windows"] != ours["n_windows"]:
+        raise ValueError("ppl_smollm2_full.json is partial or lacks HF's windows: finish both runs first")
+    ratio = ours["ppl"] / hf["ppl"]
+    met = abs(ratio - 1.0) <= 0.005
+    return (f"Whole WikiText-2 test file, standard protocol ({ours['n_windows']} windows of {d['seq_len']}, stride "
+            f"{d['stride']}, {ours['n_predictions']} predictions; `benchmarks/results/ppl_smollm2_full.json`, "
+            f"{d['env']['device']}, jax {d['env']['jax']}, {d['env']['date']}): dense perplexity {ours['ppl']:.4f}, "
+            f"HF transformers {hf['ppl']:.4f} on the same windows, ratio {ratio:.6f} "
+            f"(goal within 0.5 %: {'met' if met else 'missed'}).")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the results give")
