@@ -92,3 +92,13 @@ def test_recorded_test_commands_are_the_modules_commands():
     by_name = {m.name: m.tests for m in mutation_run.MODULES}
     for name, entry in recorded.items():
         assert entry["tests"] == by_name[name], name
+
+
+def test_named_mutations_apply_to_the_current_code():
+    """Each hand-written bug's text occurs exactly once where it is applied: an edit that moves or rewrites
+    the line would otherwise leave the mutation unapplicable (named.py refuses it) and unnoticed until run."""
+    import named  # tests/mutation/named.py
+
+    for m in named.MUTATIONS:
+        assert (REPO / m.path).read_text().count(m.old) == 1, (m.id, m.path, m.old)
+        assert m.new != m.old and m.tests and m.why, m.id
