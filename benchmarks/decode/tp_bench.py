@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import platform
@@ -44,21 +43,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from polar_jax import tensor_parallel as tp
 from polar_jax.bench.decode_bench import measure_bandwidth, step_bytes
 from polar_jax.bench.shapes import _OPT
+from polar_jax.bench.sharded import sharded_cache, sharded_model_state, steps_on_mesh
 from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle
-from polar_jax.cache import KVCache
 from polar_jax.config import ModelConfig, RopeConfig
 from polar_jax.distributed import add_distributed_args, config_from_args, initialize
-from polar_jax.models import abstract_model
 from polar_jax.routers.config import units_kept
 from polar_jax.routers.sparsify import router_selector
 from polar_jax.selection import shard_budget
-from polar_jax.sharding import TENSOR, cache_specs, is_parallel, make_mesh, param_spec, rows_spec, state_specs
+from polar_jax.sharding import TENSOR, make_mesh
 
 # the issue's shapes (public configs), and tiny ones that split over 4 CPU devices
 SHAPE_ARGS: dict[str, dict[str, Any]] = {
@@ -101,64 +98,6 @@ def shape_config(name: str) -> ModelConfig:
 
 
 # ---- building on the mesh ----------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "kind", "sharding"))
-def _random_tensor(key, shape: tuple, dtype, kind: str, sharding):
-    if kind == "ones":
-        x = jnp.ones(shape, dtype)
-    elif kind == "zeros":
-        x = jnp.zeros(shape, dtype)
-    else:
-        x = (jax.random.normal(key, shape, jnp.float32) * (1.0 / np.sqrt(shape[0]))).astype(dtype)
-    return jax.lax.with_sharding_constraint(x, sharding)
-
-
-def _kind(name: str) -> str:
-    leaf = name.rsplit(".", 1)[-1]
-    if "norm" in name and leaf in ("weight", "scale"):
-        return "ones"
-    return "zeros" if "bias" in leaf else "normal"
-
-
-def sharded_model_state(cfg, dtype, mesh):
-    """(graphdef, state) with random weights created on their shards (no device holds a whole tensor).
-
-    One small jitted program per tensor (shared by tensors of one shape), with the key an argument: the
-    whole model's initialisation in one program, keyed by a constant, took minutes to compile on the GPU
-    for the 13B shape (the first device run of this script timed out in it)."""
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
-    flat = []
-    key = jax.random.key(0)
-    for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
-        name = ".".join(str(p) for p in path)
-        shape = tuple(var.get_value().shape)
-        value = _random_tensor(jax.random.fold_in(key, i), shape, jnp.dtype(var.get_value().dtype), _kind(name),
-                               NamedSharding(mesh, param_spec(name, len(shape))))
-        var.set_value(value)
-        flat.append((path, var))
-    return graphdef, nnx.from_flat_state(flat)
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "sharding"))
-def _random_kv(key, shape: tuple, dtype, sharding):
-    return jax.lax.with_sharding_constraint(jax.random.normal(key, shape, dtype), sharding)
-
-
-def sharded_cache(cfg, batch: int, capacity: int, context: int, dtype, mesh):
-    """Random keys/values (every row live, `context` positions written), each layer's arrays created on
-    their shards by one small program keyed by an argument (see `sharded_model_state`)."""
-    like = jax.eval_shape(lambda: KVCache.create(cfg, batch, capacity, jnp.dtype(dtype)))
-    specs = cache_specs(like)
-    key = jax.random.key(1)
-    shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-    ks = tuple(_random_kv(jax.random.fold_in(key, 2 * i), shape, jnp.dtype(dtype), NamedSharding(mesh, specs.k[i]))
-               for i in range(cfg.num_layers))
-    vs = tuple(_random_kv(jax.random.fold_in(key, 2 * i + 1), shape, jnp.dtype(dtype),
-                          NamedSharding(mesh, specs.v[i])) for i in range(cfg.num_layers))
-    rows = NamedSharding(mesh, specs.lengths)
-    return KVCache(ks, vs, jax.device_put(jnp.full((batch,), context, jnp.int32), rows),
-                   jax.device_put(jnp.ones((batch,), bool), NamedSharding(mesh, specs.live)))
-
-
 def selectors(cfg, batch: int, density: float, tensor: int, rank: int, dtype) -> dict[str, Any]:
     """Global and balanced top-k router selectors with random routers; ReLU models also select the MLP
     union, calibrated for the paper's union density at this batch size."""
@@ -169,32 +108,6 @@ def selectors(cfg, batch: int, density: float, tensor: int, rank: int, dtype) ->
     kw = dict(attn_density=density, mlp_recall=0.99 if cfg.relu_mlp else None, mlp=cfg.relu_mlp, dtype=dtype)
     return {"sparse-global": router_selector(bundle, **kw),
             "sparse-balanced": router_selector(bundle, **kw, balance=tensor)}
-
-
-# ---- timed programs ----------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mesh"), donate_argnames=("cache",))
-def tp_steps(graphdef, state, cache, tokens, selector, steps: int, mesh):
-    """`steps` decode steps in one executable: under shard_map on `mesh` (the layer code with its two
-    psums per layer), or the plain step on one device."""
-    def loop(state, cache, tokens, selector, parallel=None):
-        model = nnx.merge(graphdef, state)
-        if parallel is not None:
-            selector = tp.for_shard(selector, mesh, model.config)
-
-        def body(_, carry):
-            cache, _ = carry
-            logits, cache = model.decode(tokens, cache, selector, parallel=parallel)
-            return cache, logits.astype(jnp.float32)
-
-        logits0 = jnp.zeros((tokens.shape[0], model.config.vocab_size), jnp.float32)
-        cache, logits = jax.lax.fori_loop(0, steps, body, (cache, logits0))
-        return logits, cache
-
-    if not is_parallel(mesh):
-        return loop(state, cache, tokens, selector)
-    return tp.on_mesh(lambda *a: loop(*a, parallel=tp.parallel_of(mesh)), mesh,
-                      (state_specs(state), cache_specs(cache), rows_spec(1), tp.selector_specs(selector)),
-                      (rows_spec(2), cache_specs(cache)))(state, cache, tokens, selector)
 
 
 def _chain(mesh, n: int, reduce: bool):
@@ -255,14 +168,14 @@ def bench_point(cfg, shape: str, tensor: int, batch: int, context: int, args, ba
     for name in args.variants:
         sel = sels[name]
         t0 = time.perf_counter()
-        logits, cache = tp_steps(graphdef, state, reset(cache), tokens, sel, args.steps, mesh)
+        logits, cache = steps_on_mesh(graphdef, state, reset(cache), tokens, sel, args.steps, mesh)
         logits = np.asarray(logits[:, :64], np.float32)
         compile_s = time.perf_counter() - t0
         times = []
         for _ in range(args.repeats):
             c = reset(cache)
             t = time.perf_counter()
-            out, cache = tp_steps(graphdef, state, c, tokens, sel, args.steps, mesh)
+            out, cache = steps_on_mesh(graphdef, state, c, tokens, sel, args.steps, mesh)
             out.block_until_ready()
             times.append((time.perf_counter() - t) / args.steps)
         step = statistics.median(times)

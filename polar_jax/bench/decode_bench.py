@@ -44,6 +44,7 @@ from flax import nnx
 from polar_jax.bench import breakdown as bd
 from polar_jax.bench.report import print_table, write_report
 from polar_jax.bench.shapes import LARGE, SHAPES
+from polar_jax.bench.sharded import sharded_cache, sharded_model_state, steps_on_mesh
 from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
 from polar_jax.config import ModelConfig
 from polar_jax.cli_common import DefaultsFormatter, Parser
@@ -53,9 +54,12 @@ from polar_jax.models import build_model
 from polar_jax.models.collect import capture_intermediates
 from polar_jax.policy import PARTS, choose_variant, model_class
 from polar_jax.routers.sparsify import router_selector
+from polar_jax.sharding import check_mesh, is_parallel, make_mesh, mesh_shape
+from polar_jax.tensor_parallel import DEFAULT_HEAD_TOPK, HEAD_TOPK
 from polar_jax.validate import arg_type
 
 VARIANTS = ("dense", "heads", "mlp", "both", "auto", "dense-xla")
+MESH_VARIANTS = ("dense", "heads", "mlp", "both")  # with --tensor/--data (no policy table, no GEMV switch)
 # "dense-xla": the dense step with every projection through XLA's dot (no Pallas GEMV at small batch),
 # to measure what the GEMV buys in the same process.
 GEMV_OFF = {"dense-xla": "dense"}
@@ -81,7 +85,7 @@ def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int, attn_f
 
 # ---- timing -------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "gemv_impl"), donate_argnames=("cache",))
-def run_steps(graphdef, state, cache, tokens, selector, steps: int, gemv_impl: str = "auto"):
+def run_steps_on_device(graphdef, state, cache, tokens, selector, steps: int, gemv_impl: str = "auto"):
     """`steps` decode steps in one executable (a device loop, as in `generate`)."""
     model = nnx.merge(graphdef, state)
 
@@ -134,7 +138,7 @@ class Variant:
 
 
 def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int, bundle, attn_density: float,
-                   dtype, policy_table: dict | None) -> list[Variant]:
+                   dtype, policy_table: dict | None, balance: int = 1) -> list[Variant]:
     out = []
     for name in names:
         chose = GEMV_OFF.get(name, name)
@@ -146,23 +150,38 @@ def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int,
         sel = None
         if attn or mlp:
             sel = router_selector(bundle, attn_density=attn_density, mlp_recall=0.99 if mlp else None, attn=attn,
-                                  mlp=mlp, dtype=dtype)
+                                  mlp=mlp, dtype=dtype, balance=balance)
         out.append(Variant(name, sel, chose, gemv_impl="xla" if name in GEMV_OFF else "auto"))
     return out
 
 
-def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argparse.Namespace, bundle,
-                policy_table: dict | None) -> list[dict]:
-    graphdef, state = nnx.split(model)
-    dtype = model.dtype
-    cache = random_cache(cfg, batch, context + args.steps + 8, context, dtype)
-    tokens = jnp.asarray(np.random.default_rng(batch).integers(0, cfg.vocab_size, batch), jnp.int32)
+def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, args: argparse.Namespace, bundle,
+                policy_table: dict | None, mesh: Any = None) -> list[dict]:
+    """Every variant at one (batch, context): compiled, then timed interleaved. With a tensor-parallel
+    `mesh` the state is already on its shards, the cache is made on them and the steps run under shard_map."""
+    dtype = jax.tree.leaves(state)[0].dtype
     density = args.mlp_density if args.mlp_density is not None else paper_union(batch)
-    if cfg.relu_mlp:  # thresholds from this step's own router inputs
-        _, cache, inter = probe_step(graphdef, state, cache, tokens, None)
-        cache = _reset(cache, context)
-        bundle = calibrate_union(bundle, np.asarray(inter["router_input"][:, :, 0], np.float32), batch, density)
-    variants = build_variants(cfg, args.variants, batch, context, bundle, args.attn_density, dtype, policy_table)
+    tokens = jnp.asarray(np.random.default_rng(batch).integers(0, cfg.vocab_size, batch), jnp.int32)
+    if is_parallel(mesh):
+        cache = sharded_cache(cfg, batch, context + args.steps + 8, context, dtype, mesh)
+
+        def run_steps(graphdef, state, cache, tokens, selector, steps, gemv_impl):  # noqa: F811 (this point's)
+            return steps_on_mesh(graphdef, state, cache, tokens, selector, steps, mesh)
+
+        if cfg.relu_mlp:  # no probe step under shard_map: thresholds for Gaussian router inputs (LayerNorm'd)
+            x = np.asarray(jax.random.normal(jax.random.key(5), (cfg.num_layers, batch, cfg.hidden_size)), np.float32)
+            bundle = calibrate_union(bundle, x, batch, density)
+        balance = mesh_shape(mesh)[1] if args.head_topk == "balanced" else 1
+    else:
+        run_steps = run_steps_on_device
+        cache = random_cache(cfg, batch, context + args.steps + 8, context, dtype)
+        if cfg.relu_mlp:  # thresholds from this step's own router inputs
+            _, cache, inter = probe_step(graphdef, state, cache, tokens, None)
+            cache = _reset(cache, context)
+            bundle = calibrate_union(bundle, np.asarray(inter["router_input"][:, :, 0], np.float32), batch, density)
+        balance = 1
+    variants = build_variants(cfg, args.variants, batch, context, bundle, args.attn_density, dtype, policy_table,
+                              balance)
     compile_s, failed = {}, []
     for v in variants:
         t0 = time.perf_counter()
@@ -196,7 +215,7 @@ def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argpars
             v.times.append((time.perf_counter() - t) / args.steps)
     if args.breakdown:
         for v in variants:
-            hlo = run_steps.lower(graphdef, state, cache, tokens, v.selector, args.steps, v.gemv_impl).compile().as_text()
+            hlo = run_steps_on_device.lower(graphdef, state, cache, tokens, v.selector, args.steps, v.gemv_impl).compile().as_text()
             scopes = bd.hlo_scopes(hlo)
             if args.save_hlo is not None:
                 args.save_hlo.mkdir(parents=True, exist_ok=True)
@@ -210,7 +229,9 @@ def bench_point(model, cfg: ModelConfig, batch: int, context: int, args: argpars
     rows = []
     dense = next((v for v in variants if v.name == "dense"), None)
     for v in variants:
-        row = {"batch": batch, "context": context, "variant": v.name, "runs": v.chose,
+        data, tensor = mesh_shape(mesh) if is_parallel(mesh) else (1, 1)
+        row = {"batch": batch, "context": context, "variant": v.name, "runs": v.chose, "tensor": tensor, "data": data,
+               "kv_shard": list(cache.k[0].addressable_shards[0].data.shape),  # one device's part of a layer's K
                "step_s": statistics.median(v.times), "step_s_all": v.times, "compile_s": compile_s[v.name],
                "mlp_target_density": density if cfg.relu_mlp else None, "attn_density": args.attn_density,
                "sizes": v.sizes, "breakdown_ms": v.breakdown}
@@ -243,24 +264,32 @@ def worker(args: argparse.Namespace) -> dict:
            "bandwidth": bws, "rows": []}
     print(f"[{os.getpid()}] {out['device']}, jax {jax.__version__}, copy {bws['copy_Bps'] / 1e12:.2f} TB/s, "
           f"read {bws['read_Bps'] / 1e12:.2f} TB/s", flush=True)
+    mesh = make_mesh(tensor=args.tensor, data=args.data or 1) if args.tensor or args.data else None
+    if mesh is not None:
+        out["mesh"] = dict(zip(("data", "tensor"), mesh_shape(mesh)))
     for shape in args.shapes:
         cfg = SHAPES[shape]
         dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-        model = build_model(cfg, dtype=dtype)
+        if is_parallel(mesh):  # made on its shards: no device holds a whole tensor
+            check_mesh(cfg, mesh)
+            graphdef, state = sharded_model_state(cfg, dtype, mesh)
+        else:
+            graphdef, state = nnx.split(build_model(cfg, dtype=dtype))
         bundle = random_bundle(cfg, args.rank, dtype)
         for context in args.contexts:
             for batch in args.batches:
                 need = step_bytes(cfg, batch, context + args.steps + 8, jnp.dtype(dtype).itemsize)
-                if need["attn_proj"] + need["mlp"] + need["kv"] + need["other"] > MEMORY_LIMIT:
+                shards = mesh_shape(mesh)[1] if is_parallel(mesh) else 1
+                if (need["attn_proj"] + need["mlp"] + need["kv"] + need["other"]) / shards > MEMORY_LIMIT:
                     print(f"  {shape} B={batch} L={context}: skipped (does not fit one GPU)", flush=True)
                     continue
-                for r in bench_point(model, cfg, batch, context, args, bundle, policy_table):
+                for r in bench_point(graphdef, state, cfg, batch, context, args, bundle, policy_table, mesh):
                     r["shape"] = shape
                     r["model_class"] = model_class(cfg)
                     out["rows"].append(r)
                     print(f"  {shape:12s} B={batch:4d} L={context:5d} {r['variant']:6s}({r['runs']:5s}) "
                           f"{1e3 * r['step_s']:8.3f} ms", flush=True)
-        del model
+        del graphdef, state
     return out
 
 
@@ -276,7 +305,10 @@ def _worker_argv(args: argparse.Namespace, json_out: str) -> list[str]:
         argv += ["--policy", args.policy]
     if args.sizes:
         argv.append("--sizes")
-    return argv
+    for flag in ("tensor", "data"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", str(getattr(args, flag))]
+    return argv + ["--head-topk", args.head_topk]
 
 
 def run_processes(args: argparse.Namespace) -> list[dict]:
@@ -301,6 +333,7 @@ def merge(workers: list[dict], args: argparse.Namespace) -> dict:
     first = workers[0]
     bw = max(max(w["bandwidth"].values()) for w in workers)
     merged = {"device": first["device"], "jax_version": first["jax_version"], "backend": first["backend"],
+              "mesh": first.get("mesh"),
               "date": datetime.date.today().isoformat(), "host": platform.node(),
               "command": "polar-jax bench decode " + " ".join(args.argv), "processes": len(workers),
               "bandwidth_Bps": bw, "bandwidths": [w["bandwidth"] for w in workers], "rows": []}
@@ -322,8 +355,12 @@ def merge(workers: list[dict], args: argparse.Namespace) -> dict:
         if sel != "dense":
             router = _router_bytes(cfg, args.rank, PARTS[sel], item)
         b = step_bytes(cfg, batch, context, item, attn, mlp, router)
+        # on a mesh: each "data" replica reads every weight once, the KV cache is read once in all, and
+        # the step has the bandwidth of every device
+        data, tensor = row.get("data", 1), row.get("tensor", 1)
+        read = b["total"] + (data - 1) * (b["total"] - b["kv"])
         row.update(attn_fraction=attn, mlp_fraction=mlp, bytes=b, tokens_per_s=batch / row["step_s"],
-                   roofline_fraction=b["total"] / bw / row["step_s"])
+                   roofline_fraction=read / (bw * data * tensor) / row["step_s"])
         merged["rows"].append(row)
     by_point = {}
     for r in merged["rows"]:
@@ -460,6 +497,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bw-bytes", type=arg_type("bw_bytes"), default=None,
                    help=f"bytes of the bandwidth probe (default: {d['bw_bytes']}; with --tiny: {TINY['bw_bytes']})")
     p.add_argument("--out", type=Path, default=None, help="folder for JSON / markdown / PNG results")
+    t = p.add_argument_group("tensor parallelism (a ('data', 'tensor') mesh over this host's devices)")
+    t.add_argument("--tensor", type=arg_type("tensor"), default=None,
+                   help="tensor-parallel degree: weights, KV cache and selections split over this many devices")
+    t.add_argument("--data", type=arg_type("data"), default=None, help="data-parallel degree: the batch split")
+    t.add_argument("--head-topk", choices=HEAD_TOPK, default=DEFAULT_HEAD_TOPK,
+                   help="sparse heads on a mesh: k best overall (global) or ceil(k/n) per shard (balanced)")
     p.add_argument("--tiny", action="store_true",
                    help="tiny shapes and sizes for the flags not given: checks the code path on CPU")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -470,6 +513,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in (TINY if args.tiny else DEFAULTS).items():
         if getattr(args, name) is None:  # a flag given explicitly is never overridden
             setattr(args, name, value)
+    if args.tensor or args.data:
+        if "--variants" not in args.argv:
+            args.variants = list(MESH_VARIANTS)
+        bad = [v for v in args.variants if v not in MESH_VARIANTS]
+        if bad:
+            raise InputError(f"variants {bad} do not run on a mesh (--tensor/--data): choose from {list(MESH_VARIANTS)}")
+        odd = [b for b in args.batches if b % (args.data or 1)]
+        if odd:
+            raise InputError(f"batch sizes {odd} do not split over --data {args.data}: give multiples of it")
+        for flag in ("breakdown", "sizes", "write_policy", "save_hlo"):
+            if getattr(args, flag):
+                raise InputError(f"--{flag.replace('_', '-')} is single-device only; leave out --tensor/--data")
     # files read and written are checked before any measuring
     if args.policy is not None:
         read_policy(args.policy)

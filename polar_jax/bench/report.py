@@ -82,9 +82,15 @@ def goal_lines(merged: dict) -> list[str]:
     return out
 
 
+def _mesh_words(merged: dict) -> str:
+    """", tensor-parallel mesh data=D x tensor=T" for a run on a mesh (roofline = the devices' bandwidth)."""
+    mesh = merged.get("mesh")
+    return "" if not mesh else f", mesh data={mesh['data']} x tensor={mesh['tensor']}"
+
+
 def print_table(merged: dict) -> None:
-    print(f"\n{merged['device']}, jax {merged['jax_version']}, up to {merged['processes']} process(es), "
-          f"bandwidth {merged['bandwidth_Bps'] / 1e12:.2f} TB/s")
+    print(f"\n{merged['device']}{_mesh_words(merged)}, jax {merged['jax_version']}, up to {merged['processes']} "
+          f"process(es), bandwidth {merged['bandwidth_Bps'] / 1e12:.2f} TB/s per device")
     for line in table_lines(merged) + [""] + breakdown_lines(merged) + [""] + goal_lines(merged):
         print(line)
 
@@ -93,7 +99,7 @@ def write_report(merged: dict, out: Path, stem: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or f"decode_sparse_{merged['date']}"
     (out / f"{stem}.json").write_text(json.dumps(merged, indent=1))
-    lines = [f"# End-to-end decode step: sparse vs our dense ({merged['device']})", "",
+    lines = [f"# End-to-end decode step: sparse vs our dense ({merged['device']}{_mesh_words(merged)})", "",
              f"jax {merged['jax_version']}, {merged['date']}, fresh processes per point as listed "
              f"(median; spread = min–max of the per-process medians). Measured bandwidth "
              f"{merged['bandwidth_Bps'] / 1e12:.2f} TB/s (the higher of copy and read; roofline = bytes / it).",

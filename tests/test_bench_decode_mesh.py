@@ -1,0 +1,48 @@
+"""`polar-jax bench decode --tensor/--data` (issue 15): the benchmark's decode steps on a ("data", "tensor")
+mesh of 4 fake CPU devices (a subprocess, so the suite keeps one device), and its refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from cli_helpers import assert_refused
+from test_tensor_parallel import fake_devices_env
+
+
+def test_bench_decode_runs_on_a_mesh(tmp_path):
+    cmd = [sys.executable, "-m", "polar_jax.cli", "bench", "decode", "--tiny", "--tensor", "2", "--data", "2",
+           "--batches", "4", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, env=fake_devices_env(4), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    assert "mesh data=2 x tensor=2" in res.stdout
+    (report,) = tmp_path.glob("decode_sparse_*.json")
+    merged = json.loads(report.read_text())
+    assert merged["mesh"] == {"data": 2, "tensor": 2}
+    got = {(r["shape"], r["variant"]) for r in merged["rows"]}
+    # every variant that runs on a mesh, MLP ones for the ReLU model only; no policy or GEMV variants
+    assert got == {("tiny-opt", v) for v in ("dense", "heads", "mlp", "both")} | {("tiny-llama", v) for v in ("dense", "heads")}
+    for r in merged["rows"]:
+        assert (r["tensor"], r["data"], r["batch"]) == (2, 2, 4)
+        hkv = {"tiny-opt": 4, "tiny-llama": 2}[r["shape"]]
+        assert r["kv_shard"][0] == 2 and r["kv_shard"][2] == hkv // 2  # the stepped cache: rows over data, KV heads over tensor
+        assert r["step_s"] > 0 and 0 < r["roofline_fraction"] < 1
+        if r["variant"] != "dense":
+            assert math.isfinite(r["logits_rel_diff_vs_dense"]) and r["logits_rel_diff_vs_dense"] > 0  # really sparse
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--tensor", "2", "--variants", "dense", "auto"], "do not run on a mesh"),
+    (["--data", "2", "--variants", "dense-xla"], "do not run on a mesh"),
+    (["--tensor", "2", "--breakdown"], "single-device only"),
+    (["--tensor", "2", "--sizes"], "single-device only"),
+    (["--data", "2", "--batches", "4", "3"], "do not split over --data 2"),
+    (["--tensor", "0"], "--tensor"),
+    (["--head-topk", "best"], "--head-topk"),
+])
+def test_bench_decode_mesh_flags_are_checked(capsys, flags, words):
+    assert_refused(capsys, ["bench", "decode", "--tiny", *flags], words)
