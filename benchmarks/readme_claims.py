@@ -386,6 +386,20 @@ def smollm2_full_ppl(results: Path) -> str:
             f"(goal within 0.5 %: {'met' if met else 'missed'}).")
 
 
+# ---- balanced vs global top-k heads under tensor parallelism (CPU) ----------------------------------------
+@claim("tp-balance")
+def tp_balance(results: Path) -> str:
+    d = load(results, "tp_balance.json")
+    dec = d["decision"]
+    means = [imb["global"][b]["mean"] for m in d["models"] for imb in m["imbalance"].values() for b in ("8", "32")]
+    return (f"Sparse heads under TP: `head_topk=\"balanced\"` (the default, chosen from the data) keeps ceil(k/n) "
+            f"units on each of the n shards; `\"global\"` keeps each sequence's k best overall, which loads the "
+            f"slowest shard {span(means, '{:.2f}', 'x')} the mean shard at B = 8 and 32 (mean "
+            f"{dec['mean_global_imbalance_B8_B32']:.2f}x), while balanced costs at most "
+            f"{100 * dec['worst_balanced_ppl_cost']:.1f} % perplexity at equal units ({dec['worst_at']}; "
+            f"`benchmarks/results/tp_balance.md`, {d['device']}, jax {d['jax']}, {d['date']}).")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the results give")
