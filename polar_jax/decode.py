@@ -48,12 +48,8 @@ def prefill(graphdef, state, tokens: jax.Array, lengths: jax.Array, cache: KVCac
     def run(state, tokens, lengths, cache, parallel=None):
         return nnx.merge(graphdef, state).prefill(tokens, lengths, cache, parallel=parallel)
 
-    if not is_parallel(mesh):
-        return run(state, tokens, lengths, cache)
-    sharded = tp.on_mesh(lambda *a: run(*a, parallel=tp.parallel_of(mesh)), mesh,
-                         (state_specs(state), rows_spec(2), rows_spec(1), cache_specs(cache)),
-                         (rows_spec(2), cache_specs(cache)))
-    return sharded(state, tokens, lengths, cache)
+    return tp.per_shard(run, mesh, (state, tokens, lengths, cache), lambda state, tokens, lengths, cache: (
+        (state_specs(state), rows_spec(2), rows_spec(1), cache_specs(cache)), (rows_spec(2), cache_specs(cache))))
 
 
 @functools.partial(
@@ -85,12 +81,13 @@ def decode_step(
         return model.decode(tokens, cache, selector=selector, attn_impl=attn_impl, mlp_impl=mlp_impl,
                             gemv_impl=gemv_impl, parallel=parallel)
 
-    if not is_parallel(mesh):
-        return run(state, cache, tokens, selector)
-    sharded = tp.on_mesh(lambda *a: run(*a, parallel=tp.parallel_of(mesh)), mesh,
-                         (state_specs(state), cache_specs(cache), rows_spec(1), tp.selector_specs(selector)),
-                         (rows_spec(2), cache_specs(cache)))
-    return sharded(state, cache, tokens, selector)
+    return tp.per_shard(run, mesh, (state, cache, tokens, selector), step_specs)
+
+
+def step_specs(state, cache: KVCache, tokens, selector) -> tuple[tuple, tuple]:
+    """(in, out) PartitionSpecs of a decode step's (state, cache, tokens, selector) -> (logits, cache)."""
+    return ((state_specs(state), cache_specs(cache), rows_spec(1), tp.selector_specs(selector)),
+            (rows_spec(2), cache_specs(cache)))
 
 
 # ---- sampling -----------------------------------------------------------------------------------------

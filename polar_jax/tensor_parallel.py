@@ -40,7 +40,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from polar_jax.config import ModelConfig
 from polar_jax.routers.sparsify import RouterSelector
 from polar_jax.selection import AttentionSelection, MLPSelection, compact_slots
-from polar_jax.sharding import DATA, TENSOR, mesh_shape
+from polar_jax.sharding import DATA, TENSOR, is_parallel, mesh_shape
 
 HEAD_TOPK = ("global", "balanced")
 # from benchmarks/results/tp_balance.md (CPU, shared checkpoints): at equal kept units balanced top-k costs
@@ -180,3 +180,12 @@ def on_mesh(fn, mesh: Mesh, in_specs: tuple, out_specs: Any):
     Pallas calls do not carry the annotations, and the layer code keeps its own invariant (every value
     outside a layer's two partial sums is identical across a tensor group, `Parallel.reduce`)."""
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def per_shard(run, mesh: Mesh | None, args: tuple, specs):
+    """`run(*args)` on one device, or on a tensor-parallel mesh under shard_map with `parallel=` this mesh's
+    `Parallel`; `specs(*args)` gives (in_specs, out_specs), computed only on a mesh."""
+    if not is_parallel(mesh):
+        return run(*args)
+    in_specs, out_specs = specs(*args)
+    return on_mesh(lambda *a: run(*a, parallel=parallel_of(mesh)), mesh, in_specs, out_specs)(*args)

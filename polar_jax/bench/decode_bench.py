@@ -44,7 +44,7 @@ from flax import nnx
 from polar_jax.bench import breakdown as bd
 from polar_jax.bench.report import print_table, write_report
 from polar_jax.bench.shapes import LARGE, SHAPES
-from polar_jax.bench.sharded import sharded_cache, sharded_model_state, steps_on_mesh
+from polar_jax.bench.sharded import decode_loop, sharded_cache, sharded_model_state, steps_on_mesh
 from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
 from polar_jax.config import ModelConfig
 from polar_jax.cli_common import DefaultsFormatter, Parser
@@ -87,16 +87,7 @@ def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int, attn_f
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "gemv_impl"), donate_argnames=("cache",))
 def run_steps_on_device(graphdef, state, cache, tokens, selector, steps: int, gemv_impl: str = "auto"):
     """`steps` decode steps in one executable (a device loop, as in `generate`)."""
-    model = nnx.merge(graphdef, state)
-
-    def body(_, carry):
-        cache, _ = carry
-        logits, cache = model.decode(tokens, cache, selector, gemv_impl=gemv_impl)
-        return cache, logits.astype(jnp.float32)
-
-    logits0 = jnp.zeros((tokens.shape[0], model.config.vocab_size), jnp.float32)
-    cache, logits = jax.lax.fori_loop(0, steps, body, (cache, logits0))
-    return logits, cache
+    return decode_loop(nnx.merge(graphdef, state), cache, tokens, selector, steps, gemv_impl=gemv_impl)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
@@ -165,7 +156,7 @@ def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, arg
     if is_parallel(mesh):
         cache = sharded_cache(cfg, batch, context + args.steps + 8, context, dtype, mesh)
 
-        def run_steps(graphdef, state, cache, tokens, selector, steps, gemv_impl):  # noqa: F811 (this point's)
+        def run_steps(graphdef, state, cache, tokens, selector, steps, gemv_impl):  # GEMV: "auto" on a mesh
             return steps_on_mesh(graphdef, state, cache, tokens, selector, steps, mesh)
 
         if cfg.relu_mlp:  # no probe step under shard_map: thresholds for Gaussian router inputs (LayerNorm'd)

@@ -17,8 +17,9 @@ from jax.sharding import NamedSharding
 
 from polar_jax import tensor_parallel as tp
 from polar_jax.cache import KVCache
+from polar_jax.decode import step_specs
 from polar_jax.models import abstract_model
-from polar_jax.sharding import cache_specs, is_parallel, param_spec, rows_spec, state_specs
+from polar_jax.sharding import cache_specs, param_spec
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype", "kind", "sharding"))
@@ -79,6 +80,19 @@ def sharded_cache(cfg, batch: int, capacity: int, context: int, dtype, mesh):
                    jax.device_put(jnp.ones((batch,), bool), NamedSharding(mesh, specs.live)))
 
 
+def decode_loop(model, cache: KVCache, tokens: jax.Array, selector, steps: int, **decode_kw):
+    """`steps` decode steps of `model` in one device loop (as `generate` runs them, no host round trip):
+    (the last step's logits in float32, the cache). `decode_kw` goes to `CausalLM.decode`."""
+    def body(_, carry):
+        cache, _ = carry
+        logits, cache = model.decode(tokens, cache, selector, **decode_kw)
+        return cache, logits.astype(jnp.float32)
+
+    logits0 = jnp.zeros((tokens.shape[0], model.config.vocab_size), jnp.float32)
+    cache, logits = jax.lax.fori_loop(0, steps, body, (cache, logits0))
+    return logits, cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "mesh"), donate_argnames=("cache",))
 def steps_on_mesh(graphdef, state, cache, tokens, selector, steps: int, mesh):
     """`steps` decode steps in one executable: under shard_map on `mesh` (the layer code with its two
@@ -87,20 +101,8 @@ def steps_on_mesh(graphdef, state, cache, tokens, selector, steps: int, mesh):
         model = nnx.merge(graphdef, state)
         if parallel is not None:
             selector = tp.for_shard(selector, mesh, model.config)
+        return decode_loop(model, cache, tokens, selector, steps, parallel=parallel)
 
-        def body(_, carry):
-            cache, _ = carry
-            logits, cache = model.decode(tokens, cache, selector, parallel=parallel)
-            return cache, logits.astype(jnp.float32)
-
-        logits0 = jnp.zeros((tokens.shape[0], model.config.vocab_size), jnp.float32)
-        cache, logits = jax.lax.fori_loop(0, steps, body, (cache, logits0))
-        return logits, cache
-
-    if not is_parallel(mesh):
-        return loop(state, cache, tokens, selector)
-    return tp.on_mesh(lambda *a: loop(*a, parallel=tp.parallel_of(mesh)), mesh,
-                      (state_specs(state), cache_specs(cache), rows_spec(1), tp.selector_specs(selector)),
-                      (rows_spec(2), cache_specs(cache)))(state, cache, tokens, selector)
+    return tp.per_shard(loop, mesh, (state, cache, tokens, selector), step_specs)
 
 
