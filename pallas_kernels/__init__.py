@@ -3,6 +3,7 @@
 - gather_up / gather_up_gated / gather_down: selective GEMMs over neuron-major MLP weights.
 - select_decode: head/group-selective flash decoding over the [B, S, Hkv, D] KV cache.
 - gemv: the dense decode projections at small batch (weight streams), either weight layout.
+- gemv_multi / gemv_rows: B=1 attention projections in one launch, over the selected heads only.
 - union_select: fused MLP router selection (logits, threshold union over live rows, ascending ids).
 - mlp_prefers_dense: the measured dense-vs-selective crossover used by impl="auto" (per GPU class).
 Backends (backends.py): "xla" (reference, anywhere) and "triton" (Pallas Triton on CUDA cc >= 8.0);
@@ -13,13 +14,14 @@ from .backends import BACKENDS, cuda_capability, resolve_impl, triton_gpu_availa
 from .crossover import density_threshold, load_crossover, mlp_prefers_dense, thresholds_for
 from .devices import DeviceClass, current_device_class
 from .dense_gemv import gemv, prefers_gemv
+from .unit_gemv import gemv_multi, gemv_rows
 from .selective_attention import select_decode
 from .selective_attention_xla import dense_decode_xla
 from .selective_gemm import gather_down, gather_up, gather_up_gated
 from .union_select import union_select
 
 __all__ = [
-    "gemv", "prefers_gemv", "gather_up", "gather_up_gated", "gather_down", "select_decode", "union_select", "dense_decode_xla",
+    "gemv", "prefers_gemv", "gemv_multi", "gemv_rows", "gather_up", "gather_up_gated", "gather_down", "select_decode", "union_select", "dense_decode_xla",
     "mlp_prefers_dense", "density_threshold", "load_crossover", "thresholds_for", "resolve_impl",
     "triton_gpu_available", "cuda_capability", "current_device_class", "DeviceClass", "BACKENDS",
 ]

@@ -73,7 +73,10 @@ def choose_attn_config(B: int, S: int, A: int, D: int, G: int = 1,
     heads per KV group)."""
     del A
     dev = device or current_device_class()
-    min_chunk = 256
+    # One sequence (B=1 decode) has few (slot, split) programs: 128-key chunks give it twice the splits
+    # (OPT-6.7B B=1 step 1.1-1.7 % faster on the H200, LLaMA-2-7B within 0.5 %;
+    # benchmarks/results/raw_2026-11-29b_h200/call3_step_variants_b1.json, variant chunk128)
+    min_chunk = 128 if B == 1 else 256
     target = PROGRAMS_PER_SM * dev.num_sms
     max_splits = max(1, cdiv(S, min_chunk))
     num_splits = max(1, min(max_splits, 64, cdiv(target, max(1, B))))

@@ -43,6 +43,24 @@ def gemv_ref(x, w, bias=None, activation=None, layout="kn"):
     return ACTS[activation](y)
 
 
+def unit_columns_ref(x, w, bias, units, n, width):
+    """x @ W + b on the columns of the units in the first n slots, NaN elsewhere (unspecified there)."""
+    y = gemv_ref(x, w, bias)
+    keep = np.zeros(w.shape[1], bool)
+    for u in np.asarray(units)[: int(n)]:
+        keep[u * width:(u + 1) * width] = True
+    return np.where(keep[None, :], y, np.nan)
+
+
+def unit_rows_ref(x, w, bias, units, n, width):
+    """x @ W + b over the rows of the units in the first n slots (each unit counted once)."""
+    x = f64(x)
+    keep = np.zeros(w.shape[0], bool)
+    for u in np.asarray(units)[: int(n)]:
+        keep[u * width:(u + 1) * width] = True
+    return gemv_ref(np.where(keep[None, :], x, 0.0), w, bias)
+
+
 def gather_up_ref(x, w, idx, n, bias=None, activation="relu"):
     x, w = f64(x), f64(w)
     idx = np.asarray(idx)

@@ -49,6 +49,42 @@ class KernelOpTests:
         nk = pk.gemv(x, jnp.asarray(w.T), layout="nk", impl=self.impl)
         close(nk, np.asarray(kn, np.float64), self.dtype)
 
+    # ---- unit GEMVs (B=1 attention projections) -------------------------------------------------------
+    def test_gemv_multi_dense_and_over_selected_units(self):
+        rng = fresh_rng()
+        K, width, units_n = 200, 32, 6
+        x = self.arr(rng, (1, K))
+        ws = [self.arr(rng, (K, units_n * width), K**-0.5), self.arr(rng, (K, 64), K**-0.5),
+              self.arr(rng, (K, 40), K**-0.5)]  # 40: a ragged last column block
+        bs = [self.arr(rng, (units_n * width,)), None, self.arr(rng, (40,))]
+        outs = pk.gemv_multi(x, ws, bs, impl=self.impl)
+        for o, w, b in zip(outs, ws, bs):
+            assert o.dtype == x.dtype
+            close(o, npref.gemv_ref(x, w, b), self.dtype)
+        units = jnp.asarray(rng.permutation(units_n)[:4], jnp.int32)
+        for n in (0, 1, 4):
+            outs = pk.gemv_multi(x, ws, bs, units, n, width, impl=self.impl)
+            ref = npref.unit_columns_ref(x, ws[0], bs[0], units, n, width)
+            keep = ~np.isnan(ref)
+            assert keep.sum() == n * width
+            if n:
+                close(np.asarray(outs[0])[keep], ref[keep], self.dtype)
+            close(outs[1], npref.gemv_ref(x, ws[1], bs[1]), self.dtype)
+            close(outs[2], npref.gemv_ref(x, ws[2], bs[2]), self.dtype)
+
+    def test_gemv_rows_reads_only_the_selected_units(self):
+        rng = fresh_rng()
+        units_n, width, N = 5, 48, 72
+        x = self.arr(rng, (1, units_n * width))
+        w, b = self.arr(rng, (units_n * width, N), (units_n * width)**-0.5), self.arr(rng, (N,))
+        units = jnp.asarray(rng.permutation(units_n), jnp.int32)
+        for n in (0, 2, units_n):
+            out = pk.gemv_rows(x, w, b, units, n, width, impl=self.impl)
+            close(out, npref.unit_rows_ref(x, w, b, units, n, width), self.dtype)
+        poisoned = x.at[0, int(units[-1]) * width].set(jnp.nan)  # an unselected unit's input is never read
+        out = pk.gemv_rows(poisoned, w, b, units, units_n - 1, width, impl=self.impl)
+        assert np.isfinite(np.asarray(out, np.float32)).all()
+
     # ---- selective GEMMs ------------------------------------------------------------------------------
     def test_gather_up_partial_slots_and_bias(self):
         rng = fresh_rng()

@@ -1,6 +1,6 @@
 """The decode benchmark's profile breakdown: kernels mapped to the step's parts through HLO scopes."""
 
-from polar_jax.bench.breakdown import breakdown, hlo_scopes, part_of
+from polar_jax.bench.breakdown import breakdown, hlo_scopes, kernel_stem, kernel_table, part_of
 
 HLO = """
   %gemm_fusion_dot.162 = f32[4,32,8192]{2,1,0} fusion(%a, %b), kind=kCustom, calls=%c, metadata={op_name="jit(run)/while/body/polar_attn_proj/dot_general" deduplicated_name="gemm_fusion_dot.162"}
@@ -26,3 +26,15 @@ def test_split_k_reduction_counts_with_its_gemm():
     b = breakdown(recs, scopes, steps=2)
     assert b["attn_proj"] == 1.5 and b["other"] == 0.25 and b["mlp"] == 2.0
     assert b["total"] == 3.75 and b["kernels"] == 4
+
+
+def test_kernel_table_groups_layers_by_stem():
+    scopes = hlo_scopes(HLO)
+    recs = [("gemm_fusion_dot_162", 1.0), ("fusion_1167", 0.5), ("loop_add_fusion_64", 0.25),
+            ("loop_add_fusion_65__2", 0.75), ("gather_up", 2.0)] * 2
+    rows = kernel_table(recs, scopes, steps=2)
+    by = {(r["kernel"], r["part"]): r for r in rows}
+    assert rows[0]["kernel"] == "gather_up" and rows[0]["ms_per_step"] == 2.0
+    assert by[("loop_add_fusion", "other")]["per_step"] == 2 and by[("loop_add_fusion", "other")]["ms_per_step"] == 1.0
+    assert by[("fusion", "attn_proj")]["per_step"] == 1  # the split-K reduction keeps its GEMM's part
+    assert kernel_stem("sort_63_1__2") == "sort" and kernel_stem("gather_down") == "gather_down"

@@ -114,3 +114,62 @@ def test_decode_with_gemv_equals_xla_dot(name, batch, monkeypatch):
         outs[gemv] = np.stack(logits)
     np.testing.assert_allclose(outs["triton"], outs["xla"], atol=1e-4, rtol=0)
     assert (outs["triton"].argmax(-1) == outs["xla"].argmax(-1)).all()
+
+
+def test_unit_gemvs_lower_to_one_triton_kernel_each():
+    """LLaMA-2-7B's B=1 attention projections: Q/K/V (Q over 16 of 32 heads) and the output projection over
+    the selected heads' rows, one Triton kernel each."""
+    from pallas_kernels import unit_gemv_triton as ut
+    d, width = 4096, 128
+    x = jax.ShapeDtypeStruct((1, d), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((d, d), jnp.bfloat16)
+    units, n = jax.ShapeDtypeStruct((16,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+    cfg = ut.choose_multi_config(d, 3 * d)
+    multi = lambda x, q, k, v, u, n: ut.gemv_multi_triton(x, (q, k, v), (None, None, None), u, n, width=width,  # noqa: E731
+                                                         cfg=cfg, interpret=False)
+    assert count_triton_calls(lower_for_cuda(multi, x, w, w, w, units, n)) == 1
+    rows = lambda x, w, u, n: ut.gemv_rows_triton(x, w, None, u, n, width=width,  # noqa: E731
+                                                 cfg=ut.choose_rows_config(width, d), interpret=False)
+    assert count_triton_calls(lower_for_cuda(rows, x, w, units, n)) == 1
+
+
+def test_unit_gemvs_refuse_bad_inputs():
+    x, w = jnp.ones((1, 64)), jnp.ones((64, 64))
+    u = jnp.asarray([0, 1], jnp.int32)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        pk.gemv_rows(jnp.ones((17, 64)), w, None, u, 1, 32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        pk.gemv_rows(x, w, None, u, 1, 24)
+    with pytest.raises(ValueError, match="whole number of units"):
+        pk.gemv_rows(x, jnp.ones((64, 8)), None, u, 1, 48)
+    with pytest.raises(ValueError, match="unit ids"):
+        pk.gemv_rows(x, w, None, jnp.asarray([0, 2], jnp.int32), 2, 32)
+    with pytest.raises(ValueError, match="n_active"):
+        pk.gemv_rows(x, w, None, u, 3, 32)
+    with pytest.raises(ValueError, match="at least one weight"):
+        pk.gemv_multi(x, [])
+    with pytest.raises(ValueError, match="biases"):
+        pk.gemv_multi(x, [w, w], [None])
+    with pytest.raises(ValueError, match=r"ws\[1\]"):
+        pk.gemv_multi(x, [w, jnp.ones((32, 8))])
+    with pytest.raises(ValueError, match="need n_active"):
+        pk.gemv_multi(x, [w], units=u, width=32)
+    with pytest.raises(TypeError, match="dtype"):
+        pk.gemv_multi(x, [w.astype(jnp.bfloat16)])
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_gemv_rows_slot_splits_match_reference(split):
+    """The output projection over selected heads with the slots split over programs (f32 partials + epilogue),
+    including a split whose range is past n_active and a ragged last range."""
+    from pallas_kernels import unit_gemv_triton as ut
+    rng = np.random.default_rng(split)
+    units_n, width, N = 7, 32, 40
+    x = jnp.asarray(rng.standard_normal((1, units_n * width)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((units_n * width, N)) / 16, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(N), jnp.float32)
+    units = jnp.asarray(rng.permutation(units_n), jnp.int32)
+    cfg = ut.UnitGemvConfig(block_n=16, block_k=32, num_warps=4, num_stages=2, split=split)
+    for n in (0, 2, 5, units_n):
+        out = ut.gemv_rows(x, w, b, units, n, width, config=cfg)
+        assert npref.rel_err(out, npref.unit_rows_ref(x, w, b, units, n, width)) < 1e-5

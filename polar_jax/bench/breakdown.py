@@ -89,19 +89,46 @@ def part_of(kernel: str, scopes: dict[str, str]) -> str:
     return "other"
 
 
-def breakdown(records: list[tuple[str, float]], scopes: dict[str, str], steps: int) -> dict[str, float]:
-    """Milliseconds per step of each part (and `total`, `kernels` per step)."""
-    out = collections.Counter({p: 0.0 for p in PARTS})
-    prev_name, prev_part = "", "other"
-    for name, ms in records:
+def _parts(records: list[tuple[str, float]], scopes: dict[str, str]) -> list[str]:
+    """The part of every record, in launch order."""
+    parts, prev_name, prev_part = [], "", "other"
+    for name, _ in records:
         part = part_of(name, scopes)
         if part == "other" and prev_name.startswith(("gemm_fusion", "cublas", "nvjet")) and prev_part != "other":
             # XLA's split-K GEMMs sum their partials in a separate reduction kernel whose HLO op carries no
             # scope (its metadata is the bare reduce): it belongs to the GEMM launched just before it
             part = prev_part
-        out[part] += ms
+        parts.append(part)
         prev_name, prev_part = name, part
+    return parts
+
+
+def breakdown(records: list[tuple[str, float]], scopes: dict[str, str], steps: int) -> dict[str, float]:
+    """Milliseconds per step of each part (and `total`, `kernels` per step)."""
+    out = collections.Counter({p: 0.0 for p in PARTS})
+    for (_, ms), part in zip(records, _parts(records, scopes)):
+        out[part] += ms
     res = {p: out[p] / steps for p in PARTS}
     res["total"] = sum(res[p] for p in PARTS)
     res["kernels"] = len(records) / steps
     return res
+
+
+def kernel_stem(name: str) -> str:
+    """A kernel's name without XLA's instance numbers (`loop_add_fusion_64__2` -> `loop_add_fusion`), so the
+    same fusion in every layer counts as one kind."""
+    return re.sub(r"(_\d+)+$", "", re.sub(r"(__\d+)+$", "", name)) or name
+
+
+def kernel_table(records: list[tuple[str, float]], scopes: dict[str, str], steps: int,
+                 top: int = 40) -> list[dict]:
+    """The kinds of kernel a step launches, most time first: stem, part, launches and ms per step (the
+    per-kernel view that says which small kernels to fuse away)."""
+    acc: dict[tuple[str, str], list[float]] = {}
+    for (name, ms), part in zip(records, _parts(records, scopes)):
+        a = acc.setdefault((kernel_stem(name), part), [0, 0.0])
+        a[0] += 1
+        a[1] += ms
+    rows = [{"kernel": k, "part": p, "per_step": n / steps, "ms_per_step": t / steps} for (k, p), (n, t) in acc.items()]
+    rows.sort(key=lambda r: -r["ms_per_step"])
+    return rows[:top]

@@ -125,6 +125,7 @@ class Variant:
     sizes: dict = dataclasses.field(default_factory=dict)
     times: list = dataclasses.field(default_factory=list)
     breakdown: dict | None = None
+    kernels: list | None = None
     logits: np.ndarray | None = None
 
 
@@ -217,6 +218,7 @@ def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, arg
                 logits.block_until_ready()
             if prof.records:
                 v.breakdown = bd.breakdown(prof.records, scopes, args.steps)
+                v.kernels = bd.kernel_table(prof.records, scopes, args.steps)
     rows = []
     dense = next((v for v in variants if v.name == "dense"), None)
     for v in variants:
@@ -225,7 +227,7 @@ def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, arg
                "kv_shard": list(cache.k[0].addressable_shards[0].data.shape),  # one device's part of a layer's K
                "step_s": statistics.median(v.times), "step_s_all": v.times, "compile_s": compile_s[v.name],
                "mlp_target_density": density if cfg.relu_mlp else None, "attn_density": args.attn_density,
-               "sizes": v.sizes, "breakdown_ms": v.breakdown}
+               "sizes": v.sizes, "breakdown_ms": v.breakdown, "kernels": v.kernels}
         if dense is not None and v is not dense:
             a, b = v.logits.astype(np.float64), dense.logits.astype(np.float64)
             row["logits_rel_diff_vs_dense"] = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
@@ -338,7 +340,8 @@ def merge(workers: list[dict], args: argparse.Namespace) -> dict:
         row = dict(rs[0])
         row.update(step_s=statistics.median(times), step_s_processes=times, spread=(min(times), max(times)),
                    processes=len(times),
-                   breakdown_ms=next((r["breakdown_ms"] for r in rs if r.get("breakdown_ms")), None))
+                   breakdown_ms=next((r["breakdown_ms"] for r in rs if r.get("breakdown_ms")), None),
+                   kernels=next((r["kernels"] for r in rs if r.get("kernels")), None))
         attn, mlp = _fractions(cfg, row["sizes"])
         item = 2 if cfg.dtype == "bfloat16" else 4
         sel = row["runs"]

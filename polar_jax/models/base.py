@@ -120,6 +120,17 @@ def decode_attention(q: jax.Array, kv: LayerKV, step: Step, choice: AttentionSel
                          window=step.window, impl=step.attn_impl)
 
 
+def selected_units(choice: AttentionSelection | None, step: Step) -> tuple[jax.Array, jax.Array] | None:
+    """At B=1 through the GEMV, the row's selected units (ids, count) for the attention projections: its
+    other heads are never computed, so their query columns and output rows are not read (the queries of
+    a one-row batch are its only ones; at B > 1 the union over rows would be nearly every head). Dense
+    layers, larger batches, XLA's dot and tensor-parallel shards: None (every unit)."""
+    if choice is None or step.gemv_impl is None or step.parallel is not None or choice.groups.shape[0] != 1:
+        return None
+    sel = choice.for_live(step.live)
+    return sel.groups[0], sel.n_active[0]
+
+
 def gemv_backend(impl: str, dtype) -> str | None:
     """The backend of the decode projections' GEMV, or None for XLA's dot. "auto" takes the Pallas kernel
     where it runs natively and the model is 16-bit (the kernel's GPU dtypes)."""
@@ -188,13 +199,16 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, kv: LayerKV | None, step: Step, layer: int) -> tuple[jax.Array, LayerKV | None]:
         """x [B, T, d] -> (x, the layer's cache after this step). T = 1 in decode mode."""
         h = self.attn_norm(x) if self.pre_norm else x
-        with jax.named_scope(SCOPES["proj"]):
-            q, k, v = self.attn.qkv(h, step.gemv_impl)
-            if self.use_rope:
-                q, k = apply_rope(q, step.positions, step.inv_freq), apply_rope(k, step.positions, step.inv_freq)
+        choice = units = None
         if step.mode == "decode":
             with jax.named_scope(SCOPES["router"]):
                 choice = step.selector.attention(layer, h[:, 0], step.live) if step.selector is not None else None
+            units = selected_units(choice, step)
+        with jax.named_scope(SCOPES["proj"]):
+            q, k, v = self.attn.qkv(h, step.gemv_impl, units)
+            if self.use_rope:
+                q, k = apply_rope(q, step.positions, step.inv_freq), apply_rope(k, step.positions, step.inv_freq)
+        if step.mode == "decode":
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "attn_n_active", choice.for_live(step.live).n_active)
             with jax.named_scope(SCOPES["attention"]):
@@ -214,7 +228,7 @@ class Block(nnx.Module):
             self.sow(nnx.Intermediate, "router_input", h)
             self.sow(nnx.Intermediate, "head_norm", head_output_norms(heads))
         with jax.named_scope(SCOPES["proj"]):
-            partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None)
+            partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None, units=units)
         x = x + sum_over_shards(partial, self.attn.o_bias, step)
         if not self.pre_norm:
             x = self.attn_norm(x)

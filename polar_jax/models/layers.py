@@ -16,6 +16,7 @@ from flax import nnx
 from pallas_kernels.activations import get_activation
 from pallas_kernels.dense_gemv import gemv as pk_gemv
 from pallas_kernels.dense_gemv import prefers_gemv
+from pallas_kernels.unit_gemv import gemv_multi, gemv_rows
 from polar_jax.config import ModelConfig, RopeConfig
 
 F32 = jnp.float32
@@ -115,20 +116,34 @@ def _value(p: nnx.Param | None) -> jax.Array | None:
     return None if p is None else p[...]
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, layout: str, gemv: str | None = None) -> jax.Array:
-    """x [..., K] @ W (+ b) -> [..., N] in x's dtype, float32 accumulation; W is [K, N] ("kn") or [N, K]
-    ("nk", out-major). With `gemv` (a kernel backend name) and few enough rows (`prefers_gemv`), the
-    Pallas GEMV reads the weight instead of XLA's dot: decode at small batch is a stream of weights, and
-    XLA's GEMM fusions read it at 2.4-3.3 TB/s on the H200 where the GEMV reaches 3.0-4.0."""
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, layout: str, gemv: str | None = None,
+           activation: str | None = None) -> jax.Array:
+    """act(x [..., K] @ W (+ b)) -> [..., N] in x's dtype, float32 accumulation; W is [K, N] ("kn") or
+    [N, K] ("nk", out-major). With `gemv` (a kernel backend name) and few enough rows (`prefers_gemv`),
+    the Pallas GEMV reads the weight instead of XLA's dot, with the bias and the activation in its
+    epilogue: decode at small batch is a stream of weights, and XLA's GEMM fusions read it at 2.4-3.3
+    TB/s on the H200 where the GEMV reaches 3.0-4.0."""
     lead = x.shape[:-1]
     m = math.prod(lead)
-    if gemv is not None and prefers_gemv(m, layout):
-        return pk_gemv(x.reshape(m, x.shape[-1]), w, b, None, layout, impl=gemv).reshape(*lead, -1)
+    if uses_gemv(gemv, m, layout):
+        return pk_gemv(x.reshape(m, x.shape[-1]), w, b, activation, layout, impl=gemv).reshape(*lead, -1)
     spec = "...i,io->...o" if layout == "kn" else "...i,oi->...o"
     y = jnp.einsum(spec, x, w, preferred_element_type=F32)
     if b is not None:
         y = y + b.astype(F32)
-    return y.astype(x.dtype)
+    y = y.astype(x.dtype)
+    return y if activation is None else get_activation(activation)(y)
+
+
+def uses_gemv(gemv: str | None, rows: int, layout: str = "kn") -> bool:
+    """True where a projection of `rows` rows runs through the Pallas GEMV kernels."""
+    return gemv is not None and prefers_gemv(rows, layout)
+
+
+# At B=1 the step's attention projections run as two kernels, Q/K/V in one launch and the output
+# projection, each over the selected units only when the layer is sparse: `units` is then the row's
+# (unit ids [A], n_active) from its AttentionSelection (a unit = one KV group's query heads).
+Units = tuple[jax.Array, jax.Array]
 
 
 class Attention(nnx.Module):
@@ -147,20 +162,41 @@ class Attention(nnx.Module):
         self.o_bias = _zeros_param((d,), dtype) if o_bias else None
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, hd
 
-    def qkv(self, x: jax.Array, gemv: str | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [..., d] -> q [..., Hq, D], k/v [..., Hkv, D]. `gemv`: see `linear`. Head counts follow the
-        weights, so a tensor-parallel shard holding some of the heads runs the same code."""
+    @property
+    def unit_width(self) -> int:
+        """Query columns (and output-projection rows) of one KV group."""
+        return self.num_heads // self.num_kv_heads * self.head_dim
+
+    def qkv(self, x: jax.Array, gemv: str | None = None,
+            units: Units | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [..., d] -> q [..., Hq, D], k/v [..., Hkv, D]. `gemv`: see `linear`; where it applies, the three
+        projections are one kernel (`gemv_multi`), and with `units` the queries of the other units are not
+        computed (unspecified: only the selected heads are read). Head counts follow the weights, so a
+        tensor-parallel shard holding some of the heads runs the same code."""
         lead = x.shape[:-1]
+        m = math.prod(lead)
+        if uses_gemv(gemv, m):
+            sel = {} if units is None else dict(units=units[0], n_active=units[1], width=self.unit_width)
+            q, k, v = gemv_multi(x.reshape(m, x.shape[-1]), (self.q[...], self.k[...], self.v[...]),
+                                 (_value(self.q_bias), _value(self.k_bias), _value(self.v_bias)), impl=gemv, **sel)
+            return tuple(t.reshape(*lead, -1, self.head_dim) for t in (q, k, v))
         q = linear(x, self.q[...], _value(self.q_bias), "kn", gemv).reshape(*lead, -1, self.head_dim)
         k = linear(x, self.k[...], _value(self.k_bias), "kn", gemv).reshape(*lead, -1, self.head_dim)
         v = linear(x, self.v[...], _value(self.v_bias), "kn", gemv).reshape(*lead, -1, self.head_dim)
         return q, k, v
 
-    def out(self, heads: jax.Array, gemv: str | None = None, *, bias: bool = True) -> jax.Array:
+    def out(self, heads: jax.Array, gemv: str | None = None, *, bias: bool = True,
+            units: Units | None = None) -> jax.Array:
         """Per-head outputs [..., H, D] -> [..., d]. `bias=False` leaves the output bias out (a tensor-parallel
-        shard's partial sum: the bias is added once, after the reduction)."""
+        shard's partial sum: the bias is added once, after the reduction). With `units` (and the GEMV) only
+        the selected units' rows of the weight are read (`gemv_rows`): the other heads' outputs are zero."""
         flat = heads.reshape(*heads.shape[:-2], heads.shape[-2] * heads.shape[-1])
-        return linear(flat, self.o[...], _value(self.o_bias) if bias else None, "kn", gemv)
+        b = _value(self.o_bias) if bias else None
+        m = math.prod(flat.shape[:-1])
+        if units is not None and uses_gemv(gemv, m):
+            y = gemv_rows(flat.reshape(m, -1), self.o[...], b, units[0], units[1], self.unit_width, impl=gemv)
+            return y.reshape(*flat.shape[:-1], -1)
+        return linear(flat, self.o[...], b, "kn", gemv)
 
 
 class MLP(nnx.Module):
@@ -177,11 +213,11 @@ class MLP(nnx.Module):
 
     def activations(self, x: jax.Array, gemv: str | None = None) -> jax.Array:
         """The hidden activations [..., N] (the values MLP sparsity selects among). `gemv`: see `linear`."""
+        if not self.gated:  # the activation in the GEMV's epilogue where it runs (one kernel less)
+            return linear(x, self.up[...], _value(self.up_bias), "nk", gemv, activation=self.act)
         up = linear(x, self.up[...], _value(self.up_bias), "nk", gemv)
-        if self.gated:
-            gate = linear(x, self.gate[...], None, "nk", gemv)
-            return (get_activation(self.act)(gate) * up).astype(x.dtype)
-        return get_activation(self.act)(up)
+        gate = linear(x, self.gate[...], None, "nk", gemv)
+        return (get_activation(self.act)(gate) * up).astype(x.dtype)
 
     def project_down(self, h: jax.Array, gemv: str | None = None, *, bias: bool = True) -> jax.Array:
         """[..., N] -> [..., d]; `bias=False` as in `Attention.out`."""

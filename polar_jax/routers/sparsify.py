@@ -100,7 +100,9 @@ class _Routers:
 
     def _mlp_hidden(self, layer: int, x: jax.Array) -> jax.Array:
         # mlp_a is stored [rank, d] (rows contiguous per output): at small batch XLA reads it as fast as
-        # an MLP up projection, while a [d, rank] GEMV ran at ~0.5 TB/s on the H200
+        # an MLP up projection, while a [d, rank] GEMV ran at ~0.5 TB/s on the H200. The Pallas GEMV was
+        # tried here at B=1 too: with 32 column programs for rank 1024 it made OPT-6.7B's step 5 % slower
+        # (benchmarks/results/raw_2026-11-29b_h200/call2_step_variants_b1.json, variant router_xla)
         a = self.mlp_a[layer]
         return jnp.einsum("...d,rd->...r", x.astype(a.dtype), a, preferred_element_type=jnp.float32).astype(a.dtype)
 
