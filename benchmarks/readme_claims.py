@@ -400,6 +400,57 @@ def tp_balance(results: Path) -> str:
             f"`benchmarks/results/tp_balance.md`, {d['device']}, jax {d['jax']}, {d['date']}).")
 
 
+# ---- B=1 step work of 2026-11-29 (second session) ---------------------------------------------------------
+DECODE_1129 = "decode_sparse_2026-11-29"
+RAW_1129B = "raw_2026-11-29b_h200"
+
+
+def _variant_ratio(rows: list[dict], shape: str, batch: int, selector: str, code: str, ref: str = "base") -> float:
+    """Step time of code variant `code` over `ref` (same process, same selector variant)."""
+    by = {(r["shape"], r["batch"], r["selector"], r["code"]): r["step_ms"] for r in rows}
+    return by[(shape, batch, selector, code)] / by[(shape, batch, selector, ref)]
+
+
+@claim("decode-1129")
+def decode_1129(results: Path) -> str:
+    d = load(results, f"{DECODE_1129}.json")
+    rows = {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in d["rows"]}
+    out = [f"Source: `benchmarks/results/{DECODE_1129}.md` ({d['device']}, jax {d['jax_version']}, {d['date']}; "
+           f"{max(r['processes'] for r in d['rows'])} fresh processes per point).", "",
+           "| shape | B | context | dense step (% of roofline) | sparse variant | sparse step | speedup | % of its Amdahl bound |",
+           "|---|---|---|---|---|---|---|---|"]
+    for (shape, b, ctx, var), r in sorted(rows.items()):
+        if var == "dense":
+            continue
+        dense = rows[(shape, b, ctx, "dense")]
+        out.append(f"| {shape} | {b} | {ctx} | {1e3 * dense['step_s']:.2f} ms ({100 * dense['roofline_fraction']:.0f} %) | "
+                   f"{var} | {1e3 * r['step_s']:.2f} ms | {r['speedup']:.2f}x | {100 * r['bound_fraction']:.0f} % of "
+                   f"{r['amdahl_bound']:.2f}x |")
+    v3 = load(results, f"{RAW_1129B}/call3_step_variants_b1.json")["rows"]
+    v4 = load(results, f"{RAW_1129B}/call4_step_variants_b8_b16.json")["rows"]
+    # speed change from applying a change: r = step time with it / step time without it
+    gain = lambda r: f"{100 * (1 / r - 1):+.1f} %"  # noqa: E731
+    out += ["", "Same-process A/B of each change (`benchmarks/decode/step_variants.py`: speed change from applying "
+            "it, both compiled and timed interleaved in one process):",
+            f"- output projection over the selected heads, slots split 4 ways (vs the dense output projection): OPT-6.7B "
+            f"B=1 heads + MLP {gain(_variant_ratio(v3, 'opt-6.7b', 1, 'both', 'rows_s4', 'q_only'))}, LLaMA-2-7B B=1 "
+            f"heads {gain(_variant_ratio(v3, 'llama2-7b', 1, 'heads', 'rows_s4', 'q_only'))}",
+            f"- Q/K/V in one launch with the selected heads' queries only (vs three GEMVs): OPT-6.7B B=1 heads + MLP "
+            f"{gain(_variant_ratio(v3, 'opt-6.7b', 1, 'both', 'q_only', 'old_qkv'))}, dense "
+            f"{gain(_variant_ratio(v3, 'opt-6.7b', 1, 'dense', 'base', 'old_qkv'))}",
+            f"- 128-key attention chunks at B=1: OPT-6.7B dense {gain(_variant_ratio(v3, 'opt-6.7b', 1, 'dense', 'chunk128'))}, "
+            f"heads + MLP {gain(_variant_ratio(v3, 'opt-6.7b', 1, 'both', 'chunk128'))}",
+            f"- the GEMV for the MLP's up/gate weights up to 16 rows: LLaMA-2-7B B=16 dense "
+            f"{gain(_variant_ratio(v4, 'llama2-7b', 16, 'dense', 'gemv_nk16'))}, heads "
+            f"{gain(_variant_ratio(v4, 'llama2-7b', 16, 'heads', 'gemv_nk16'))}; OPT-6.7B B=8 dense "
+            f"{gain(_variant_ratio(v4, 'opt-6.7b', 8, 'dense', 'gemv_nk16'))}",
+            f"- tried and not kept: the MLP router's first projection through the GEMV at B=1 (OPT-6.7B heads + MLP "
+            f"{gain(1 / _variant_ratio(load(results, f'{RAW_1129B}/call2_step_variants_b1.json')['rows'], 'opt-6.7b', 1, 'both', 'router_xla'))} "
+            f"against XLA's dot), split-K off for the (in, out) GEMVs (OPT-6.7B B=1 dense "
+            f"{gain(_variant_ratio(v3, 'opt-6.7b', 1, 'dense', 'kn_no_split'))})"]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the results give")
@@ -420,3 +471,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -47,11 +47,12 @@ def gemv(x: Array, w: Array, bias: Array | None = None, activation: str | None =
     return dispatch("gemv", _IMPLS, impl)(x, w, bias, activation, layout)
 
 
-# Where the decode step is faster with the Pallas GEMV (H200, 2026-11-29, benchmarks/results/
-# decode_gemv_2026-11-29.md): at B=1 the whole step (OPT-6.7B 1.06x, LLaMA-2-7B 1.24x over XLA's dot);
-# at B=4 it was slower (0.96-0.97x), although alone the out-major up/gate GEMV still beat XLA at M=8
-# (1.08x, gemv_probe_2026-11-29.md). B=2 and 3 are unmeasured, so they keep XLA.
-GEMV_MAX_M = {"nk": 1, "kn": 1}
+# Where the decode step is faster with the Pallas GEMV (H200): at B=1 the whole step (OPT-6.7B 1.06x,
+# LLaMA-2-7B 1.24x over XLA's dot; benchmarks/results/decode_gemv_2026-11-29.md). With every projection on
+# the GEMV up to M=4 the step was slower (0.96-0.97x), but the out-major MLP weights alone (up/gate) gain
+# up to 16 rows: 1.1 % at B=8 (OPT-6.7B dense) and B=16 (LLaMA-2-7B dense and heads), none slower
+# (benchmarks/results/raw_2026-11-29b_h200/call4_step_variants_b8_b16.json, call5 for B=4).
+GEMV_MAX_M = {"nk": 16, "kn": 1}
 
 
 def prefers_gemv(m: int, layout: str) -> bool:

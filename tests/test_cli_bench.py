@@ -88,3 +88,18 @@ def test_write_policy_replaces_only_a_policy_table(tmp_path):
     decode_bench.write_policy(fresh, table)
     assert json.loads(fresh.read_text()) == table
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.json", "sub"]  # no temporary left
+
+
+def test_merging_a_multi_process_report_keeps_its_processes():
+    """A report of 2 fresh processes merged (alone, or with another report) keeps both processes: the same
+    medians and spreads, not one collapsed worker."""
+    from pathlib import Path
+    raw = Path(__file__).resolve().parents[1] / "benchmarks/results/raw_2026-11-29b_h200"
+    opt, ll = raw / "call5_opt_b1_b8_b32.json", raw / "call4_ll_b1.json"
+    merged = decode_bench.merge_reports([opt, ll], ["--merge", str(opt), str(ll)])
+    src = {(r["shape"], r["batch"], r["variant"]): r for p in (opt, ll) for r in json.loads(p.read_text())["rows"]}
+    assert len(merged["rows"]) == len(src) == 8
+    for r in merged["rows"]:
+        want = src[(r["shape"], r["batch"], r["variant"])]
+        assert r["processes"] == 2 and r["step_s"] == want["step_s"]
+        assert list(r["spread"]) == list(want["spread"]) and r["step_s_processes"] == want["step_s_processes"]

@@ -86,7 +86,8 @@ def test_bad_inputs_are_refused():
 
 def test_gemv_rule_and_backend_choice():
     assert pk.prefers_gemv(1, "kn") and pk.prefers_gemv(1, "nk")  # measured faster end to end at B=1
-    assert not pk.prefers_gemv(4, "kn") and not pk.prefers_gemv(4, "nk")  # measured slower at B=4
+    assert not pk.prefers_gemv(4, "kn")  # every projection on the GEMV: slower at B=4
+    assert pk.prefers_gemv(16, "nk") and not pk.prefers_gemv(17, "nk")  # MLP up/gate: faster at B=8, 16
     assert not pk.prefers_gemv(0, "nk")
     assert gemv_backend("auto", jnp.float32) is None  # no GPU here, and float32 is not a kernel GPU dtype
     assert gemv_backend("xla", jnp.bfloat16) is None

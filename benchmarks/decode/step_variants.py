@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels import dense_gemv_triton, selective_attention_triton, unit_gemv_triton
+from pallas_kernels import dense_gemv, dense_gemv_triton, selective_attention_triton, unit_gemv_triton
 from polar_jax.bench import decode_bench as db
 from polar_jax.bench.shapes import SHAPES
 from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
@@ -106,6 +106,10 @@ def variants() -> dict:
         "kn_no_split": ((dense_gemv_triton, "choose_gemv_config", _no_split_config(dense_gemv_triton.choose_gemv_config)),),
         "chunk128": ((selective_attention_triton, "choose_attn_config", _min_chunk(128)),),
         "chunk64": ((selective_attention_triton, "choose_attn_config", _min_chunk(64)),),
+        # the Pallas GEMV up to 16 rows: for the out-major MLP weights only, and for every projection
+        "gemv_nk16": ((dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 1}),),
+        "gemv_b1_only": ((dense_gemv, "GEMV_MAX_M", {"nk": 1, "kn": 1}),),
+        "gemv_all16": ((dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 16}),),
     }
 
 

@@ -394,16 +394,25 @@ def policy_table(merged: dict) -> dict:
 
 
 def merge_reports(paths: list[Path], argv: list[str]) -> dict:
-    """Merges reports of separate single-process runs (each a fresh process) into one report: the same
-    medians and spreads as `--processes K`, for runs that had to be split (a device call's time limit)."""
+    """Merges reports of separate runs (each process a fresh one) into one report: the same medians and
+    spreads as `--processes K`, for runs that had to be split (a device call's time limit). A report of
+    several processes counts as that many workers (each row's per-process medians)."""
     workers = []
     for path in paths:
         rep = read_json(path, InputError)
         try:
-            workers.append({"device": rep["device"], "jax_version": rep["jax_version"], "backend": rep["backend"],
-                            "bandwidth": rep["bandwidths"][0], "rows": rep["rows"],
-                            "command": rep["command"], "date": rep["date"]})
-        except (KeyError, IndexError, TypeError):
+            for p in range(int(rep.get("processes", 1))):
+                rows = []
+                for r in rep["rows"]:
+                    per = r.get("step_s_processes") or [r["step_s"]]
+                    row = dict(r, step_s=per[min(p, len(per) - 1)])
+                    if p:  # the profile belongs to the first process
+                        row.update(breakdown_ms=None, kernels=None)
+                    rows.append(row)
+                workers.append({"device": rep["device"], "jax_version": rep["jax_version"], "backend": rep["backend"],
+                                "bandwidth": rep["bandwidths"][min(p, len(rep["bandwidths"]) - 1)], "rows": rows,
+                                "command": rep["command"], "date": rep["date"]})
+        except (KeyError, IndexError, TypeError, ValueError):
             raise InputError(f"{path} is not a report of `polar-jax bench decode` (its JSON output)") from None
     args = argparse.Namespace(argv=argv, rank=int(next((a for a in _after(argv, "--rank")), 1024)))
     merged = merge(workers, args)
