@@ -18,6 +18,7 @@ def test_kernel_names_map_to_their_scopes():
     assert part_of("select_decode_finish", scopes) == "attention"
     assert part_of("gather_down", scopes) == "mlp" and part_of("union_compact", scopes) == "router"
     assert part_of("unknown_kernel", scopes) == "other"
+    assert part_of("gemv_multi", scopes) == "attn_proj" and part_of("gemv_rows", scopes) == "attn_proj"
 
 
 def test_split_k_reduction_counts_with_its_gemm():

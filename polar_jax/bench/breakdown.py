@@ -20,7 +20,10 @@ from polar_jax.models.base import SCOPES
 PARTS = ("attn_proj", "attention", "mlp", "router", "other")
 _SCOPE_PART = {SCOPES["router"]: "router", SCOPES["attention"]: "attention", SCOPES["proj"]: "attn_proj",
                SCOPES["mlp"]: "mlp"}
-_KERNEL_PART = (("union_", "router"), ("select_decode", "attention"), ("gather_", "mlp"))
+# Pallas kernels are named by their op, not by an HLO instruction; the dense GEMVs (gemv_kn / gemv_nk) serve
+# both the attention and the MLP projections, so their names alone leave them in "other".
+_KERNEL_PART = (("union_", "router"), ("select_decode", "attention"), ("gather_", "mlp"), ("gemv_multi", "attn_proj"),
+                ("gemv_rows", "attn_proj"))
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
 _FIELD = re.compile(r'(\w+)="([^"]*)"')
 
