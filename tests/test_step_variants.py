@@ -1,0 +1,56 @@
+"""benchmarks/decode/step_variants.py (same-process A/B of decode-step code variants on the GPU) runs its
+code path on CPU, every variant patches an attribute that exists, and patches are undone after the block."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "decode" / "step_variants.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("step_variants", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_every_variant_patches_an_existing_attribute_and_is_undone():
+    sv = _module()
+    for name, changes in sv.variants().items():
+        for obj, attr, _ in changes:
+            assert hasattr(obj, attr), f"variant {name}: {obj.__name__}.{attr} does not exist (stale variant)"
+    box = types.SimpleNamespace(a=1, b=2)
+    with pytest.raises(RuntimeError):
+        with sv.patched((box, "a", 10), (box, "b", 20)):
+            assert (box.a, box.b) == (10, 20)
+            raise RuntimeError("a failing variant")
+    assert (box.a, box.b) == (1, 2)
+
+
+def test_tiny_run_times_every_variant(tmp_path):
+    out = tmp_path / "v.json"
+    codes = ["base", "old_qkv", "q_only", "rows_s2", "gemv_nk16"]
+    cmd = [sys.executable, str(SCRIPT), "--points", "tiny-opt:1:32:dense,both", "--code", *codes, "--rank", "16",
+           "--steps", "2", "--repeats", "2", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    assert report["date"] and report["command"].startswith("python benchmarks/decode/step_variants.py")
+    rows = {(r["selector"], r["code"]): r for r in report["rows"]}
+    assert set(rows) == {(s, c) for s in ("dense", "both") for c in codes}
+    for (sel, code), r in rows.items():
+        assert len(r["times_ms"]) == 2 and r["step_ms"] > 0
+        if code == "base":
+            assert r["ratio_to_first"] == 1.0
+        # on CPU no GEMV kernel runs, so every code variant computes the same logits
+        assert r["max_logit_diff_vs_first"] == 0.0
