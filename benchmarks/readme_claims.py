@@ -451,6 +451,32 @@ def decode_1129(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+# ---- Polar Sparsity on SmolLM2 (CPU) ---------------------------------------------------------------------
+@claim("smollm2-accuracy")
+def smollm2_accuracy(results: Path) -> str:
+    """The README's oracle / router table and its goal counts, from accuracy_smollm2.json."""
+    d = load(results, "accuracy_smollm2.json")
+    runs = d["runs"]
+    dense = next(r["ppl"] for r in runs if r["mode"] == "dense")
+    get = {(r["mode"], r["unit"], r["k"]): r["ppl"] for r in runs if r["mode"] != "dense"}
+    env = d["env"]
+    out = [f"Source: `benchmarks/results/accuracy_smollm2.md` ({env['device']}, jax {env['jax']}, {env['date']}); "
+           f"dense perplexity {dense:.3f}. Perplexity ratio to dense:", "",
+           "| kept | oracle | router | router / oracle |", "|---|---|---|---|"]
+    names = {"group": "KV groups", "head": "query heads"}
+    ratios = []
+    for unit, units in (("group", 3), ("head", 9)):
+        for k in range(units - 1, 0, -1):
+            o, r = get.get(("oracle", unit, k)), get.get(("router", unit, k))
+            if o is None or r is None:
+                continue
+            ratios.append(r / o)
+            out.append(f"| {k} of {units} {names[unit]} | {o / dense:.3f} | {r / dense:.3f} | {r / o:.3f} |")
+    met = sum(x <= 1.03 for x in ratios)
+    out += ["", f"- Router within 3 % of the oracle: {met} of {len(ratios)} densities (worst {max(ratios):.3f}x)."]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if README.md is not what the results give")

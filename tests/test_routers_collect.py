@@ -79,3 +79,14 @@ def test_collect_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(InputError, match="not a collection folder"):
         CollectedData(tmp_path / "nowhere")
     assert not (tmp_path / "b").exists()  # nothing written when the input is refused
+
+
+def test_group_score_is_the_sum_of_its_heads_norms():
+    """A KV group's score (router labels and the oracle) is the sum of its query heads' output norms: the
+    scoring the issue's HF oracle used. The L2 norm of the concatenated outputs ranks these groups the
+    other way round: one strong head (group 1) against three middling ones (group 0)."""
+    heads = np.asarray([[1.0, 1.0, 1.0, 1.8, 0.05, 0.05]], np.float32)  # [T, Hq = 6], 2 groups of 3
+    score = np.asarray(group_norms(heads, 2))
+    np.testing.assert_allclose(score, [[3.0, 1.9]], rtol=1e-6)
+    l2 = np.sqrt(np.sum(np.square(np.asarray(heads).reshape(1, 2, 3)), -1))
+    assert score[0, 0] > score[0, 1] and l2[0, 0] < l2[0, 1]

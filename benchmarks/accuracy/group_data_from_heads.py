@@ -1,6 +1,6 @@
 """Derive KV-group router data from a per-query-head collection (`polar-jax collect --unit head`).
 
-A KV group's label norm is the L2 norm of its query heads' output norms (`models.collect.group_norms`,
+A KV group's label score is the sum of its query heads' output norms (`models.collect.group_norms`,
 exactly what `collect` stores for a GQA model by default), and every other field is the same, so one dense
 pass over the text serves both router granularities: the other files are linked, not copied.
 
