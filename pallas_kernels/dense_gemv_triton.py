@@ -68,7 +68,7 @@ def choose_gemv_config(M: int, K: int, N: int, layout: str, device: DeviceClass 
     return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 32)
 
 
-def _load(ref, mask):
+def load_tile(ref, mask):
     # Unmasked where the tiling divides the weight: Triton refuses `other` without a mask.
     return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0.0)
 
@@ -95,12 +95,12 @@ def _gemv_kernel(x_ref, w_ref, *rest, M, K, N, cfg: GemvConfig, layout, activati
             w_mask = None
             if k_ragged or n_ragged:
                 w_mask = jnp.broadcast_to(n_ok[:, None] & k_ok[None, :], (bn, bk))
-            wt = _load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], w_mask)
+            wt = load_tile(w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], w_mask)
             return acc + plgpu.dot(xt, wt, trans_b=True)
         w_mask = None
         if k_ragged or n_ragged:
             w_mask = jnp.broadcast_to(k_ok[:, None] & n_ok[None, :], (bk, bn))
-        wt = _load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], w_mask)
+        wt = load_tile(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], w_mask)
         return acc + plgpu.dot(xt, wt)
 
     acc = jax.lax.fori_loop(0, kb_per_split, body, jnp.zeros((MAX_M, bn), jnp.float32))

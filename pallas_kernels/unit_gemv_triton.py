@@ -26,50 +26,36 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .backends import use_interpret
+from .dense_gemv_triton import MAX_M, GemvConfig, gemv_smem, load_tile
 from .devices import DeviceClass, current_device_class
 from .grid import cdiv, pow2_at_least
-from .smem import fit_tiling, staged_bytes
+from .smem import fit_tiling
 from .validation import check_kernel_dtype
 
-MAX_M = 16
+# The dense GEMV's tiling type and shared-memory estimate (the same x and weight tiles per k-step); for
+# `gemv_rows`, `split_k` splits the reduction over the selected units' rows (f32 partials + one epilogue),
+# for `gemv_multi` it is always 1 (every output written directly).
 
 
-@dataclasses.dataclass(frozen=True)
-class UnitGemvConfig:
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    split: int = 1  # gemv_rows: slot ranges summed by an epilogue (shorter serial loops per program)
-
-
-def unit_gemv_smem(cfg: UnitGemvConfig) -> int:
-    return staged_bytes(cfg.num_stages, (MAX_M + cfg.block_n) * cfg.block_k)
-
-
-def choose_multi_config(K: int, columns: int, device: DeviceClass | None = None) -> UnitGemvConfig:
+def choose_multi_config(K: int, columns: int, device: DeviceClass | None = None) -> GemvConfig:
     """64 columns per program where that still gives every SM a program, else 32 (more programs to keep
     HBM busy); 256-wide k-steps as in the dense GEMV's H200 sweep."""
     dev = device or current_device_class()
     block_n = 64 if cdiv(columns, 64) >= dev.num_sms else 32
-    cfg = UnitGemvConfig(block_n, min(256, pow2_at_least(K, 16)), num_warps=4, num_stages=4)
-    return fit_tiling(cfg, unit_gemv_smem, dev.smem_per_block, "block_k", 32)
+    cfg = GemvConfig(block_n, min(256, pow2_at_least(K, 16)), 1, num_warps=4, num_stages=4)
+    return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 32)
 
 
-def choose_rows_config(unit_width: int, N: int, slots: int = 1, device: DeviceClass | None = None) -> UnitGemvConfig:
+def choose_rows_config(unit_width: int, N: int, slots: int = 1, device: DeviceClass | None = None) -> GemvConfig:
     """32 output columns per program (the output is only d wide), k-steps of one unit's rows or less, and
     the slots split 4 ways (f32 partials + one epilogue): a program that walks every selected head in
     turn is latency-bound. H200, B=1 decode step: 4 splits 3.2 % (OPT-6.7B, 9 heads) and 4.8 %
     (LLaMA-2-7B, 16 heads) faster than none, 2 splits half that
     (benchmarks/results/raw_2026-11-29b_h200/call3_step_variants_b1.json)."""
     dev = device or current_device_class()
-    cfg = UnitGemvConfig(min(32, pow2_at_least(N, 16)), min(128, pow2_at_least(unit_width, 16)), num_warps=4,
-                         num_stages=4, split=max(1, min(4, slots)))
-    return fit_tiling(cfg, unit_gemv_smem, dev.smem_per_block, "block_k", 16)
-
-
-def _masked(ref, mask):
-    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0.0)
+    cfg = GemvConfig(min(32, pow2_at_least(N, 16)), min(128, pow2_at_least(unit_width, 16)), max(1, min(4, slots)),
+                     num_warps=4, num_stages=4)
+    return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 16)
 
 
 def _column_block(x_ref, w_ref, b_ref, o_ref, n0, *, M, K, N, bn, bk, n_ragged):
@@ -84,7 +70,7 @@ def _column_block(x_ref, w_ref, b_ref, o_ref, n0, *, M, K, N, bn, bk, n_ragged):
         x_mask = m_ok[:, None] & k_ok[None, :] if k_ragged else jnp.broadcast_to(m_ok[:, None], (MAX_M, bk))
         xt = plgpu.load(x_ref.at[pl.ds(0, MAX_M), pl.ds(k0, bk)], mask=x_mask, other=0.0)
         w_mask = jnp.broadcast_to(k_ok[:, None] & n_ok[None, :], (bk, bn)) if (k_ragged or n_ragged) else None
-        return acc + plgpu.dot(xt, _masked(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], w_mask))
+        return acc + plgpu.dot(xt, load_tile(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], w_mask))
 
     acc = jax.lax.fori_loop(0, cdiv(K, bk), body, jnp.zeros((MAX_M, bn), jnp.float32))
     if b_ref is not None:
@@ -92,7 +78,7 @@ def _column_block(x_ref, w_ref, b_ref, o_ref, n0, *, M, K, N, bn, bk, n_ragged):
     plgpu.store(o_ref.at[pl.ds(0, MAX_M), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _multi_kernel(*refs, M, K, Ns, has_bias, gather, width, cap, cfg: UnitGemvConfig):
+def _multi_kernel(*refs, M, K, Ns, has_bias, gather, width, cap, cfg: GemvConfig):
     n_w = len(Ns)
     x_ref, w_refs = refs[0], refs[1:1 + n_w]
     pos = 1 + n_w
@@ -135,7 +121,7 @@ def _multi_kernel(*refs, M, K, Ns, has_bias, gather, width, cap, cfg: UnitGemvCo
 
 
 @functools.partial(jax.jit, static_argnames=("width", "cfg", "interpret"))
-def gemv_multi_triton(x, ws, biases, units, n_active, *, width, cfg: UnitGemvConfig, interpret: bool):
+def gemv_multi_triton(x, ws, biases, units, n_active, *, width, cfg: GemvConfig, interpret: bool):
     M, K = x.shape
     Ns = tuple(w.shape[1] for w in ws)
     gather = units is not None
@@ -153,10 +139,10 @@ def gemv_multi_triton(x, ws, biases, units, n_active, *, width, cfg: UnitGemvCon
     )(x, *ws, *[b for b in biases if b is not None], *extra)
 
 
-def _rows_kernel(x_ref, w_ref, *rest, M, N, width, cap, has_bias, cfg: UnitGemvConfig):
+def _rows_kernel(x_ref, w_ref, *rest, M, N, width, cap, has_bias, cfg: GemvConfig):
     b_ref = rest[0] if has_bias else None
     units_ref, nact_ref, o_ref = rest[-3], rest[-2], rest[-1]
-    bn, bk, split = cfg.block_n, cfg.block_k, cfg.split
+    bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
     n0 = pl.program_id(0) * bn
     n_ok = (n0 + jnp.arange(bn, dtype=jnp.int32)) < N
     m_ok = jnp.arange(MAX_M, dtype=jnp.int32) < M
@@ -186,10 +172,10 @@ def _rows_kernel(x_ref, w_ref, *rest, M, N, width, cap, has_bias, cfg: UnitGemvC
 
 
 @functools.partial(jax.jit, static_argnames=("width", "cfg", "interpret"))
-def gemv_rows_triton(x, w, bias, units, n_active, *, width, cfg: UnitGemvConfig, interpret: bool):
+def gemv_rows_triton(x, w, bias, units, n_active, *, width, cfg: GemvConfig, interpret: bool):
     M = x.shape[0]
     N = w.shape[1]
-    split = cfg.split
+    split = cfg.split_k
     kernel = functools.partial(_rows_kernel, M=M, N=N, width=width, cap=units.shape[0],
                                has_bias=bias is not None and split == 1, cfg=cfg)
     out_shape = (jax.ShapeDtypeStruct((M, N), x.dtype) if split == 1
@@ -208,7 +194,7 @@ def gemv_rows_triton(x, w, bias, units, n_active, *, width, cfg: UnitGemvConfig,
 
 
 def gemv_multi(x, ws, biases, units=None, n_active=None, width: int | None = None,
-               config: UnitGemvConfig | None = None):
+               config: GemvConfig | None = None):
     """Backend entry point (the public op in unit_gemv.py validates first)."""
     check_kernel_dtype(x.dtype, use_interpret())
     columns = sum(w.shape[1] for w in ws)
@@ -219,7 +205,7 @@ def gemv_multi(x, ws, biases, units=None, n_active=None, width: int | None = Non
                              interpret=use_interpret())
 
 
-def gemv_rows(x, w, bias, units, n_active, width: int, config: UnitGemvConfig | None = None):
+def gemv_rows(x, w, bias, units, n_active, width: int, config: GemvConfig | None = None):
     check_kernel_dtype(x.dtype, use_interpret())
     cfg = config or choose_rows_config(width, w.shape[1], units.shape[0])
     return gemv_rows_triton(x, w, bias, units, n_active, width=width, cfg=cfg, interpret=use_interpret())

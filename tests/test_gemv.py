@@ -170,7 +170,7 @@ def test_gemv_rows_slot_splits_match_reference(split):
     w = jnp.asarray(rng.standard_normal((units_n * width, N)) / 16, jnp.float32)
     b = jnp.asarray(rng.standard_normal(N), jnp.float32)
     units = jnp.asarray(rng.permutation(units_n), jnp.int32)
-    cfg = ut.UnitGemvConfig(block_n=16, block_k=32, num_warps=4, num_stages=2, split=split)
+    cfg = tri.GemvConfig(block_n=16, block_k=32, split_k=split, num_warps=4, num_stages=2)
     for n in (0, 2, 5, units_n):
         out = ut.gemv_rows(x, w, b, units, n, width, config=cfg)
         assert npref.rel_err(out, npref.unit_rows_ref(x, w, b, units, n, width)) < 1e-5

@@ -82,7 +82,7 @@ def _rows_split(split, block_n=32):
     choose = unit_gemv_triton.choose_rows_config
 
     def pick(width, N, slots=1, device=None):
-        return dataclasses.replace(choose(width, N, slots, device), split=split, block_n=block_n)
+        return dataclasses.replace(choose(width, N, slots, device), split_k=split, block_n=block_n)
     return pick
 
 
