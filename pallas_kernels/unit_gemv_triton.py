@@ -39,10 +39,13 @@ from .validation import check_kernel_dtype
 
 def choose_multi_config(K: int, columns: int, device: DeviceClass | None = None) -> GemvConfig:
     """64 columns per program where that still gives every SM a program, else 32 (more programs to keep
-    HBM busy); 256-wide k-steps as in the dense GEMV's H200 sweep."""
+    HBM busy); 256-wide k-steps as in the dense GEMV's H200 sweep; 3 pipeline stages: in the B=1 decode
+    step on the H200 they made OPT-6.7B's dense step 2.7 % and its heads + MLP step 5.7 % faster than 4
+    stages (LLaMA-2-7B 2.1 % and 3.4 %), while 32-column programs or 6 stages were slower
+    (benchmarks/results/raw_2026-11-29c_h200/call1_b1_*_variants.json)."""
     dev = device or current_device_class()
     block_n = 64 if cdiv(columns, 64) >= dev.num_sms else 32
-    cfg = GemvConfig(block_n, min(256, pow2_at_least(K, 16)), 1, num_warps=4, num_stages=4)
+    cfg = GemvConfig(block_n, min(256, pow2_at_least(K, 16)), 1, num_warps=4, num_stages=3)
     return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 32)
 
 

@@ -152,3 +152,21 @@ class KernelOpTests:
 
     def test_union_select_no_live_row_selects_nothing(self):
         self.check_union(3, 32, 100, 50, [False] * 3, -10.0)
+
+    def test_union_select_int8_weights_apply_their_per_neuron_scales(self):
+        """int8 w with scales [N] selects exactly what the float reference selects on the dequantized w
+        (scales spread over 100x, so a dropped or misplaced scale changes the selection)."""
+        rng = fresh_rng()
+        B, R, N, cap = 4, 96, 200, 200
+        u = self.arr(rng, (B, R))
+        q = jnp.asarray(rng.integers(-127, 128, (R, N)), jnp.int8)
+        scale = jnp.asarray(np.exp(rng.uniform(-2.3, 2.3, N)) / (127 * R**0.5), jnp.float32)
+        live = [True, True, False, True]
+        logits = (npref.f64(u) @ (npref.f64(q) * npref.f64(scale)[None, :]))[np.asarray(live)].max(axis=0)
+        t = float(np.median(logits))
+        while np.any(np.abs(logits - t) < 0.02 * np.abs(logits).max()):  # keep rounding away from the decision
+            t += 0.0137 * np.abs(logits).max()
+        idx, count = pk.union_select(u, q, jnp.asarray(live), jnp.float32(t), cap, impl=self.impl, w_scale=scale)
+        ids = np.flatnonzero(logits > t)
+        assert 0 < ids.size < N and int(count) == ids.size
+        np.testing.assert_array_equal(np.asarray(idx)[: ids.size], ids)

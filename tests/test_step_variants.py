@@ -10,6 +10,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def test_every_variant_patches_an_existing_attribute_and_is_undone():
 
 def test_tiny_run_times_every_variant(tmp_path):
     out = tmp_path / "v.json"
-    codes = ["base", "old_qkv", "q_only", "rows_s2", "gemv_nk16"]
+    codes = ["base", "old_qkv", "q_only", "rows_s2", "gemv_nk16", "int8_router"]
     cmd = [sys.executable, str(SCRIPT), "--points", "tiny-opt:1:32:dense,both", "--code", *codes, "--rank", "16",
            "--steps", "2", "--repeats", "2", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
@@ -52,5 +53,24 @@ def test_tiny_run_times_every_variant(tmp_path):
         assert len(r["times_ms"]) == 2 and r["step_ms"] > 0
         if code == "base":
             assert r["ratio_to_first"] == 1.0
+        if code == "int8_router":  # other router weights: the MLP selection may differ a little
+            assert np.isfinite(r["max_logit_diff_vs_first"])
+            continue
         # on CPU no GEMV kernel runs, so every code variant computes the same logits
         assert r["max_logit_diff_vs_first"] == 0.0
+
+
+def test_tiling_variants_change_only_their_batch_range():
+    from pallas_kernels import selective_gemm_triton as sg
+    from pallas_kernels import unit_gemv_triton as ug
+
+    sv = _module()
+    up = sv._mid_up(block_a=16)
+    assert up(32, 4096, 9216).block_a == 16 and up(32, 4096, 9216, True).block_a == 16
+    assert up(1, 4096, 2048) == sg.choose_up_config(1, 4096, 2048) and up(128, 4096, 9216) == sg.choose_up_config(128, 4096, 9216)
+    down = sv._mid_down(block_d=64, num_warps=4, num_stages=4)
+    d = down(32, 4096, 9216)
+    assert (d.block_d, d.num_warps) == (64, 4) and d.split_j == sg.down_split(32, 4096, 9216, d.block_m, d.block_j, 64)
+    assert down(8, 4096, 4352) == sg.choose_down_config(8, 4096, 4352)
+    assert sv._multi(32, 6)(4096, 12288) == ug.choose_multi_config(4096, 12288).__class__(
+        32, ug.choose_multi_config(4096, 12288).block_k, 1, 4, 6)

@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels import dense_gemv, dense_gemv_triton, selective_attention_triton, unit_gemv_triton
+from pallas_kernels import (dense_gemv, dense_gemv_triton, selective_attention_triton, selective_gemm_triton,
+                            union_select_triton, unit_gemv_triton)
 from polar_jax.bench import decode_bench as db
+from polar_jax.routers import sparsify
 from polar_jax.bench.shapes import SHAPES
 from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
 from polar_jax.models import base, build_model, layers
@@ -93,6 +95,104 @@ def _dense_out(self, heads, gemv=None, *, bias=True, units=None):
 _committed_out = layers.Attention.out
 
 
+def _multi(block_n=None, stages=None, block_k=None):
+    choose = unit_gemv_triton.choose_multi_config
+
+    def pick(K, columns, device=None):
+        cfg = choose(K, columns, device)
+        return dataclasses.replace(cfg, block_n=block_n or cfg.block_n, num_stages=stages or cfg.num_stages,
+                                   block_k=block_k or cfg.block_k)
+    return pick
+
+
+def _gemv_stages(stages):
+    choose = dense_gemv_triton.choose_gemv_config
+
+    def pick(M, K, N, layout, device=None):
+        return dataclasses.replace(choose(M, K, N, layout, device), num_stages=stages)
+    return pick
+
+
+def _rows_stages(stages):
+    choose = unit_gemv_triton.choose_rows_config
+
+    def pick(width, N, slots=1, device=None):
+        return dataclasses.replace(choose(width, N, slots, device), num_stages=stages)
+    return pick
+
+
+def _attn_target(target):
+    choose = selective_attention_triton.choose_attn_config
+
+    def pick(B, S, A, D, G=1, device=None):
+        cfg = choose(B, S, A, D, G, device)
+        return cfg if B < 8 else dataclasses.replace(cfg, target_programs=target)
+    return pick
+
+
+def _mid_up(**fields):
+    """gather_up's tiling with `fields` replaced for 16 < M <= 64 (the B=32 step), its split recomputed."""
+    choose = selective_gemm_triton.choose_up_config
+
+    def pick(M, K, A, gated=False, device=None):
+        cfg = choose(M, K, A, gated, device)
+        if not 16 < M <= 64:
+            return cfg
+        cfg = dataclasses.replace(cfg, **fields)
+        return dataclasses.replace(cfg, split_k=selective_gemm_triton.up_split(M, K, A, cfg.block_m, cfg.block_a,
+                                                                               cfg.block_k, gated))
+    return pick
+
+
+def _mid_down(**fields):
+    """gather_down's tiling with `fields` replaced for 16 < M <= 64, its split recomputed."""
+    choose = selective_gemm_triton.choose_down_config
+
+    def pick(M, D, A, device=None):
+        cfg = choose(M, D, A, device)
+        if not 16 < M <= 64:
+            return cfg
+        cfg = dataclasses.replace(cfg, **fields)
+        return dataclasses.replace(cfg, split_j=selective_gemm_triton.down_split(M, D, A, cfg.block_m, cfg.block_j,
+                                                                                 cfg.block_d))
+    return pick
+
+
+_committed_router_selector = sparsify.router_selector
+
+
+def _int8_router_selector(*args, **kw):
+    return _committed_router_selector(*args, **kw, int8_mlp_router=True)
+
+
+def _fused_router_selector(*args, **kw):
+    return _committed_router_selector(*args, **kw, fuse_routers=True)
+
+
+def _lax_top_units(scores, k):
+    """Heads' top-k by XLA's TopK (one kernel) instead of the pairwise ranking (two reductions)."""
+    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+
+
+def _int8_second_only(mlp_a, mlp_b):
+    """int8 for the second router matrix only (union_select's read); the first stays in the model dtype."""
+    q = _committed_int8_mlp(mlp_a, mlp_b)
+    return {**q, "mlp_a": mlp_a, "mlp_a_scale": None}
+
+
+_committed_int8_mlp = sparsify._int8_mlp
+
+
+def _select_block(block_n, block_r=None):
+    """union_select's tiling with wider neuron blocks: int8 rows of 64 neurons are 64-byte segments."""
+    choose = union_select_triton.choose_select_config
+
+    def pick(B, r, N, device=None):
+        cfg = choose(B, r, N, device)
+        return dataclasses.replace(cfg, block_n=block_n, block_r=block_r or cfg.block_r)
+    return pick
+
+
 def variants() -> dict:
     no_units = (base, "selected_units", lambda choice, step: None)
     return {
@@ -110,6 +210,35 @@ def variants() -> dict:
         "gemv_nk16": ((dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 1}),),
         "gemv_b1_only": ((dense_gemv, "GEMV_MAX_M", {"nk": 1, "kn": 1}),),
         "gemv_all16": ((dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 16}),),
+        # the MLP router's two matrices as int8 with per-output scales (half their bytes)
+        "int8_router": ((db, "router_selector", _int8_router_selector),),
+        # Q/K/V GEMV tilings at B=1 (192 programs of 64 columns are 1.45 waves on 132 SMs)
+        "multi_bn32": ((unit_gemv_triton, "choose_multi_config", _multi(32)),),
+        "multi_bn32_st6": ((unit_gemv_triton, "choose_multi_config", _multi(32, 6)),),
+        "multi_st3": ((unit_gemv_triton, "choose_multi_config", _multi(None, 3)),),
+        # fewer stages / narrower k-steps: two programs per SM fit in shared memory
+        "multi_st2": ((unit_gemv_triton, "choose_multi_config", _multi(None, 2)),),
+        "multi_k128": ((unit_gemv_triton, "choose_multi_config", _multi(None, 4, 128)),),
+        "gemv_st2": ((dense_gemv_triton, "choose_gemv_config", _gemv_stages(2)),),
+        "gemv_st3": ((dense_gemv_triton, "choose_gemv_config", _gemv_stages(3)),),
+        "rows_st2": ((unit_gemv_triton, "choose_rows_config", _rows_stages(2)),),
+        "int8_router_b": ((db, "router_selector", _int8_router_selector), (sparsify, "_int8_mlp", _int8_second_only)),
+        "int8_router_b_n128": ((db, "router_selector", _int8_router_selector), (sparsify, "_int8_mlp", _int8_second_only),
+                               (union_select_triton, "choose_select_config", _select_block(128))),
+        "int8_router_b_n128_r256": ((db, "router_selector", _int8_router_selector),
+                                    (sparsify, "_int8_mlp", _int8_second_only),
+                                    (union_select_triton, "choose_select_config", _select_block(128, 256))),
+        # one product for the head router and the MLP router's first matrix; XLA's TopK for the heads
+        "fuse_routers": ((db, "router_selector", _fused_router_selector),),
+        "head_topk_lax": ((sparsify, "top_units", _lax_top_units),),
+        # flash-decoding split targets at B >= 8
+        "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),
+        "attn_t528": ((selective_attention_triton, "choose_attn_config", _attn_target(528)),),
+        # gather kernels at 16 < M <= 64 (OPT-6.7B B=32: 2.5-2.7 TB/s)
+        "up_a16": ((selective_gemm_triton, "choose_up_config", _mid_up(block_a=16)),),
+        "up_k256": ((selective_gemm_triton, "choose_up_config", _mid_up(block_k=256, num_stages=3)),),
+        "down_d64": ((selective_gemm_triton, "choose_down_config", _mid_down(block_d=64, num_warps=4, num_stages=4)),),
+        "down_d256": ((selective_gemm_triton, "choose_down_config", _mid_down(block_j=64, block_d=256)),),
     }
 
 
@@ -125,7 +254,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     table = variants()
-    rows = []
+    rows, failed = [], []
     for point in args.points:
         shape, batch, context, sels = point.split(":")
         batch, context = int(batch), int(context)
@@ -142,31 +271,35 @@ def main() -> int:
             bundle = calibrate_union(bundle, np.asarray(inter["router_input"][:, :, 0], np.float32), batch,
                                      paper_union(batch))
         names = sels.split(",")
-        sel_vs = db.build_variants(cfg, names, batch, context, bundle, density, dtype, None)
         runs = {}
         ref_logits = {}
         for code in args.code:
             jax.clear_caches()
             with patched(*table[code]):
-                for v in sel_vs:
+                for v in db.build_variants(cfg, names, batch, context, bundle, density, dtype, None):
                     t0 = time.perf_counter()
-                    fn = db.run_steps_on_device.lower(graphdef, state, cache, tokens, v.selector, args.steps,
-                                                      v.gemv_impl).compile()
-                    logits, cache = fn(state, db._reset(cache, context), tokens, v.selector)
+                    try:
+                        fn = db.run_steps_on_device.lower(graphdef, state, cache, tokens, v.selector, args.steps,
+                                                          v.gemv_impl).compile()
+                        logits, cache = fn(state, db._reset(cache, context), tokens, v.selector)
+                    except Exception as e:  # noqa: BLE001 - a variant that does not compile is a finding
+                        print(f"{shape} B={batch} {v.name} {code}: FAILED {e!r:.300}", flush=True)
+                        failed.append(dict(shape=shape, batch=batch, selector=v.name, code=code, error=repr(e)[:2000]))
+                        continue
                     lg = np.asarray(logits, np.float32)
                     ref_logits.setdefault(v.name, lg)
-                    runs[(code, v.name)] = dict(compile_s=time.perf_counter() - t0, times=[], fn=fn,
+                    runs[(code, v.name)] = dict(compile_s=time.perf_counter() - t0, times=[], fn=fn, selector=v.selector,
                                                 max_logit_diff=float(np.abs(lg - ref_logits[v.name]).max()))
         for _ in range(args.repeats):
             for (code, name), r in runs.items():
-                v = next(v for v in sel_vs if v.name == name)
                 c = db._reset(cache, context)
                 t = time.perf_counter()
-                logits, cache = r["fn"](state, c, tokens, v.selector)
+                logits, cache = r["fn"](state, c, tokens, r["selector"])
                 logits.block_until_ready()
                 r["times"].append((time.perf_counter() - t) / args.steps)
         for (code, name), r in runs.items():
-            base_t = statistics.median(runs[(args.code[0], name)]["times"])
+            first = runs.get((args.code[0], name))
+            base_t = statistics.median(first["times"]) if first else float("nan")
             med = statistics.median(r["times"])
             rows.append(dict(shape=shape, batch=batch, context=context, selector=name, code=code, step_ms=1e3 * med,
                              times_ms=[1e3 * t for t in r["times"]], ratio_to_first=med / base_t,
@@ -177,7 +310,7 @@ def main() -> int:
     meta = dict(device=str(jax.devices()[0].device_kind if hasattr(jax.devices()[0], "device_kind") else jax.devices()[0]),
                 jax_version=jax.__version__, date=datetime.date.today().isoformat(),
                 command="python benchmarks/decode/step_variants.py " + " ".join(sys.argv[1:]),
-                xla_flags=os.environ.get("XLA_FLAGS", ""), rows=rows)
+                xla_flags=os.environ.get("XLA_FLAGS", ""), rows=rows, failed=failed)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(meta, f, indent=1)
