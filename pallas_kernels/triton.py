@@ -39,6 +39,6 @@ def select_decode(q, k, v, lengths, groups, n_active, sm_scale=None, window=None
     return _attn.select_decode(q, k, v, lengths, groups, n_active, sm_scale, window, config)
 
 
-def union_select(u, w, live, threshold, capacity: int, config: SelectConfig | None = None, w_scale=None):
-    check_union_select(u, w, live, threshold, capacity, w_scale)
-    return _sel.union_select(u, w, live, threshold, capacity, w_scale, config)
+def union_select(u, w, live, threshold, capacity: int, config: SelectConfig | None = None):
+    check_union_select(u, w, live, threshold, capacity)
+    return _sel.union_select(u, w, live, threshold, capacity, config)

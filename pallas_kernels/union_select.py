@@ -7,8 +7,6 @@ indices ascending (weight rows streamed in memory order). This op does all of it
 - returns (idx [capacity] int32, count int32): the first min(count, capacity) entries of idx are the
   kept neurons in ascending order, the rest are 0; count may exceed the capacity (the caller then
   runs the dense MLP).
-- w may be int8 with one float32 scale per neuron (`w_scale` [N], logits = (u @ w) * w_scale): the read
-  of w is the op's whole cost (33.5 MB per OPT-6.7B layer in bf16 at rank 1024), so int8 halves it.
 It replaces `lax.top_k` over the batch-summed scores, which costs ~50 us per layer at N = 16384 on the
 H200 whatever k is (benchmarks/results/decode_diag_2026-11-28.md).
 """
@@ -26,21 +24,11 @@ Array = jax.Array
 _IMPLS = {"xla": union_select_xla, "triton": tri.union_select}
 
 
-def check_union_select(u, w, live, threshold, capacity, w_scale=None) -> None:
+def check_union_select(u, w, live, threshold, capacity) -> None:
     check_ndim("u", u, 2)
     check_ndim("w", w, 2)
     check_float("u", u)
-    if jnp.dtype(w.dtype) == jnp.dtype(jnp.int8):
-        if w_scale is None:
-            raise ValueError("an int8 w needs its per-neuron scales (w_scale [N])")
-        check_ndim("w_scale", w_scale, 1)
-        if w_scale.shape[0] != w.shape[1]:
-            raise ValueError(f"w_scale must have shape ({w.shape[1]},), got {w_scale.shape}")
-        check_float("w_scale", w_scale)
-    else:
-        if w_scale is not None:
-            raise ValueError(f"w_scale is only for an int8 w (w is {w.dtype})")
-        check_same_dtype(u=u, w=w)
+    check_same_dtype(u=u, w=w)
     if u.shape[1] != w.shape[0]:
         raise ValueError(f"u is [B, r] and w [r, N]: got {u.shape} and {w.shape}")
     check_ndim("live", live, 1)
@@ -53,10 +41,9 @@ def check_union_select(u, w, live, threshold, capacity, w_scale=None) -> None:
 
 
 def union_select(u: Array, w: Array, live: Array, threshold: Array | float, capacity: int,
-                 impl: str = "auto", w_scale: Array | None = None) -> tuple[Array, Array]:
+                 impl: str = "auto") -> tuple[Array, Array]:
     """(ascending indices of the neurons whose logit `u @ w` passes `threshold` in some live row, their
-    count). u [B, r], w [r, N] (u's float dtype, or int8 with `w_scale` [N] float32), live [B] bool,
-    threshold scalar, capacity static."""
-    check_union_select(u, w, live, threshold, capacity, w_scale)
+    count). u [B, r], w [r, N] (same float dtype), live [B] bool, threshold scalar, capacity static."""
+    check_union_select(u, w, live, threshold, capacity)
     fn = dispatch("union_select", _IMPLS, impl)
-    return fn(u, w, jnp.asarray(live, bool), jnp.asarray(threshold, jnp.float32), capacity, w_scale)
+    return fn(u, w, jnp.asarray(live, bool), jnp.asarray(threshold, jnp.float32), capacity)

@@ -2,8 +2,7 @@
 
 Two small kernels, no sort:
 1. `union_mask`: one program per block of `block_n` neurons computes the logits of every row for its
-   neurons (u [B, r] @ w[:, block] in f32, r streamed in `block_r` steps, rows in tiles of at most 64;
-   an int8 w is widened to u's dtype per tile and its per-neuron scales applied to the f32 sums),
+   neurons (u [B, r] @ w[:, block] in f32, r streamed in `block_r` steps, rows in tiles of at most 64),
    takes the maximum over live rows, compares it with the threshold, and writes the block's keep flags
    and their count. The w read (r x N) is the whole cost; the [B, N] logits never reach memory.
 2. `union_compact`: one program per block sums the counts of the blocks before it (its output offset)
@@ -57,9 +56,7 @@ def choose_select_config(B: int, r: int, N: int, device: DeviceClass | None = No
     return fit_tiling(cfg, mask_smem, dev.smem_per_block, "block_r", 16)
 
 
-def _mask_kernel(u_ref, w_ref, *rest, B, R, N, scaled, cfg: SelectConfig):
-    s_ref = rest[0] if scaled else None
-    live_ref, t_ref, keep_ref, cnt_ref = rest[-4:]
+def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, cfg: SelectConfig):
     bn, br, bb = cfg.block_n, cfg.block_r, cfg.block_b
     i = pl.program_id(0)
     cols = i * bn + jnp.arange(bn, dtype=jnp.int32)
@@ -77,12 +74,10 @@ def _mask_kernel(u_ref, w_ref, *rest, B, R, N, scaled, cfg: SelectConfig):
             ut = plgpu.load(u_ref.at[rows[:, None], ks[None, :]],
                             mask=jnp.broadcast_to(r_ok[:, None] & k_ok[None, :], (bb, br)), other=0.0)
             wt = plgpu.load(w_ref.at[ks[:, None], cols[None, :]],
-                            mask=jnp.broadcast_to(k_ok[:, None] & c_ok[None, :], (br, bn)), other=0)
-            return acc + plgpu.dot(ut, wt.astype(ut.dtype))
+                            mask=jnp.broadcast_to(k_ok[:, None] & c_ok[None, :], (br, bn)), other=0.0)
+            return acc + plgpu.dot(ut, wt)
 
         acc = jax.lax.fori_loop(0, cdiv(R, br), r_step, jnp.zeros((bb, bn), jnp.float32))
-        if s_ref is not None:
-            acc = acc * plgpu.load(s_ref.at[cols], mask=c_ok, other=0.0)[None, :]
         acc = jnp.where(live[:, None], acc, -jnp.inf)
         return jnp.maximum(best, jnp.max(acc, axis=0))
 
@@ -121,7 +116,7 @@ def _compact_kernel(keep_ref, cnt_ref, idx_ref, total_ref, *, N, cap, n_blocks, 
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "cfg", "interpret"))
-def union_select_triton(u, w, live, threshold, w_scale=None, *, capacity: int, cfg: SelectConfig, interpret: bool):
+def union_select_triton(u, w, live, threshold, *, capacity: int, cfg: SelectConfig, interpret: bool):
     B, R = u.shape
     N = w.shape[1]
     n_blocks = cdiv(N, cfg.block_n)
@@ -129,12 +124,11 @@ def union_select_triton(u, w, live, threshold, w_scale=None, *, capacity: int, c
         raise ValueError("capacity larger than the padded neuron count")
     params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     keep, counts = pl.pallas_call(
-        functools.partial(_mask_kernel, B=B, R=R, N=N, scaled=w_scale is not None, cfg=cfg),
+        functools.partial(_mask_kernel, B=B, R=R, N=N, cfg=cfg),
         out_shape=(jax.ShapeDtypeStruct((n_blocks * cfg.block_n,), jnp.int32),
                    jax.ShapeDtypeStruct((n_blocks,), jnp.int32)),
         grid=(n_blocks,), interpret=interpret, compiler_params=params, name="union_mask",
-    )(u, w, *([w_scale.astype(jnp.float32)] if w_scale is not None else []), live.astype(jnp.int32),
-      jnp.reshape(threshold.astype(jnp.float32), (1,)))
+    )(u, w, live.astype(jnp.int32), jnp.reshape(threshold.astype(jnp.float32), (1,)))
     idx, total = pl.pallas_call(
         functools.partial(_compact_kernel, N=N, cap=capacity, n_blocks=n_blocks, cfg=cfg),
         out_shape=(jax.ShapeDtypeStruct((capacity,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
@@ -144,8 +138,8 @@ def union_select_triton(u, w, live, threshold, w_scale=None, *, capacity: int, c
     return idx, total[0]
 
 
-def union_select(u, w, live, threshold, capacity: int, w_scale=None, config: SelectConfig | None = None):
+def union_select(u, w, live, threshold, capacity: int, config: SelectConfig | None = None):
     """Backend entry point (validated by union_select.union_select); `config` for benchmarks."""
     check_kernel_dtype(u.dtype, use_interpret())
     cfg = config or choose_select_config(u.shape[0], u.shape[1], w.shape[1])
-    return union_select_triton(u, w, live, threshold, w_scale, capacity=capacity, cfg=cfg, interpret=use_interpret())
+    return union_select_triton(u, w, live, threshold, capacity=capacity, cfg=cfg, interpret=use_interpret())

@@ -17,10 +17,7 @@ def compact(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
     return idx, (pos[-1] + 1).astype(jnp.int32)
 
 
-def union_select_xla(u: jax.Array, w: jax.Array, live: jax.Array, threshold: jax.Array, capacity: int,
-                     w_scale: jax.Array | None = None):
-    logits = jnp.dot(u, w.astype(u.dtype), preferred_element_type=jnp.float32)  # [B, N]
-    if w_scale is not None:  # int8 w: per-neuron scales (they commute with the sum over the rank)
-        logits = logits * w_scale.astype(jnp.float32)
+def union_select_xla(u: jax.Array, w: jax.Array, live: jax.Array, threshold: jax.Array, capacity: int):
+    logits = jnp.dot(u, w, preferred_element_type=jnp.float32)  # [B, N]
     logits = jnp.where(live[:, None], logits, -jnp.inf)
     return compact(jnp.max(logits, axis=0) > threshold, capacity)

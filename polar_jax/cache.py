@@ -18,6 +18,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.kv_append import kv_append, prefers_kv_append
+
 from polar_jax.config import ModelConfig
 
 
@@ -40,10 +42,14 @@ class LayerKV:
         t = k.shape[1]
         return LayerKV(self.k.at[rows, :t].set(k), self.v.at[rows, :t].set(v))
 
-    def append(self, k: jax.Array, v: jax.Array, positions: jax.Array, live: jax.Array | None = None) -> "LayerKV":
+    def append(self, k: jax.Array, v: jax.Array, positions: jax.Array, live: jax.Array | None = None,
+               kernel: str | None = None) -> "LayerKV":
         """One token per row: k/v `[B, H_kv, D]` written at `positions` [B]. Rows whose `live` is False are
-        not written (their position is pushed out of range and the write dropped)."""
+        not written (their position is pushed out of range and the write dropped). `kernel`: a kernel
+        backend that writes K and V in one launch (`pallas_kernels.kv_append`); None: XLA's scatters."""
         b, s = self.k.shape[:2]
+        if kernel is not None and prefers_kv_append(b):
+            return LayerKV(*kv_append(self.k, self.v, k, v, positions.astype(jnp.int32), live, impl=kernel))
         pos = positions.astype(jnp.int32)
         if live is not None:
             pos = jnp.where(live, pos, s)

@@ -16,7 +16,7 @@ from polar_jax.models import CausalLM
 from polar_jax.policy import PARTS, choose_variant
 from polar_jax.routers.bundle import SparsityBundle, load_sparsity
 from polar_jax.routers.config import check_density
-from polar_jax.routers.sparsify import RouterSelector, router_selector
+from polar_jax.routers.sparsify import RouterSelector, fuse_routers_for, router_selector
 
 __all__ = ["IMPL_CHOICES", "sparse_selector", "check_selector"]
 
@@ -45,7 +45,7 @@ def sparse_selector(model: CausalLM, sparsity: Any, batch: int, context: int, at
         return None
     return router_selector(bundle, attn_density=attn_density, mlp_recall=mlp_recall if mlp else None,
                            attn=attn, mlp=mlp, adaptive=adaptive, dtype=model.dtype, select_impl=impl,
-                           balance=balance)
+                           balance=balance, fuse_routers=fuse_routers_for(batch))
 
 
 def check_selector(model: CausalLM, selector: Any) -> None:

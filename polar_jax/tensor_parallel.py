@@ -152,15 +152,11 @@ class ShardSelector:
 
 def selector_specs(selector: Any) -> Any:
     """PartitionSpecs of a selector's arrays: a threshold-rule RouterSelector's second MLP router matrix
-    [rank, N] (and its int8 scales [N]) by neurons over "tensor" (the per-shard union), everything else
-    replicated."""
+    [rank, N] by neurons over "tensor" (the per-shard union), everything else replicated."""
     specs = jax.tree.map(lambda _: P(), selector)
     if isinstance(selector, RouterSelector) and selector.use_mlp and selector.mlp_rule == "threshold":
         specs = dataclasses.replace(specs, mlp_b=tuple(None if b is None else P(None, TENSOR)
                                                        for b in selector.mlp_b))
-        if selector.mlp_b_scale is not None:  # int8 routers: the per-neuron scales follow their columns
-            specs = dataclasses.replace(specs, mlp_b_scale=tuple(None if s is None else P(TENSOR)
-                                                                 for s in selector.mlp_b_scale))
     return specs
 
 

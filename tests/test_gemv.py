@@ -3,6 +3,8 @@ decode step (the Pallas path and XLA's dot give the same logits and tokens). The
 backends is in kernel_test_base (test_gemv_*)."""
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from conftest import load_cached
 from pallas_kernels import dense_gemv, dense_gemv_triton as tri
 from pallas_kernels.devices import CLASSES, SM90
 from pallas_kernels.lowering import count_triton_calls, lower_for_cuda
+
+row_norm = importlib.import_module("pallas_kernels.row_norm")  # the package exports a function of that name
 from polar_jax.cache import KVCache
 from polar_jax.decode import decode_step, prefill, split_model
 from polar_jax.models.base import gemv_backend
@@ -97,9 +101,10 @@ def test_gemv_rule_and_backend_choice():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decode_with_gemv_equals_xla_dot(name, batch, monkeypatch):
-    """Every projection through the GEMV (the limits raised for B=3: a batch of several rows and a
-    ragged 16-row tile) against XLA's dot."""
+    """Every projection through the GEMV and every norm through `row_norm` (the limits raised for B=3: a
+    batch of several rows and a ragged 16-row tile) against XLA."""
     monkeypatch.setattr(dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 16})
+    monkeypatch.setattr(row_norm, "ROW_NORM_MAX_M", 16)  # the norms as one kernel per call too
     model, _ = load_cached(name)
     rng = np.random.default_rng(batch)
     toks = jnp.asarray(rng.integers(3, model.config.vocab_size, (batch, 9)), jnp.int32)
@@ -174,3 +179,54 @@ def test_gemv_rows_slot_splits_match_reference(split):
     for n in (0, 2, 5, units_n):
         out = ut.gemv_rows(x, w, b, units, n, width, config=cfg)
         assert npref.rel_err(out, npref.unit_rows_ref(x, w, b, units, n, width)) < 1e-5
+
+
+@pytest.mark.parametrize("D,kind,bias", [(4096, "layer", True), (4096, "rms", False), (576, "rms", False),
+                                         (9216, "layer", True)])
+def test_row_norm_lowers_to_one_triton_kernel(D, kind, bias):
+    from pallas_kernels.row_norm_triton import row_norm_triton
+
+    def f(x, w, *b):
+        return row_norm_triton(x, w, b[0] if b else None, eps=1e-5, kind=kind, interpret=False)
+
+    args = [jax.ShapeDtypeStruct((1, D), jnp.bfloat16), jax.ShapeDtypeStruct((D,), jnp.bfloat16)]
+    if bias:
+        args.append(jax.ShapeDtypeStruct((D,), jnp.bfloat16))
+    assert count_triton_calls(lower_for_cuda(f, *args)) == 1
+
+
+def test_row_norm_refuses_bad_inputs():
+    x, w = jnp.ones((2, 8), jnp.float32), jnp.ones((8,), jnp.float32)
+    for kw, err, match in ((dict(kind="batch"), ValueError, "kind"), (dict(weight=jnp.ones((9,))), ValueError, "weight"),
+                           (dict(bias=jnp.ones((7,))), ValueError, "bias"), (dict(bias=w, kind="rms"), ValueError, "no bias"),
+                           (dict(eps=0.0), ValueError, "eps"), (dict(x=jnp.ones((8,))), ValueError, "dimensions"),
+                           (dict(x=jnp.ones((2, 8), jnp.int32)), TypeError, "float")):
+        args = dict(x=x, weight=w, bias=None, eps=1e-5, kind="layer") | kw
+        with pytest.raises(err, match=match):
+            pk.row_norm(**args)
+    assert row_norm.prefers_row_norm(1) and not row_norm.prefers_row_norm(2) and not row_norm.prefers_row_norm(0)
+
+
+@pytest.mark.parametrize("B,S,H,D", [(1, 2088, 32, 128), (16, 4104, 8, 128), (3, 100, 3, 80)])
+def test_kv_append_lowers_to_one_triton_kernel(B, S, H, D):
+    from pallas_kernels.kv_append_triton import kv_append_triton
+
+    def f(kc, vc, k, v, pos, live):
+        return kv_append_triton(kc, vc, k, v, pos, live, interpret=False)
+
+    c, r = jax.ShapeDtypeStruct((B, S, H, D), jnp.bfloat16), jax.ShapeDtypeStruct((B, H, D), jnp.bfloat16)
+    text = lower_for_cuda(f, c, c, r, r, jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.bool_))
+    assert count_triton_calls(text) == 1
+
+
+def test_kv_append_refuses_bad_inputs():
+    kc = jnp.zeros((2, 8, 3, 4), jnp.float32)
+    k = jnp.ones((2, 3, 4), jnp.float32)
+    pos = jnp.zeros((2,), jnp.int32)
+    for args, err, match in (((kc, kc[:, :4], k, k, pos), ValueError, "differ"),
+                             ((kc, kc, k[:1], k, pos), ValueError, "one token per cache row"),
+                             ((kc, kc, k, k, pos[:1]), ValueError, "positions must have shape"),
+                             ((kc, kc, k, k, pos.astype(jnp.float32)), TypeError, "integer"),
+                             ((kc, kc, k[0], k, pos), ValueError, "dimensions")):
+        with pytest.raises(err, match=match):
+            pk.kv_append(*args)

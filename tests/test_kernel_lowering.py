@@ -176,18 +176,3 @@ def test_union_select_lowers_for_cuda(B, R, N, cap):
     text = lower_for_cuda(f, SDS((B, R), jnp.bfloat16), SDS((R, N), jnp.bfloat16), SDS((B,), jnp.bool_),
                           SDS((), jnp.float32))
     assert count_triton_calls(text) == 2
-
-
-@pytest.mark.parametrize("B,R,N,cap", [(1, 1024, 16384, 2048), (32, 1024, 16384, 8192)])
-def test_union_select_int8_router_lowers_for_cuda(B, R, N, cap):
-    """int8 second router matrix with per-neuron float32 scales (half the bytes of bf16)."""
-    from pallas_kernels.union_select_triton import choose_select_config, union_select_triton
-
-    cfg = choose_select_config(B, R, N)
-
-    def f(u, w, live, t, scale):
-        return union_select_triton(u, w, live, t, scale, capacity=cap, cfg=cfg, interpret=False)
-
-    text = lower_for_cuda(f, SDS((B, R), jnp.bfloat16), SDS((R, N), jnp.int8), SDS((B,), jnp.bool_),
-                          SDS((), jnp.float32), SDS((N,), jnp.float32))
-    assert count_triton_calls(text) == 2

@@ -294,17 +294,3 @@ def test_auto_dispatch_dense_fallback(request, monkeypatch):
         _check(f(x, w, idx, jnp.int32(n)), npref.gather_up_ref(x, w, idx, n, None, "relu"),
                jnp.bfloat16)
     assert f._cache_size() == 1
-
-
-def test_union_select_int8_validation_errors():
-    u = jnp.ones((2, 8), jnp.bfloat16)
-    q = jnp.ones((8, 10), jnp.int8)
-    live = jnp.ones((2,), bool)
-    with pytest.raises(ValueError, match="per-neuron scales"):
-        pk.union_select(u, q, live, 0.0, 4)
-    with pytest.raises(ValueError, match="w_scale must have shape"):
-        pk.union_select(u, q, live, 0.0, 4, w_scale=jnp.ones((8,), jnp.float32))
-    with pytest.raises(TypeError, match="w_scale"):
-        pk.union_select(u, q, live, 0.0, 4, w_scale=jnp.ones((10,), jnp.int32))
-    with pytest.raises(ValueError, match="only for an int8 w"):
-        pk.union_select(u, q.astype(jnp.bfloat16), live, 0.0, 4, w_scale=jnp.ones((10,), jnp.float32))

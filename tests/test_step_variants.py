@@ -10,7 +10,6 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ def test_every_variant_patches_an_existing_attribute_and_is_undone():
 
 def test_tiny_run_times_every_variant(tmp_path):
     out = tmp_path / "v.json"
-    codes = ["base", "old_qkv", "q_only", "rows_s2", "gemv_nk16", "int8_router"]
+    codes = ["base", "old_qkv", "q_only", "rows_s2", "gemv_nk16", "no_fuse_routers"]
     cmd = [sys.executable, str(SCRIPT), "--points", "tiny-opt:1:32:dense,both", "--code", *codes, "--rank", "16",
            "--steps", "2", "--repeats", "2", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
@@ -53,11 +52,9 @@ def test_tiny_run_times_every_variant(tmp_path):
         assert len(r["times_ms"]) == 2 and r["step_ms"] > 0
         if code == "base":
             assert r["ratio_to_first"] == 1.0
-        if code == "int8_router":  # other router weights: the MLP selection may differ a little
-            assert np.isfinite(r["max_logit_diff_vs_first"])
-            continue
-        # on CPU no GEMV kernel runs, so every code variant computes the same logits
-        assert r["max_logit_diff_vs_first"] == 0.0
+        # on CPU no GEMV kernel runs, so every code variant computes the same logits (the routers' fused
+        # product sums the same terms: equal selections)
+        assert r["max_logit_diff_vs_first"] <= (1e-4 if code == "no_fuse_routers" else 0.0)
 
 
 def test_tiling_variants_change_only_their_batch_range():

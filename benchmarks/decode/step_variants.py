@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import importlib
 import json
 import os
 import statistics
@@ -28,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels import (dense_gemv, dense_gemv_triton, selective_attention_triton, selective_gemm_triton,
-                            union_select_triton, unit_gemv_triton)
+from pallas_kernels import dense_gemv, dense_gemv_triton, selective_attention_triton, selective_gemm_triton, unit_gemv_triton
 from polar_jax.bench import decode_bench as db
 from polar_jax.routers import sparsify
+
+row_norm_mod = importlib.import_module("pallas_kernels.row_norm")  # the package exports a function of that name
+kv_append_mod = importlib.import_module("pallas_kernels.kv_append")
 from polar_jax.bench.shapes import SHAPES
 from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
 from polar_jax.models import base, build_model, layers
@@ -161,36 +164,15 @@ def _mid_down(**fields):
 _committed_router_selector = sparsify.router_selector
 
 
-def _int8_router_selector(*args, **kw):
-    return _committed_router_selector(*args, **kw, int8_mlp_router=True)
-
-
-def _fused_router_selector(*args, **kw):
-    return _committed_router_selector(*args, **kw, fuse_routers=True)
+def _router_selector(**fixed):
+    def build(*args, **kw):
+        return _committed_router_selector(*args, **{**kw, **fixed})
+    return build
 
 
 def _lax_top_units(scores, k):
     """Heads' top-k by XLA's TopK (one kernel) instead of the pairwise ranking (two reductions)."""
     return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
-
-
-def _int8_second_only(mlp_a, mlp_b):
-    """int8 for the second router matrix only (union_select's read); the first stays in the model dtype."""
-    q = _committed_int8_mlp(mlp_a, mlp_b)
-    return {**q, "mlp_a": mlp_a, "mlp_a_scale": None}
-
-
-_committed_int8_mlp = sparsify._int8_mlp
-
-
-def _select_block(block_n, block_r=None):
-    """union_select's tiling with wider neuron blocks: int8 rows of 64 neurons are 64-byte segments."""
-    choose = union_select_triton.choose_select_config
-
-    def pick(B, r, N, device=None):
-        cfg = choose(B, r, N, device)
-        return dataclasses.replace(cfg, block_n=block_n, block_r=block_r or cfg.block_r)
-    return pick
 
 
 def variants() -> dict:
@@ -210,8 +192,6 @@ def variants() -> dict:
         "gemv_nk16": ((dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 1}),),
         "gemv_b1_only": ((dense_gemv, "GEMV_MAX_M", {"nk": 1, "kn": 1}),),
         "gemv_all16": ((dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 16}),),
-        # the MLP router's two matrices as int8 with per-output scales (half their bytes)
-        "int8_router": ((db, "router_selector", _int8_router_selector),),
         # Q/K/V GEMV tilings at B=1 (192 programs of 64 columns are 1.45 waves on 132 SMs)
         "multi_bn32": ((unit_gemv_triton, "choose_multi_config", _multi(32)),),
         "multi_bn32_st6": ((unit_gemv_triton, "choose_multi_config", _multi(32, 6)),),
@@ -222,14 +202,15 @@ def variants() -> dict:
         "gemv_st2": ((dense_gemv_triton, "choose_gemv_config", _gemv_stages(2)),),
         "gemv_st3": ((dense_gemv_triton, "choose_gemv_config", _gemv_stages(3)),),
         "rows_st2": ((unit_gemv_triton, "choose_rows_config", _rows_stages(2)),),
-        "int8_router_b": ((db, "router_selector", _int8_router_selector), (sparsify, "_int8_mlp", _int8_second_only)),
-        "int8_router_b_n128": ((db, "router_selector", _int8_router_selector), (sparsify, "_int8_mlp", _int8_second_only),
-                               (union_select_triton, "choose_select_config", _select_block(128))),
-        "int8_router_b_n128_r256": ((db, "router_selector", _int8_router_selector),
-                                    (sparsify, "_int8_mlp", _int8_second_only),
-                                    (union_select_triton, "choose_select_config", _select_block(128, 256))),
         # one product for the head router and the MLP router's first matrix; XLA's TopK for the heads
-        "fuse_routers": ((db, "router_selector", _fused_router_selector),),
+        "fuse_routers": ((db, "router_selector", _router_selector(fuse_routers=True)),),
+        "no_fuse_routers": ((db, "router_selector", _router_selector(fuse_routers=False)),),
+        "fuse_routers_b8": ((sparsify, "FUSE_ROUTERS_MAX_BATCH", 8),),
+        # the decode-step norms as one Pallas kernel per call: off, and up to 16 rows
+        "no_row_norm": ((row_norm_mod, "ROW_NORM_MAX_M", 0),),
+        "row_norm16": ((row_norm_mod, "ROW_NORM_MAX_M", 16),),
+        # the cache append through XLA's scatters instead of the one-launch kernel
+        "no_kv_append": ((kv_append_mod, "KV_APPEND_MAX_B", 0),),
         "head_topk_lax": ((sparsify, "top_units", _lax_top_units),),
         # flash-decoding split targets at B >= 8
         "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),

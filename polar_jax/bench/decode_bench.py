@@ -53,7 +53,7 @@ from polar_jax.files import read_json
 from polar_jax.models import build_model
 from polar_jax.models.collect import capture_intermediates
 from polar_jax.policy import PARTS, choose_variant, model_class
-from polar_jax.routers.sparsify import router_selector
+from polar_jax.routers.sparsify import fuse_routers_for, router_selector
 from polar_jax.sharding import check_mesh, is_parallel, make_mesh, mesh_shape
 from polar_jax.tensor_parallel import DEFAULT_HEAD_TOPK, HEAD_TOPK
 from polar_jax.validate import arg_type
@@ -142,7 +142,7 @@ def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int,
         sel = None
         if attn or mlp:
             sel = router_selector(bundle, attn_density=attn_density, mlp_recall=0.99 if mlp else None, attn=attn,
-                                  mlp=mlp, dtype=dtype, balance=balance)
+                                  mlp=mlp, dtype=dtype, balance=balance, fuse_routers=fuse_routers_for(batch))
         out.append(Variant(name, sel, chose, gemv_impl="xla" if name in GEMV_OFF else "auto"))
     return out
 

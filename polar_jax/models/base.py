@@ -198,7 +198,8 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, kv: LayerKV | None, step: Step, layer: int) -> tuple[jax.Array, LayerKV | None]:
         """x [B, T, d] -> (x, the layer's cache after this step). T = 1 in decode mode."""
-        h = self.attn_norm(x) if self.pre_norm else x
+        norm_kernel = step.gemv_impl if step.mode == "decode" else None  # one-kernel norms at small batch
+        h = self.attn_norm(x, norm_kernel) if self.pre_norm else x
         choice = units = None
         if step.mode == "decode":
             with jax.named_scope(SCOPES["router"]):
@@ -212,7 +213,7 @@ class Block(nnx.Module):
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "attn_n_active", choice.for_live(step.live).n_active)
             with jax.named_scope(SCOPES["attention"]):
-                kv = kv.append(k[:, 0], v[:, 0], step.positions[:, 0], step.live)
+                kv = kv.append(k[:, 0], v[:, 0], step.positions[:, 0], step.live, step.gemv_impl)
                 heads = decode_attention(q[:, 0], kv, step, choice)[:, None]
         else:
             if step.mode == "prefill":
@@ -231,11 +232,11 @@ class Block(nnx.Module):
             partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None, units=units)
         x = x + sum_over_shards(partial, self.attn.o_bias, step)
         if not self.pre_norm:
-            x = self.attn_norm(x)
-        h2 = self.mlp_norm(x) if self.pre_norm else x
+            x = self.attn_norm(x, norm_kernel)
+        h2 = self.mlp_norm(x, norm_kernel) if self.pre_norm else x
         x = x + self._mlp(h2, h, step, layer)
         if not self.pre_norm:
-            x = self.mlp_norm(x)
+            x = self.mlp_norm(x, norm_kernel)
         return x, kv
 
     def _mlp(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int) -> jax.Array:

@@ -16,6 +16,8 @@ from flax import nnx
 from pallas_kernels.activations import get_activation
 from pallas_kernels.dense_gemv import gemv as pk_gemv
 from pallas_kernels.dense_gemv import prefers_gemv
+from pallas_kernels.row_norm import prefers_row_norm
+from pallas_kernels.row_norm import row_norm as pk_row_norm
 from pallas_kernels.unit_gemv import gemv_multi, gemv_rows
 from polar_jax.config import ModelConfig, RopeConfig
 
@@ -37,11 +39,24 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
         self.eps = eps
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kernel: str | None = None) -> jax.Array:
+        """`kernel`: a kernel backend for the decode step's few rows (`norm_rows`); None: XLA."""
+        if uses_row_norm(kernel, x):
+            return norm_rows(x, self.weight[...], None, self.eps, "rms", kernel)
         xf = x.astype(F32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         # HF multiplies the weight after casting back to the input dtype.
         return self.weight[...] * xf.astype(x.dtype)
+
+
+def uses_row_norm(kernel: str | None, x: jax.Array) -> bool:
+    """True where the norm of x [..., D] runs as one `row_norm` kernel (few rows, e.g. B=1 decode)."""
+    return kernel is not None and prefers_row_norm(math.prod(x.shape[:-1]))
+
+
+def norm_rows(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float, kind: str, kernel: str) -> jax.Array:
+    lead = x.shape[:-1]
+    return pk_row_norm(x.reshape(-1, x.shape[-1]), weight, bias, eps, kind, impl=kernel).reshape(*lead, -1)
 
 
 class LayerNorm(nnx.Module):
@@ -50,7 +65,10 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), dtype))
         self.eps = eps
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kernel: str | None = None) -> jax.Array:
+        """`kernel`: a kernel backend for the decode step's few rows (`norm_rows`); None: XLA."""
+        if uses_row_norm(kernel, x):
+            return norm_rows(x, self.weight[...], self.bias[...], self.eps, "layer", kernel)
         xf = x.astype(F32)
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)

@@ -35,12 +35,11 @@ from polar_jax.models.base import head_output_norms
 from polar_jax.models.collect import group_norms
 from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.config import SparsityConfig, attention_units, check_density, units_kept
-from polar_jax.routers.quantize import int8_per_output
 from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_counts, balanced_top_units,
                                  balanced_unit_mask, capped_union_mask, compact_slots, keep_prefix_dense, shard_budget,
                                  top_units, topk_mask, union_scores, union_threshold_mask, union_topk, unit_mask)
 
-_ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b", "mlp_a_scale", "mlp_b_scale"]
+_ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b"]
 _ROUTER_META = ["attn_k", "budgets", "units", "plan", "mlp_recall", "mlp_rule", "use_attn", "use_mlp", "start",
                 "select_impl", "balance", "fused_first"]
 MLP_RULES = ("threshold", "topk")
@@ -65,9 +64,6 @@ class _Routers:
     start: int = 0  # masked eval: positions before it stay dense; decode ignores it (prefill is dense)
     select_impl: str = "auto"  # the fused router + threshold + compaction op
     balance: int = 1  # heads: > 1 keeps the budget per shard of this many tensor-parallel shards
-    # int8 MLP routers (routers/quantize.py): per layer the float32 scales of mlp_a's rows and mlp_b's columns
-    mlp_a_scale: tuple | None = None
-    mlp_b_scale: tuple | None = None
     # mlp_a holds [U + rank, d]: the head router's rows, then the MLP router's first matrix. Both routers read
     # the same input, so where both run one product serves them (one kernel instead of two per layer)
     fused_first: bool = False
@@ -117,17 +113,13 @@ class _Routers:
         # an MLP up projection, while a [d, rank] GEMV ran at ~0.5 TB/s on the H200. The Pallas GEMV was
         # tried here at B=1 too: with 32 column programs for rank 1024 it made OPT-6.7B's step 5 % slower
         # (benchmarks/results/raw_2026-11-29b_h200/call2_step_variants_b1.json, variant router_xla)
-        a, scale = self.mlp_a[layer], _at(self.mlp_a_scale, layer)
+        a = self.mlp_a[layer]
         if self.fused_first:
             return self._first_stage(layer, x)[..., self.attn_w[layer].shape[1]:].astype(a.dtype)
-        cd = x.dtype if scale is not None else a.dtype  # int8 weights are widened to the activations' dtype
-        h = jnp.einsum("...d,rd->...r", x.astype(cd), a.astype(cd), preferred_element_type=jnp.float32)
-        return (h if scale is None else h * scale).astype(cd)
+        return jnp.einsum("...d,rd->...r", x.astype(a.dtype), a, preferred_element_type=jnp.float32).astype(a.dtype)
 
     def _mlp_logits(self, layer: int, x: jax.Array) -> jax.Array:
-        h, scale = self._mlp_hidden(layer, x), _at(self.mlp_b_scale, layer)
-        logits = jnp.dot(h, self.mlp_b[layer].astype(h.dtype), preferred_element_type=jnp.float32)
-        return logits if scale is None else logits * scale
+        return jnp.dot(self._mlp_hidden(layer, x), self.mlp_b[layer], preferred_element_type=jnp.float32)
 
     def _by_live_count(self, layer: int, batch: int, kind: str) -> np.ndarray:
         """A constant [batch + 1] table indexed by the number of live rows: thresholds or k."""
@@ -195,7 +187,7 @@ class RouterSelector(_Routers):
             cap = min(cap, self.mlp_b[layer].shape[1])
             threshold = jnp.asarray(self._by_live_count(layer, batch, "threshold"))[n_live]
             idx, count = union_select(self._mlp_hidden(layer, router_input), self.mlp_b[layer], live, threshold,
-                                      cap, impl=self.select_impl, w_scale=_at(self.mlp_b_scale, layer))
+                                      cap, impl=self.select_impl)
             return MLPSelection(idx, jnp.minimum(count, cap))
         ks = self._by_live_count(layer, batch, "k")
         return union_topk(self._mlp_logits(layer, router_input), jnp.asarray(ks)[n_live], int(ks[batch]), live)
@@ -229,23 +221,10 @@ class OracleSparsifier:
         return keep_prefix_dense(jnp.any(act > 0, axis=0, keepdims=True).astype(jnp.float32), self.start)
 
 
-def _at(arrays: tuple | None, layer: int) -> jax.Array | None:
-    return None if arrays is None else arrays[layer]
-
-
 # ---- builders ---------------------------------------------------------------------------------------
-def _int8_mlp(mlp_a: tuple, mlp_b: tuple) -> dict[str, tuple]:
-    """The MLP routers as int8 with per-output scales: mlp_a [rank, d] per row, mlp_b [rank, N] per column."""
-    qa = [None if a is None else int8_per_output(a, 0) for a in mlp_a]
-    qb = [None if b is None else int8_per_output(b, 1) for b in mlp_b]
-    pick = lambda qs, j: tuple(None if q is None else q[j] for q in qs)  # noqa: E731
-    return dict(mlp_a=pick(qa, 0), mlp_a_scale=pick(qa, 1), mlp_b=pick(qb, 0), mlp_b_scale=pick(qb, 1))
-
-
 def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recall: float | None,
                    per_layer: bool, attn: bool, mlp: bool, adaptive: bool, mlp_rule: str | None,
-                   dtype: Any, select_impl: str, balance: int = 1, int8_mlp: bool = False,
-                   fuse_first: bool = False) -> dict[str, Any]:
+                   dtype: Any, select_impl: str, balance: int = 1, fuse_first: bool = False) -> dict[str, Any]:
     c = bundle.config
     if not isinstance(balance, (int, np.integer)) or balance < 1 or c.attn_units % balance:
         raise InputError(f"balance must be a positive divisor of the {c.attn_units} attention units, got {balance!r}")
@@ -271,9 +250,7 @@ def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recal
 
     attn_w = arrays(bundle.attn, 0)
     mlp_arrays = dict(mlp_a=arrays(bundle.mlp, 0, transpose=True), mlp_b=arrays(bundle.mlp, 1))
-    if int8_mlp:
-        mlp_arrays = _int8_mlp(**mlp_arrays)
-    fused = bool(fuse_first and attn and use_mlp and not int8_mlp)
+    fused = bool(fuse_first and attn and use_mlp)
     if fused:
         mlp_arrays["mlp_a"] = tuple(a if a is None or w is None else jnp.concatenate([w.T, a], axis=0)
                                     for w, a in zip(attn_w, mlp_arrays["mlp_a"]))
@@ -302,22 +279,32 @@ def router_sparsifier(bundle: SparsityBundle, attn_density: float | None = None,
                                              mlp_rule, jnp.float32, "xla", balance), start=start)
 
 
+# One product for both routers' first stage pays at one sequence, where each product is a reduction kernel
+# launch of ~3 us: OPT-6.7B B=1 heads + MLP step 5.7-6.0 % faster on the H200. As a GEMM (B > 1) the same
+# product made the step much slower: 31 % at B=8 and 18 % at B=32, with the same selections
+# (benchmarks/results/raw_2026-11-29c_h200/call3_*, call4_* variants fuse_routers*), so B=1 only.
+FUSE_ROUTERS_MAX_BATCH = 1
+
+
+def fuse_routers_for(batch: int) -> bool:
+    """Whether a decode selector built for `batch` sequences fuses its routers' first products."""
+    return batch <= FUSE_ROUTERS_MAX_BATCH
+
+
 def router_selector(bundle: SparsityBundle, attn_density: float | None = None, mlp_recall: float | None = 0.99,
                     per_layer: bool = False, attn: bool = True, mlp: bool = True, adaptive: bool = False,
                     mlp_rule: str | None = None, dtype: Any = jnp.float32, select_impl: str = "auto",
-                    balance: int = 1, int8_mlp_router: bool = False, fuse_routers: bool = False) -> RouterSelector:
+                    balance: int = 1, fuse_routers: bool = False) -> RouterSelector:
     """Decode selector from trained routers (same choices as `router_sparsifier` on the same inputs).
     `dtype`: the router weights' dtype (the model's on a GPU: half the bytes of float32); `balance` as in
-    `router_sparsifier`; `int8_mlp_router`: the MLP routers' weights as int8 with per-output scales (half
-    the bytes of bf16; the logits move by a fraction of a percent, so a few neurons near the threshold
-    may flip); `fuse_routers`: one product for the head router and the MLP router's first matrix where both
-    run (they read the same input)."""
+    `router_sparsifier`; `fuse_routers`: one product for the head router and the MLP router's first matrix
+    where both run (they read the same input; see `fuse_routers_for`)."""
     c, arch = bundle.config, bundle.signature.get("arch", {})
     if attn and c.unit == "head" and int(arch.get("num_kv_heads", c.attn_units)) < c.attn_units:
         raise InputError("this bundle's routers score query heads of a GQA model (unit='head'): usable for masked "
                          "evaluation only; sparse decoding selects KV groups (train with unit='group')")
     return RouterSelector(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp, adaptive,
-                                           mlp_rule, dtype, select_impl, balance, int8_mlp_router, fuse_routers))
+                                           mlp_rule, dtype, select_impl, balance, fuse_routers))
 
 
 def oracle_sparsifier(cfg: ModelConfig, attn_density: float, mlp: bool = True, start: int = 0,

@@ -1,0 +1,23 @@
+"""XLA reference of the decode-step norms: LayerNorm (two-pass, as torch) and RMSNorm (HF's rounding)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("layer", "rms")
+F32 = jnp.float32
+
+
+def row_norm_xla(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float, kind: str) -> jax.Array:
+    """x [M, D] -> [M, D]. "layer": ((x - mean) / sqrt(var + eps)) * w + b in float32, cast to x's dtype.
+    "rms": x / sqrt(mean(x^2) + eps) cast to x's dtype first, then times w (HF's order)."""
+    xf = x.astype(F32)
+    if kind == "layer":
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + eps) * weight.astype(F32)
+        if bias is not None:
+            y = y + bias.astype(F32)
+        return y.astype(x.dtype)
+    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return weight * y
