@@ -451,6 +451,71 @@ def decode_1129(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+# ---- B=1 step work of 2026-11-29 (third session) ----------------------------------------------------------
+DECODE_1129C = "decode_1129c/decode_sparse_2026-11-29"
+RAW_1129C = "raw_2026-11-29c_h200"
+# issue 10's speedup goals: (shape, B, context, variant) -> wanted speedup over our dense step
+SPEEDUP_GOALS = {("opt-6.7b", 1, 2048, "both"): 1.6, ("llama2-7b", 16, 4096, "heads"): 1.45,
+                 ("opt-6.7b", 32, 2048, "both"): 2.2}
+
+
+@claim("decode-1129c")
+def decode_1129c(results: Path) -> str:
+    d = load(results, f"{DECODE_1129C}.json")
+    before = {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in load(results, f"{DECODE_1129}.json")["rows"]}
+    rows = {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in d["rows"]}
+    out = [f"Source: `benchmarks/results/{DECODE_1129C}.md` ({d['device']}, jax {d['jax_version']}, {d['date']}; "
+           f"{max(r['processes'] for r in d['rows'])} fresh processes per point); \"before\" is "
+           f"`{DECODE_1129}.md` (the second pass).", "",
+           "| shape | B | context | dense step (% of roofline) | sparse variant | sparse step | speedup (before) | goal | % of its Amdahl bound |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    missed = []
+    for key, r in sorted(rows.items()):
+        shape, b, ctx, var = key
+        if var == "dense":
+            continue
+        dense, old = rows[(shape, b, ctx, "dense")], before.get(key)
+        goal = SPEEDUP_GOALS.get(key)
+        status = "" if goal is None else f">= {goal:.2f}x: {'met' if r['speedup'] >= goal else 'missed'}"
+        if goal is not None and r["speedup"] < goal:
+            missed.append(f"{shape} B={b} {var} {r['speedup']:.2f}x of {goal:.2f}x")
+        was = f" ({old['speedup']:.2f}x)" if old else ""
+        out.append(f"| {shape} | {b} | {ctx} | {1e3 * dense['step_s']:.2f} ms ({100 * dense['roofline_fraction']:.0f} %) | "
+                   f"{var} | {1e3 * r['step_s']:.2f} ms | {r['speedup']:.2f}x{was} | {status} | "
+                   f"{100 * r['bound_fraction']:.0f} % of {r['amdahl_bound']:.2f}x |")
+    b1 = [r for k, r in rows.items() if k[1] == 1 and k[3] == "dense"]
+    roof = ", ".join(f"{r['shape']} {100 * r['roofline_fraction']:.0f} %" for r in b1)
+    rv = lambda name: load(results, f"{RAW_1129C}/{name}_variants.json")["rows"]  # noqa: E731
+    gain = lambda r: f"{100 * (1 / r - 1):+.1f} %"  # noqa: E731 - speed change from applying a change
+    c1, c3, c4, c6 = rv("call1_b1_opt"), rv("call3_b1_opt"), rv("call4_b1_opt"), rv("call6_b1_opt")
+    c1l, c4l = rv("call1_b1_ll"), rv("call4_b1_ll")
+    out += ["", f"- Dense step at B=1: {roof} of the memory roofline (goal 75 %)."
+            + (f" Speedup goals missed: {'; '.join(missed)}." if missed else " Every speedup goal met."),
+            "", "Same-process A/B of each change (speed change from applying it):",
+            f"- Q/K/V GEMV with 3 pipeline stages instead of 4: OPT-6.7B B=1 dense "
+            f"{gain(_variant_ratio(c1, 'opt-6.7b', 1, 'dense', 'multi_st3'))}, heads + MLP "
+            f"{gain(_variant_ratio(c1, 'opt-6.7b', 1, 'both', 'multi_st3'))}; LLaMA-2-7B B=1 dense "
+            f"{gain(_variant_ratio(c1l, 'llama2-7b', 1, 'dense', 'multi_st3'))}, heads "
+            f"{gain(_variant_ratio(c1l, 'llama2-7b', 1, 'heads', 'multi_st3'))}",
+            f"- one product for the head router and the MLP router's first matrix (B=1): OPT-6.7B heads + MLP "
+            f"{gain(_variant_ratio(c3, 'opt-6.7b', 1, 'both', 'fuse_routers'))}",
+            f"- each norm as one kernel (`pallas_kernels.row_norm`, B=1): OPT-6.7B dense "
+            f"{gain(1 / _variant_ratio(c4, 'opt-6.7b', 1, 'dense', 'no_row_norm'))}, heads + MLP "
+            f"{gain(1 / _variant_ratio(c4, 'opt-6.7b', 1, 'both', 'no_row_norm'))}; LLaMA-2-7B dense "
+            f"{gain(1 / _variant_ratio(c4l, 'llama2-7b', 1, 'dense', 'no_row_norm'))}",
+            f"- the K and V cache append as one kernel (`pallas_kernels.kv_append`): OPT-6.7B B=1 dense "
+            f"{gain(1 / _variant_ratio(c6, 'opt-6.7b', 1, 'dense', 'no_kv_append'))}, heads + MLP "
+            f"{gain(1 / _variant_ratio(c6, 'opt-6.7b', 1, 'both', 'no_kv_append'))}; LLaMA-2-7B B=16 heads "
+            f"{gain(1 / _variant_ratio(rv('call6_b16_ll'), 'llama2-7b', 16, 'heads', 'no_kv_append'))}",
+            f"- tried and not kept: int8 MLP-router weights (OPT-6.7B heads + MLP "
+            f"{gain(_variant_ratio(c1, 'opt-6.7b', 1, 'both', 'int8_router'))} at B=1, "
+            f"{gain(_variant_ratio(rv('call1_b32_opt'), 'opt-6.7b', 32, 'both', 'int8_router'))} at B=32), the fused "
+            f"router product at B=8 ({gain(_variant_ratio(rv('call4_b8_opt'), 'opt-6.7b', 8, 'both', 'fuse_routers_b8'))}), "
+            f"XLA's TopK for the heads ({gain(_variant_ratio(c3, 'opt-6.7b', 1, 'both', 'head_topk_lax'))}), "
+            f"the best of four other gather tilings at B=32 ({gain(min(_variant_ratio(rv('call1_b32_opt'), 'opt-6.7b', 32, 'both', c) for c in ('up_a16', 'up_k256', 'down_d64', 'down_d256')))})"]
+    return "\n".join(out) + "\n"
+
+
 # ---- Polar Sparsity on SmolLM2 (CPU) ---------------------------------------------------------------------
 @claim("smollm2-accuracy")
 def smollm2_accuracy(results: Path) -> str:
