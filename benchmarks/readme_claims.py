@@ -513,6 +513,12 @@ def decode_1129c(results: Path) -> str:
             f"router product at B=8 ({gain(_variant_ratio(rv('call4_b8_opt'), 'opt-6.7b', 8, 'both', 'fuse_routers_b8'))}), "
             f"XLA's TopK for the heads ({gain(_variant_ratio(c3, 'opt-6.7b', 1, 'both', 'head_topk_lax'))}), "
             f"the best of four other gather tilings at B=32 ({gain(min(_variant_ratio(rv('call1_b32_opt'), 'opt-6.7b', 32, 'both', c) for c in ('up_a16', 'up_k256', 'down_d64', 'down_d256')))})"]
+    # the same code timed 48 steps per call (step_variants, same device call) against the 16-step bench calls
+    by = {(r["selector"], r["code"]): r["step_ms"] for r in c6}
+    longer = [rows[("opt-6.7b", 1, 2048, v)]["step_s"] * 1e3 / by[(v, "base")] - 1 for v in ("dense", "both")]
+    out.append(f"- OPT-6.7B's B=1 steps took {100 * longer[0]:.0f} % (dense) and {100 * longer[1]:.0f} % (heads + MLP) "
+               f"longer in these 16-step bench calls than in 48-step calls of the same device call "
+               f"(`{RAW_1129C}/call6_b1_opt_variants.json`).")
     return "\n".join(out) + "\n"
 
 

@@ -1,6 +1,7 @@
 """Batched generation: dense prefill, jitted decode step with a donated cache, on-device token loop.
 
-The hot path is a pure jitted function over `nnx.split(model)` state (no per-call NNX graph traversal).
+The hot path is a pure jitted function over the split model (`split_model`: no per-call NNX graph traversal,
+and the graph hashes once).
 `generate` runs prefill and the whole token loop inside one jit (`lax.while_loop`, stopping early when every
 sequence has emitted EOS), so there is no host round trip per token. `generate_stream` yields tokens step
 by step for interactive use, through the same jitted decode step.
@@ -19,7 +20,6 @@ from typing import Any, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
@@ -31,13 +31,16 @@ from polar_jax.sharding import (cache_specs, check_mesh, empty_cache, is_paralle
                                 state_specs)
 from polar_jax.sparse_decode import IMPL_CHOICES, check_selector, sparse_selector
 from polar_jax.validate import check, check_optional, check_positions, token_id
+from polar_jax.graph import Graph, merge as merge_graph, split as split_graph
 
 PROMPT_BUCKET = 16  # prompts are right-padded to a multiple of this, so lengths share compiled programs
 CACHE_BUCKET = 64
 
 
-def split_model(model: CausalLM) -> tuple[Any, Any]:
-    return nnx.split(model)
+def split_model(model: CausalLM) -> tuple[Graph, Any]:
+    """(graph, state): the arguments of `prefill` / `decode_step`. The graph hashes once (polar_jax.graph), so
+    a decode loop driven from Python does not re-hash the model on every call."""
+    return split_graph(model)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
@@ -46,7 +49,7 @@ def prefill(graphdef, state, tokens: jax.Array, lengths: jax.Array, cache: KVCac
     """Dense prefill of right-padded prompts [B, T] with true lengths [B]. With a `mesh`: state and cache
     placed on it (`polar_jax.sharding.shard_state` / `shard_cache` / `empty_cache`)."""
     def run(state, tokens, lengths, cache, parallel=None):
-        return nnx.merge(graphdef, state).prefill(tokens, lengths, cache, parallel=parallel)
+        return merge_graph(graphdef, state).prefill(tokens, lengths, cache, parallel=parallel)
 
     return tp.per_shard(run, mesh, (state, tokens, lengths, cache), lambda state, tokens, lengths, cache: (
         (state_specs(state), rows_spec(2), rows_spec(1), cache_specs(cache)), (rows_spec(2), cache_specs(cache))))
@@ -75,7 +78,7 @@ def decode_step(
     it (state and cache placed on it, as for `prefill`); `rows`: when the batch was padded to a multiple of
     the "data" size, the number of real (leading) rows."""
     def run(state, cache, tokens, selector, parallel=None):
-        model = nnx.merge(graphdef, state)
+        model = merge_graph(graphdef, state)
         if parallel is not None:
             selector = tp.for_shard(selector, mesh, model.config, rows)
         return model.decode(tokens, cache, selector=selector, attn_impl=attn_impl, mlp_impl=mlp_impl,
@@ -281,7 +284,7 @@ def _generate_on_device(
     graphdef, state, tokens, lengths, key, temperature, top_p, eos_ids, pad_id, selector,
     *, max_new_tokens: int, capacity: int, greedy: bool, cache_dtype: str, attn_impl: str, mlp_impl: str,
 ):
-    model = nnx.merge(graphdef, state)
+    model = merge_graph(graphdef, state)
     cache = KVCache.create(model.config, tokens.shape[0], capacity, jnp.dtype(cache_dtype))
     return _token_loop(model, tokens, lengths, key, temperature, top_p, eos_ids, pad_id, selector, cache,
                        max_new_tokens=max_new_tokens, greedy=greedy, attn_impl=attn_impl, mlp_impl=mlp_impl)
@@ -294,13 +297,13 @@ def _generate_on_mesh(
     rows: int,
 ):
     """`_generate_on_device` with the prefill and the token loop under shard_map on `mesh`."""
-    cfg = nnx.merge(graphdef, state).config
+    cfg = merge_graph(graphdef, state).config
     # created inside the jit with its sharding known: XLA allocates each device's part only
     cache = KVCache.create(cfg, tokens.shape[0], capacity, jnp.dtype(cache_dtype))
     parallel = tp.parallel_of(mesh)
 
     def run(state, tokens, lengths, dead, key, temperature, top_p, eos_ids, pad_id, selector, cache):
-        model = nnx.merge(graphdef, state)
+        model = merge_graph(graphdef, state)
         return _token_loop(model, tokens, lengths, key, temperature, top_p, eos_ids, pad_id,
                            tp.for_shard(selector, mesh, cfg, rows), cache, max_new_tokens=max_new_tokens, greedy=greedy,
                            attn_impl=attn_impl, mlp_impl=mlp_impl, parallel=parallel, dead=dead)

@@ -45,7 +45,7 @@ def test_tiny_fills_only_the_flags_not_given():
     assert args.batches == [2, 3] and args.rank == 8  # given: kept
     assert args.shapes == ["tiny-opt", "tiny-llama"] and args.contexts == [32] and args.steps == 2  # not given
     args = decode_bench.parse_args(["--shapes", "tiny-opt"])
-    assert args.batches == [1, 8, 32] and args.rank == 1024 and args.steps == 16  # without --tiny: the defaults
+    assert args.batches == [1, 8, 32] and args.rank == 1024 and args.steps == 64  # without --tiny: the defaults
 
 
 def test_help_shows_defaults(capsys):
@@ -53,7 +53,7 @@ def test_help_shows_defaults(capsys):
     text = " ".join(out.split())
     assert code == 0
     for entry in ("(default: 1 8 32; with --tiny: 1 4)", "(default: 0.3)", "(default: 1024, the paper's; with --tiny: 16)",
-                  "(default: 1)", "(default: 16; with --tiny: 2)"):
+                  "(default: 1)", "(default: 64; with --tiny: 2)"):
         assert entry in text, entry
 
 

@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import pallas_kernels as pk
 import polar_jax
@@ -25,12 +24,15 @@ from pallas_kernels.devices import (GENERIC, REFERENCE, SM80, SM89, SM90, class_
 from pallas_kernels.selective_gemm_triton import choose_up_config
 from polar_jax.cache import KVCache
 from polar_jax.decode import prefill, split_model
+from polar_jax.graph import merge as merge_graph
 from polar_jax.routers.sparsify import router_selector
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 REPO = Path(__file__).resolve().parents[1]
 union_select = importlib.import_module("pallas_kernels.union_select")  # the package exports a function of that name
+row_norm = importlib.import_module("pallas_kernels.row_norm")
+kv_append = importlib.import_module("pallas_kernels.kv_append")
 
 
 @pytest.fixture
@@ -51,7 +53,7 @@ def no_triton(monkeypatch):
     def boom(*a, **k):
         raise TritonCalled
     for table in (selective_gemm._UP, selective_gemm._GATED, selective_gemm._DOWN, selective_attention._IMPLS,
-                  union_select._IMPLS):
+                  union_select._IMPLS, row_norm._IMPLS, kv_append._IMPLS):
         monkeypatch.setitem(table, "triton", boom)
 
 
@@ -88,7 +90,7 @@ def test_t4_decodes_sparse_through_xla(fake_gpu, no_triton):
     _, cache = prefill(graphdef, state, tokens[:, :-1], jnp.full((2,), t - 1, jnp.int32), cache)
 
     def step():  # a fresh trace per call: the backend is resolved while tracing
-        fn = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode(t, c, selector))
+        fn = jax.jit(lambda s, t, c: merge_graph(graphdef, s).decode(t, c, selector))
         return fn(state, tokens[:, -1], cache)[0]
 
     fake_gpu((7, 5))

@@ -27,7 +27,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pallas_kernels import dense_gemv, dense_gemv_triton, selective_attention_triton, selective_gemm_triton, unit_gemv_triton
 from polar_jax.bench import decode_bench as db
@@ -36,6 +35,7 @@ from polar_jax.routers import sparsify
 row_norm_mod = importlib.import_module("pallas_kernels.row_norm")  # the package exports a function of that name
 kv_append_mod = importlib.import_module("pallas_kernels.kv_append")
 from polar_jax.bench.shapes import SHAPES
+from polar_jax.graph import split as split_graph
 from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
 from polar_jax.models import base, build_model, layers
 
@@ -241,7 +241,7 @@ def main() -> int:
         batch, context = int(batch), int(context)
         cfg = SHAPES[shape]
         dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-        graphdef, state = nnx.split(build_model(cfg, dtype=dtype))
+        graphdef, state = split_graph(build_model(cfg, dtype=dtype))
         bundle = random_bundle(cfg, args.rank, dtype)
         density = args.attn_density or (0.3 if cfg.model_type == "opt" else 0.5)
         tokens = jnp.asarray(np.random.default_rng(batch).integers(0, cfg.vocab_size, batch), jnp.int32)

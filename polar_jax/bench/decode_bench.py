@@ -39,7 +39,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from polar_jax.bench import breakdown as bd
 from polar_jax.bench.report import print_table, write_report
@@ -57,6 +56,7 @@ from polar_jax.routers.sparsify import fuse_routers_for, router_selector
 from polar_jax.sharding import check_mesh, is_parallel, make_mesh, mesh_shape
 from polar_jax.tensor_parallel import DEFAULT_HEAD_TOPK, HEAD_TOPK
 from polar_jax.validate import arg_type
+from polar_jax.graph import merge as merge_graph, split as split_graph
 
 VARIANTS = ("dense", "heads", "mlp", "both", "auto", "dense-xla")
 MESH_VARIANTS = ("dense", "heads", "mlp", "both")  # with --tensor/--data (no policy table, no GEMV switch)
@@ -87,13 +87,13 @@ def step_bytes(cfg: ModelConfig, batch: int, context: int, itemsize: int, attn_f
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "gemv_impl"), donate_argnames=("cache",))
 def run_steps_on_device(graphdef, state, cache, tokens, selector, steps: int, gemv_impl: str = "auto"):
     """`steps` decode steps in one executable (a device loop, as in `generate`)."""
-    return decode_loop(nnx.merge(graphdef, state), cache, tokens, selector, steps, gemv_impl=gemv_impl)
+    return decode_loop(merge_graph(graphdef, state), cache, tokens, selector, steps, gemv_impl=gemv_impl)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def probe_step(graphdef, state, cache, tokens, selector):
     """One decode step that also returns each layer's router input and selection sizes."""
-    model = nnx.merge(graphdef, state)
+    model = merge_graph(graphdef, state)
     (logits, cache), inter = capture_intermediates(model, lambda m: m.decode(tokens, cache, selector, collect=True))
     return logits, cache, inter
 
@@ -267,7 +267,7 @@ def worker(args: argparse.Namespace) -> dict:
             check_mesh(cfg, mesh)
             graphdef, state = sharded_model_state(cfg, dtype, mesh)
         else:
-            graphdef, state = nnx.split(build_model(cfg, dtype=dtype))
+            graphdef, state = split_graph(build_model(cfg, dtype=dtype))
         bundle = random_bundle(cfg, args.rank, dtype)
         for context in args.contexts:
             for batch in args.batches:
@@ -459,7 +459,10 @@ def write_policy(path: Path, table: dict[str, Any]) -> None:
 # Flags --tiny sets when they are not given: tiny shapes and sizes that run in seconds on a CPU.
 TINY = {"shapes": ["tiny-opt", "tiny-llama"], "batches": [1, 4], "contexts": [32], "steps": 2, "repeats": 2,
         "bw_bytes": 1 << 20, "rank": 16}
-DEFAULTS = {"shapes": ["opt-6.7b", "llama2-7b"], "batches": [1, 8, 32], "contexts": [2048], "steps": 16,
+# 64 steps per timed call: each call also pays host work (argument flattening, jit's cache lookup) that a
+# generation pays once; at 16 steps that added ~0.3 ms to each B=1 step on the H200 (7-13 %, against 48
+# steps in the same device call: benchmarks/results/decode_1129c/notes.md).
+DEFAULTS = {"shapes": ["opt-6.7b", "llama2-7b"], "batches": [1, 8, 32], "contexts": [2048], "steps": 64,
             "repeats": 5, "bw_bytes": 4 << 30, "rank": 1024}
 
 

@@ -20,6 +20,7 @@ from polar_jax.cache import KVCache
 from polar_jax.decode import step_specs
 from polar_jax.models import abstract_model
 from polar_jax.sharding import cache_specs, param_spec
+from polar_jax.graph import merge as merge_graph, split as split_graph
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "dtype", "kind", "sharding"))
@@ -46,7 +47,7 @@ def sharded_model_state(cfg, dtype, mesh):
     One small jitted program per tensor (shared by tensors of one shape), with the key an argument: the
     whole model's initialisation in one program, keyed by a constant, took minutes to compile on the GPU
     for the 13B shape (the first device run of this script timed out in it)."""
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype))
+    graphdef, abstract = split_graph(abstract_model(cfg, dtype))
     flat = []
     key = jax.random.key(0)
     for i, (path, var) in enumerate(nnx.to_flat_state(abstract)):
@@ -98,7 +99,7 @@ def steps_on_mesh(graphdef, state, cache, tokens, selector, steps: int, mesh):
     """`steps` decode steps in one executable: under shard_map on `mesh` (the layer code with its two
     psums per layer), or the plain step on one device."""
     def loop(state, cache, tokens, selector, parallel=None):
-        model = nnx.merge(graphdef, state)
+        model = merge_graph(graphdef, state)
         if parallel is not None:
             selector = tp.for_shard(selector, mesh, model.config)
         return decode_loop(model, cache, tokens, selector, steps, parallel=parallel)

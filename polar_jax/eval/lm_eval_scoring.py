@@ -22,11 +22,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from polar_jax.errors import InputError
 from polar_jax.models import CausalLM
+from polar_jax.graph import merge as merge_graph, split as split_graph
 
 MIN_BUCKET = 32
 
@@ -61,10 +61,10 @@ def _token_scores(graphdef, state, inputs: jax.Array, targets: jax.Array, starts
                   sparsifier: Any = None) -> tuple[jax.Array, jax.Array]:
     """Log-probability of `targets` [B, T] after `inputs` [B, T], and whether each target is the argmax."""
     if sparsifier is None:
-        logits = nnx.merge(graphdef, state)(inputs)
+        logits = merge_graph(graphdef, state)(inputs)
     else:
         def one_request(row: jax.Array, start: jax.Array) -> jax.Array:
-            model = nnx.merge(graphdef, state)
+            model = merge_graph(graphdef, state)
             return model(row[None], sparsifier=DenseBefore(sparsifier, start))[0]
 
         logits = jax.vmap(one_request)(inputs, starts)
@@ -124,7 +124,7 @@ def continuation_scores(
         tokens = tokens[-(max_length + 1):]
         prepared.append((tokens[:-1], tokens[1:], n_cont))
     order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
-    graphdef, state = nnx.split(model)
+    graphdef, state = split_graph(model)
     results: list[Scored | None] = [None] * len(prepared)
     with tqdm(total=len(prepared), desc=desc, unit="req", disable=not progress) as bar:
         for lo in range(0, len(order), batch_size):

@@ -11,12 +11,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from polar_jax.errors import InputError
 from polar_jax.models import CausalLM
 from polar_jax.validate import check, check_optional, check_positions
+from polar_jax.graph import merge as merge_graph, split as split_graph
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class PerplexityResult:
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _window_nll(graphdef, state, windows: jax.Array, sparsifier: Any = None) -> jax.Array:
     """Summed negative log-likelihood of tokens 1..T-1 of each window [B, T], per window."""
-    model = nnx.merge(graphdef, state)
+    model = merge_graph(graphdef, state)
     logits = model(windows, sparsifier=sparsifier).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     nll = -jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)[..., 0]
@@ -68,7 +68,7 @@ def perplexity(
     check_optional("max_tokens", max_tokens)
     windows = make_windows(tokens, seq_len, max_tokens)
     check_positions(model.config, seq_len, f"seq_len {seq_len}")
-    graphdef, state = nnx.split(model)
+    graphdef, state = split_graph(model)
     total = 0.0
     n_full = (len(windows) // batch_size) * batch_size
     batches = [windows[i : i + batch_size] for i in range(0, n_full, batch_size)]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from polar_jax.models.base import CausalLM
+from polar_jax.graph import merge as merge_graph, split as split_graph
 
 
 def capture_intermediates(model: CausalLM, fn: Callable[[CausalLM], Any]) -> tuple[Any, dict[str, jax.Array]]:
@@ -28,7 +29,7 @@ def capture_intermediates(model: CausalLM, fn: Callable[[CausalLM], Any]) -> tup
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _forward_collect(graphdef, state, tokens):
-    return capture_intermediates(nnx.merge(graphdef, state), lambda m: m(tokens, collect=True))
+    return capture_intermediates(merge_graph(graphdef, state), lambda m: m(tokens, collect=True))
 
 
 def forward_with_stats(model: CausalLM, tokens: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -37,7 +38,7 @@ def forward_with_stats(model: CausalLM, tokens: jax.Array) -> tuple[jax.Array, d
     - `head_norm` [L,B,T,Hq]: L2 norm of each query head's attention output before the output projection,
     - `mlp_active` [L,B,T,N] bool: ReLU activation > 0 (ReLU-MLP models only).
     """
-    graphdef, state = nnx.split(model)
+    graphdef, state = split_graph(model)
     return _forward_collect(graphdef, state, jnp.asarray(tokens, jnp.int32))
 
 
