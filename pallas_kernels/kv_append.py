@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from . import kv_append_triton as tri
-from .backends import dispatch
+from .backends import dispatch, use_interpret
 from .kv_append_xla import kv_append_xla
-from .validation import check_float, check_int, check_ndim
+from .validation import KERNEL_DTYPES, check_float, check_int, check_ndim
 
 Array = jax.Array
 _IMPLS = {"xla": kv_append_xla, "triton": tri.kv_append}
@@ -47,5 +47,7 @@ def kv_append(k_cache: Array, v_cache: Array, k: Array, v: Array, positions: Arr
 KV_APPEND_MAX_B = 1024
 
 
-def prefers_kv_append(batch: int) -> bool:
-    return 1 <= batch <= KV_APPEND_MAX_B
+def prefers_kv_append(batch: int, dtype=jnp.bfloat16) -> bool:
+    """True where the decode step should append with `kv_append`: batch in range, and a cache dtype the
+    kernel runs on the GPU (16-bit; float32 only in interpret mode)."""
+    return 1 <= batch <= KV_APPEND_MAX_B and (jnp.dtype(dtype) in KERNEL_DTYPES or use_interpret())

@@ -48,7 +48,7 @@ class LayerKV:
         not written (their position is pushed out of range and the write dropped). `kernel`: a kernel
         backend that writes K and V in one launch (`pallas_kernels.kv_append`); None: XLA's scatters."""
         b, s = self.k.shape[:2]
-        if kernel is not None and prefers_kv_append(b):
+        if kernel is not None and prefers_kv_append(b, self.k.dtype):
             return LayerKV(*kv_append(self.k, self.v, k, v, positions.astype(jnp.int32), live, impl=kernel))
         pos = positions.astype(jnp.int32)
         if live is not None:

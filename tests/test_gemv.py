@@ -230,3 +230,12 @@ def test_kv_append_refuses_bad_inputs():
                              ((kc, kc, k[0], k, pos), ValueError, "dimensions")):
         with pytest.raises(err, match=match):
             pk.kv_append(*args)
+
+
+def test_kv_append_rule_keeps_float32_caches_on_xla_on_a_gpu(monkeypatch):
+    kv = importlib.import_module("pallas_kernels.kv_append")
+    monkeypatch.setattr(kv, "use_interpret", lambda: False)  # as on a GPU
+    assert kv.prefers_kv_append(1, jnp.bfloat16) and kv.prefers_kv_append(64, jnp.float16)
+    assert not kv.prefers_kv_append(1, jnp.float32) and not kv.prefers_kv_append(0, jnp.bfloat16)
+    monkeypatch.setattr(kv, "use_interpret", lambda: True)  # interpret mode runs float32 too (CPU tests)
+    assert kv.prefers_kv_append(1, jnp.float32)
