@@ -35,11 +35,12 @@ from polar_jax.models.base import head_output_norms
 from polar_jax.models.collect import group_norms
 from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.config import SparsityConfig, attention_units, check_density, units_kept
+from polar_jax.routers.logits import attn_logits
 from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_counts, balanced_top_units,
                                  balanced_unit_mask, capped_union_mask, compact_slots, keep_prefix_dense, shard_budget,
                                  top_units, topk_mask, union_scores, union_threshold_mask, union_topk, unit_mask)
 
-_ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b"]
+_ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b", "attn_w1", "attn_b1"]
 _ROUTER_META = ["attn_k", "budgets", "units", "plan", "mlp_recall", "mlp_rule", "use_attn", "use_mlp", "start",
                 "select_impl", "balance"]
 MLP_RULES = ("threshold", "topk")
@@ -64,13 +65,16 @@ class _Routers:
     start: int = 0  # masked eval: positions before it stay dense; decode ignores it (prefill is dense)
     select_impl: str = "auto"  # the fused router + threshold + compaction op
     balance: int = 1  # heads: > 1 keeps the budget per shard of this many tensor-parallel shards
+    # hidden-layer attention routers: per layer w1 [d, h] and b1 [h] (then attn_w is [h, U]); None: linear
+    attn_w1: tuple | None = None
+    attn_b1: tuple | None = None
 
     def _attn_on(self, layer: int) -> bool:
         return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
 
     def _attn_logits(self, layer: int, x: jax.Array) -> jax.Array:
-        w = self.attn_w[layer]
-        return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32) + self.attn_b[layer].astype(jnp.float32)
+        hidden = () if self.attn_w1 is None else (self.attn_w1[layer], self.attn_b1[layer])
+        return attn_logits(x, self.attn_w[layer], self.attn_b[layer], *hidden)
 
     def _attn_counts(self, layer: int, logits: jax.Array) -> tuple[jax.Array, int]:
         """Per-row unit counts [...] and the slot capacity; balanced: per shard, [..., balance] and the
@@ -236,7 +240,11 @@ def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recal
         return tuple(None if get(i) is None else jnp.asarray(get(i)[j].T if transpose else get(i)[j], dtype)
                      for i in layers)
 
+    hidden = {}
+    if c.attn_hidden:
+        hidden = dict(attn_w1=arrays(bundle.attn, 2), attn_b1=arrays(bundle.attn, 3))
     return dict(
+        **hidden,
         attn_w=arrays(bundle.attn, 0), attn_b=arrays(bundle.attn, 1),
         mlp_a=arrays(bundle.mlp, 0, transpose=True), mlp_b=arrays(bundle.mlp, 1),
         attn_k=c.attn_k(attn_density, per_layer),
