@@ -56,7 +56,9 @@ def check_selector(model: CausalLM, selector: Any) -> None:
     problems = []
     if plan is not None and plan.num_layers != cfg.num_layers:
         problems.append(f"{plan.num_layers} layers vs the model's {cfg.num_layers}")
-    for name, arrays, axis, want in (("attention router", selector.attn_w, 0, cfg.hidden_size),
+    # the attention router's input matrix: w1 [d, h] with a hidden layer, else w [d, U]
+    attn_in = selector.attn_w1 if selector.attn_w1 is not None else selector.attn_w
+    for name, arrays, axis, want in (("attention router", attn_in, 0, cfg.hidden_size),
                                      ("MLP router", selector.mlp_a, 1, cfg.hidden_size),
                                      ("MLP router", selector.mlp_b, 1, cfg.intermediate_size)):
         shapes = {a.shape[axis] for a in arrays if a is not None}

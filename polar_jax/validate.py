@@ -89,6 +89,7 @@ LIMITS: dict[str, Limit] = {
     "epochs": POSITIVE,
     "patience": POSITIVE,
     "rank": POSITIVE,
+    "attn_hidden": Limit(int, 0),  # hidden width of the attention routers; 0 = linear
     "tile": POSITIVE,
     "batches": POSITIVE,
     "prompts": POSITIVE,

@@ -45,8 +45,7 @@ def attention_recall(bundle, data, densities) -> dict[str, list[float]]:
         rows = []
         for layer in range(1, c.num_layers):
             x = data.field("router_input", layer)[val]
-            w, b = bundle.attn(layer)
-            r_top = np.argsort(-(x @ w + b), axis=-1)[:, :k]
+            r_top = np.argsort(-bundle.attn_logits(layer, x), axis=-1)[:, :k]
             o_top = np.argsort(-data.field("unit_norm", layer)[val], axis=-1)[:, :k]
             hit = (r_top[:, :, None] == o_top[:, None, :]).any(-1).sum(-1)
             rows.append(float(np.mean(hit / k)))

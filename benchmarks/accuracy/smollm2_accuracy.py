@@ -15,6 +15,12 @@ the JSON as each run finishes, so an interrupted run keeps what it measured (`--
     PYTHONPATH=.:tests python benchmarks/accuracy/smollm2_accuracy.py run --head-bundle B_HEAD \
         --group-bundle B_GROUP --head-data D_HEAD --group-data D_GROUP [--resume]
     PYTHONPATH=.:tests python benchmarks/accuracy/smollm2_accuracy.py report
+    PYTHONPATH=.:tests python benchmarks/accuracy/smollm2_accuracy.py archive NAME --note TEXT
+
+`archive` moves the router runs, router recall, greedy agreement and training records into `NAME` (kept
+in the JSON, compared in the report) before a run with new bundles: `run --resume` skips every
+(mode, unit, k) already in `runs`, so router rows left there would not be recomputed. Dense and oracle
+runs stay (they do not depend on the routers).
 
 (the full command list, data and bundles included, is in benchmarks/accuracy/smollm2.md)
 """
@@ -131,6 +137,38 @@ def run(args) -> None:
     agreement(*GROUP_POINTS[1][1:])
 
 
+ROUTER_KEYS = ("recall", "agreement", "train", "train_best_val_recall")  # what depends on the bundles
+
+
+def archive(name: str, note: str) -> None:
+    """Moves everything that depends on the router bundles into res[name] (see the module docstring)."""
+    res = _load(OUT_JSON)
+    if name in res:
+        raise SystemExit(f"{name} is already in {OUT_JSON.name}: pick another name")
+    old = {"note": note, "env": res.get("env"), "runs": [r for r in res["runs"] if r["mode"] == "router"]}
+    if not old["runs"]:
+        raise SystemExit("no router runs to archive")
+    old.update({k: res[k] for k in ROUTER_KEYS if k in res})
+    res[name] = old
+    res["runs"] = [r for r in res["runs"] if r["mode"] != "router"]
+    res.update({"recall": {}, "agreement": []})
+    for k in ("train", "train_best_val_recall"):
+        res.pop(k, None)
+    _save(res)
+    print(f"archived {len(old['runs'])} router runs as {name}")
+
+
+def _earlier_router_runs(res: dict) -> dict[str, dict]:
+    """Archived router perplexities by (unit, k), per archive name (routers_v1 is a bare list of runs)."""
+    out = {}
+    for name, entry in res.items():
+        if not name.startswith("routers_"):
+            continue
+        runs = entry if isinstance(entry, list) else entry.get("runs", [])
+        out[name] = {(r["unit"], r["k"]): r["ppl"] for r in runs if r["mode"] == "router"}
+    return out
+
+
 def _within(rows, dense, tol=0.05):
     """Lowest density whose perplexity stays within `tol` of dense (None: none of the measured ones)."""
     ok = [r["density"] for r in rows if r["ppl"] <= dense * (1 + tol)]
@@ -190,6 +228,23 @@ def report() -> None:
     for unit, rec in res.get("recall", {}).items():
         for k, vals in rec.items():
             lines.append(f"| {unit} | {k} | {np.mean(vals):.3f} | {min(vals):.3f} |")
+    earlier = {n: v for n, v in _earlier_router_runs(res).items() if v}
+    if earlier:
+        names = list(earlier)
+        lines += ["", "Router perplexity of this run and of the earlier runs kept in the JSON (router / oracle uses "
+                  "this run's oracle):", "",
+                  "| unit | kept | oracle | " + " | ".join(f"{n} | / oracle" for n in names) + " | this run | / oracle |",
+                  "|---|---|---|" + "---|---|" * (len(names) + 1)]
+        for unit, units in (("group", 3), ("head", 9)):
+            for k in range(units - 1, 0, -1):
+                o = get.get(("oracle", unit, k))
+                vals = [earlier[n].get((unit, k)) for n in names] + [get.get(("router", unit, k))]
+                if o is None or all(v is None for v in vals):
+                    continue
+                cells = " | ".join("– | –" if v is None else f"{v:.2f} | {v / o:.4f}" for v in vals)
+                lines.append(f"| {unit} | {k}/{units} | {o:.2f} | {cells} |")
+        notes = [f"- `{n}`: {res[n]['note']}" for n in names if isinstance(res[n], dict) and res[n].get("note")]
+        lines += ["", *notes] if notes else []
     if res.get("agreement"):
         lines += ["", "Greedy agreement with dense (real sparse decode path, KV-group routers, select_decode; 8 prompts "
                   "of 32 test tokens, 64 new tokens, batch 8):", "",
@@ -228,8 +283,18 @@ def main() -> None:
     r.add_argument("--group-data", required=True)
     r.add_argument("--resume", action="store_true", help="keep the runs already in the JSON")
     sub.add_parser("report")
+    a = sub.add_parser("archive", help="keep the router-dependent results under NAME before a run with new bundles")
+    a.add_argument("name", help="JSON key, routers_<what>_<date>")
+    a.add_argument("--note", required=True, help="what those routers were")
     args = p.parse_args()
-    run(args) if args.cmd == "run" else report()
+    if args.cmd == "run":
+        run(args)
+    elif args.cmd == "archive":
+        if not args.name.startswith("routers_"):
+            raise SystemExit("the archive name must start with routers_ (the report lists those)")
+        archive(args.name, args.note)
+    else:
+        report()
 
 
 if __name__ == "__main__":

@@ -60,8 +60,7 @@ def imbalance(bundle, router_inputs: np.ndarray, rho: float, shards: int, rng: n
         for b in BATCHES:
             vals = []
             for layer in range(1, c.num_layers):
-                w, bias = bundle.attn(layer)
-                logits = jnp.asarray(router_inputs[layer] @ w + bias)  # [N, U]
+                logits = jnp.asarray(bundle.attn_logits(layer, router_inputs[layer]))  # [N, U]
                 if rule == "global":
                     keep = unit_mask(logits, k)
                 else:

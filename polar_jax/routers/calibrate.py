@@ -192,8 +192,7 @@ def calibrate(
                     tables[r][key].append([value] * len(bs))
             continue
         x = data.field("router_input", layer)[val]
-        w, b = bundle.attn(layer)
-        attn_logits = x @ w + b
+        attn_logits = bundle.attn_logits(layer, x)
         curve = importance_curve(attn_logits, data.field("unit_norm", layer)[val])
         importance.append(tuple(float(v) for v in curve))
         head_thresholds.append(tuple(adaptive_thresholds(attn_logits, c.attn_budget_floor, c.attn_budget_cap)))

@@ -57,7 +57,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     mlp_opts = TrainOptions(epochs=args.mlp_epochs or args.epochs, lr=args.mlp_lr or args.lr,
                             batch_size=args.batch_size, patience=args.patience, seed=args.seed)
     bundle = train_routers(data, rank=args.rank, attn_train_density=args.attn_train_density, opts=opts,
-                           mlp_opts=mlp_opts, val_fraction=args.val_fraction, max_train_tokens=args.max_train_tokens)
+                           mlp_opts=mlp_opts, val_fraction=args.val_fraction, max_train_tokens=args.max_train_tokens,
+                           attn_hidden=args.attn_hidden)
     bundle.save(args.out, overwrite=args.overwrite, inputs=[args.data])
     print(f"wrote routers to {args.out} (uncalibrated: run `polar-jax calibrate --bundle {args.out} --data {args.data}`)")
     return 0
@@ -172,6 +173,8 @@ def register(subparsers) -> None:
     t.add_argument("--data", required=True, help="folder written by `polar-jax collect`")
     t.add_argument("--out", required=True, help="bundle folder to write")
     t.add_argument("--rank", type=arg_type("rank"), default=None, help="MLP router rank r (default min(1024, d))")
+    t.add_argument("--attn-hidden", type=arg_type("attn_hidden"), default=0,
+                   help="hidden width of the attention routers (0: linear d -> U; h > 0: d -> h -> ReLU -> U)")
     t.add_argument("--attn-train-density", type=arg_type("attn_train_density"), default=0.5,
                    help="top-k label density for attention")
     t.add_argument("--epochs", type=arg_type("epochs"), default=10, help="training epochs (attention routers)")

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
+from polar_jax.validate import check
 
 CALIBRATION_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -153,6 +154,8 @@ class SparsityConfig:
     attn_layer_densities: tuple[float, ...] | None = None  # explicit per-layer densities (layer 0 = 1.0)
     attn_importance: tuple[tuple[float, ...], ...] | None = None  # [layer][k] mass kept by top-k router units
     attn_train_density: float = 0.5
+    # width of the attention routers' hidden layer (0: linear routers, the format of every bundle before it)
+    attn_hidden: int = 0
     # input-adaptive head budgets: [layer][k-1] router-logit threshold whose clipped per-token count
     # averages k units (k = 1..U), and the clip bounds as fractions of k
     attn_thresholds: tuple[tuple[float, ...], ...] | None = None
@@ -231,6 +234,9 @@ class SparsityConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mlp_tables"] = [t.to_dict() for t in self.mlp_tables]
+        if not self.attn_hidden:
+            # a linear bundle keeps the exact format older polar-jax reads (it refuses unknown fields)
+            del d["attn_hidden"]
         return d
 
     @classmethod
@@ -247,4 +253,5 @@ class SparsityConfig:
         for key in ("attn_importance", "attn_thresholds"):
             if d.get(key) is not None:
                 d[key] = tuple(tuple(float(x) for x in r) for r in d[key])
+        check("attn_hidden", d.get("attn_hidden", 0), "attn_hidden (hidden width of the attention routers, 0: linear)")
         return cls(**d)

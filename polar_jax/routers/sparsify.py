@@ -35,11 +35,12 @@ from polar_jax.models.base import head_output_norms
 from polar_jax.models.collect import group_norms
 from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.config import SparsityConfig, attention_units, check_density, units_kept
+from polar_jax.routers.logits import attn_logits
 from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_counts, balanced_top_units,
                                  balanced_unit_mask, capped_union_mask, compact_slots, keep_prefix_dense, shard_budget,
                                  top_units, topk_mask, union_scores, union_threshold_mask, union_topk, unit_mask)
 
-_ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b"]
+_ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b", "attn_w1", "attn_b1"]
 _ROUTER_META = ["attn_k", "budgets", "units", "plan", "mlp_recall", "mlp_rule", "use_attn", "use_mlp", "start",
                 "select_impl", "balance", "fused_first"]
 MLP_RULES = ("threshold", "topk")
@@ -67,15 +68,18 @@ class _Routers:
     # mlp_a holds [U + rank, d]: the head router's rows, then the MLP router's first matrix. Both routers read
     # the same input, so where both run one product serves them (one kernel instead of two per layer)
     fused_first: bool = False
+    # hidden-layer attention routers: per layer w1 [d, h] and b1 [h] (then attn_w is [h, U]); None: linear
+    attn_w1: tuple | None = None
+    attn_b1: tuple | None = None
 
     def _attn_on(self, layer: int) -> bool:
         return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
 
     def _attn_logits(self, layer: int, x: jax.Array) -> jax.Array:
-        w, b = self.attn_w[layer], self.attn_b[layer].astype(jnp.float32)
-        if self.fused_first and self._mlp_on(layer, x.shape[0]):
-            return self._first_stage(layer, x)[..., : w.shape[1]] + b
-        return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32) + b
+        if self.fused_first and self._mlp_on(layer, x.shape[0]):  # linear head routers only (see _router_fields)
+            return self._first_stage(layer, x)[..., : self.attn_w[layer].shape[1]] + self.attn_b[layer].astype(jnp.float32)
+        hidden = () if self.attn_w1 is None else (self.attn_w1[layer], self.attn_b1[layer])
+        return attn_logits(x, self.attn_w[layer], self.attn_b[layer], *hidden)
 
     def _first_stage(self, layer: int, x: jax.Array) -> jax.Array:
         """x @ mlp_a[layer].T in float32 (the same traced op from both routers: XLA computes it once)."""
@@ -249,8 +253,11 @@ def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recal
                      for i in layers)
 
     attn_w = arrays(bundle.attn, 0)
+    hidden = {}
+    if c.attn_hidden:
+        hidden = dict(attn_w1=arrays(bundle.attn, 2), attn_b1=arrays(bundle.attn, 3))
     mlp_arrays = dict(mlp_a=arrays(bundle.mlp, 0, transpose=True), mlp_b=arrays(bundle.mlp, 1))
-    fused = bool(fuse_first and attn and use_mlp)
+    fused = bool(fuse_first and attn and use_mlp and not c.attn_hidden)  # a hidden layer: its own first product
     if fused:
         mlp_arrays["mlp_a"] = tuple(a if a is None or w is None else jnp.concatenate([w.T, a], axis=0)
                                     for w, a in zip(attn_w, mlp_arrays["mlp_a"]))
@@ -258,6 +265,7 @@ def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recal
             fused = False  # a layer with only one of the routers: keep them apart
             mlp_arrays["mlp_a"] = arrays(bundle.mlp, 0, transpose=True)
     return dict(
+        **hidden,
         attn_w=attn_w, attn_b=arrays(bundle.attn, 1), **mlp_arrays, fused_first=fused,
         attn_k=c.attn_k(attn_density, per_layer),
         budgets=c.adaptive_budgets(attn_density, per_layer) if adaptive and attn else None,

@@ -136,9 +136,10 @@ def fit(
 
 
 def train_attention_router(x_tr, norms_tr, x_val, norms_val, k: int, opts: TrainOptions, desc: str = "attn",
-                           log=print, progress: bool = True) -> tuple[AttentionRouter, dict]:
+                           log=print, progress: bool = True, hidden: int = 0) -> tuple[AttentionRouter, dict]:
+    """Trains one layer's attention router on top-k labels; `hidden` > 0 adds a hidden layer of that width."""
     units = norms_tr.shape[-1]
-    router = AttentionRouter(x_tr.shape[-1], units, nnx.Rngs(opts.seed))
+    router = AttentionRouter(x_tr.shape[-1], units, nnx.Rngs(opts.seed), hidden=hidden)
     metric = functools.partial(_recall_k_fixed, k=k)
     return fit(router, x_tr, topk_labels(norms_tr, k), x_val, topk_labels(norms_val, k), metric, opts, desc, log, progress)
 
@@ -163,10 +164,13 @@ def train_routers(
     max_train_tokens: int | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    attn_hidden: int = 0,
 ) -> SparsityBundle:
     """Trains the attention router of every sparse layer (1..L-1) and, for ReLU models, the MLP router.
+    `attn_hidden` > 0 gives the attention routers a hidden layer of that width (0: linear).
     Returns an uncalibrated bundle (no MLP k table yet: run `calibrate`)."""
     check_density(attn_train_density, "training density")
+    attn_hidden = check("attn_hidden", attn_hidden, "attention router hidden width (0: linear)")
     check("val_fraction", val_fraction, "validation fraction")
     check_optional("max_train_tokens", max_train_tokens)
     m = data.meta
@@ -184,8 +188,11 @@ def train_routers(
     for layer in range(1, layers):
         x = data.field("router_input", layer)
         norms = data.field("unit_norm", layer)
-        r, info = train_attention_router(x[tr], norms[tr], x[val], norms[val], k, opts, f"layer {layer} attn", log, progress)
-        params[f"attn.{layer}.w"], params[f"attn.{layer}.b"] = np.asarray(r.w[...]), np.asarray(r.b[...])
+        r, info = train_attention_router(x[tr], norms[tr], x[val], norms[val], k, opts, f"layer {layer} attn", log,
+                                         progress, hidden=attn_hidden)
+        # the names the bundle stores, in the order SparsityBundle.attn returns them
+        for name, arr in zip(("w", "b", "w1", "b1"), r.arrays()):
+            params[f"attn.{layer}.{name}"] = np.asarray(arr)
         metrics[f"attn.{layer}"] = info
         if m.get("mlp_active"):
             act = data.field("mlp_active", layer)
@@ -197,7 +204,7 @@ def train_routers(
     cfg = SparsityConfig(
         num_layers=layers, attn_units=units, unit=m["unit"], ffn=n, mlp_router=bool(m.get("mlp_active")),
         mlp_rank=rank if m.get("mlp_active") else 0, attn_density=attn_train_density,
-        attn_train_density=attn_train_density,
+        attn_train_density=attn_train_density, attn_hidden=attn_hidden,
         train={"data": str(data.path), "texts": m["texts"], "tokens": len(tr), "val_tokens": len(val),
                "val_fraction": val_fraction, "seed": opts.seed, "options": dataclasses.asdict(opts),
                "mlp_options": dataclasses.asdict(mlp_opts or opts), "metrics": metrics},
