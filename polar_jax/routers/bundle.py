@@ -47,7 +47,7 @@ class SparsityBundle:
     signature: dict
 
     def attn(self, layer: int) -> tuple[np.ndarray, ...] | None:
-        """The layer's attention-router arrays as `modules.attn_logits` takes them after x: (w, b) for a
+        """The layer's attention-router arrays as `logits.attn_logits` takes them after x: (w, b) for a
         linear router, (w, b, w1, b1) with a hidden layer; None for a dense layer. Compute logits with
         `attn_logits` (never `x @ w + b` by hand: that is wrong for a hidden-layer router)."""
         key = f"attn.{layer}.w"
