@@ -1,6 +1,13 @@
 """Router perplexity at 1 of 3 KV groups on SmolLM2 with group routers trained on top-1 labels (the density
-they are used at), hidden 64 and linear, against the committed results (same text, windows, tokens)."""
-import datetime, json, sys, time, platform
+they are used at), hidden 64 and linear, against the committed results (same text, windows, tokens).
+
+    PYTHONPATH=.:tests python benchmarks/accuracy/smollm2_groups_top1.py   # bundles: benchmarks/accuracy/smollm2.md
+"""
+import datetime
+import json
+import platform
+import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 import numpy as np
