@@ -9,7 +9,8 @@ F32 = jnp.float32
 
 
 def row_norm_xla(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float, kind: str) -> jax.Array:
-    """x [M, D] -> [M, D]. "layer": ((x - mean) / sqrt(var + eps)) * w + b in float32, cast to x's dtype.
+    """x [..., D] -> [..., D] (any leading axes). "layer": ((x - mean) / sqrt(var + eps)) * w + b in float32,
+    cast to x's dtype.
     "rms": x / sqrt(mean(x^2) + eps) cast to x's dtype first, then times w (HF's order)."""
     xf = x.astype(F32)
     if kind == "layer":

@@ -47,15 +47,9 @@ class LayerKV:
         """One token per row: k/v `[B, H_kv, D]` written at `positions` [B]. Rows whose `live` is False are
         not written (their position is pushed out of range and the write dropped). `kernel`: a kernel
         backend that writes K and V in one launch (`pallas_kernels.kv_append`); None: XLA's scatters."""
-        b, s = self.k.shape[:2]
-        if kernel is not None and prefers_kv_append(b, self.k.dtype):
-            return LayerKV(*kv_append(self.k, self.v, k, v, positions.astype(jnp.int32), live, impl=kernel))
-        pos = positions.astype(jnp.int32)
-        if live is not None:
-            pos = jnp.where(live, pos, s)
-        rows = jnp.arange(b)
-        return LayerKV(self.k.at[rows, pos].set(k.astype(self.k.dtype), mode="drop"),
-                       self.v.at[rows, pos].set(v.astype(self.v.dtype), mode="drop"))
+        use_kernel = kernel is not None and prefers_kv_append(self.k.shape[0], self.k.dtype)
+        return LayerKV(*kv_append(self.k, self.v, k, v, positions.astype(jnp.int32), live,
+                                  impl=kernel if use_kernel else "xla"))
 
 
 @jax.tree_util.register_dataclass

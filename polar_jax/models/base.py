@@ -198,7 +198,7 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, kv: LayerKV | None, step: Step, layer: int) -> tuple[jax.Array, LayerKV | None]:
         """x [B, T, d] -> (x, the layer's cache after this step). T = 1 in decode mode."""
-        norm_kernel = step.gemv_impl if step.mode == "decode" else None  # one-kernel norms at small batch
+        norm_kernel = step.gemv_impl  # set in decode only: one-kernel norms at small batch
         h = self.attn_norm(x, norm_kernel) if self.pre_norm else x
         choice = units = None
         if step.mode == "decode":

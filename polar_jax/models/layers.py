@@ -18,6 +18,7 @@ from pallas_kernels.dense_gemv import gemv as pk_gemv
 from pallas_kernels.dense_gemv import prefers_gemv
 from pallas_kernels.row_norm import prefers_row_norm
 from pallas_kernels.row_norm import row_norm as pk_row_norm
+from pallas_kernels.row_norm_xla import row_norm_xla
 from pallas_kernels.unit_gemv import gemv_multi, gemv_rows
 from polar_jax.config import ModelConfig, RopeConfig
 
@@ -40,13 +41,8 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array, kernel: str | None = None) -> jax.Array:
-        """`kernel`: a kernel backend for the decode step's few rows (`norm_rows`); None: XLA."""
-        if uses_row_norm(kernel, x):
-            return norm_rows(x, self.weight[...], None, self.eps, "rms", kernel)
-        xf = x.astype(F32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        # HF multiplies the weight after casting back to the input dtype.
-        return self.weight[...] * xf.astype(x.dtype)
+        """`kernel`: a kernel backend for the decode step's few rows (`normalize`); None: XLA."""
+        return normalize(x, self.weight[...], None, self.eps, "rms", kernel)
 
 
 def uses_row_norm(kernel: str | None, x: jax.Array) -> bool:
@@ -54,7 +50,12 @@ def uses_row_norm(kernel: str | None, x: jax.Array) -> bool:
     return kernel is not None and prefers_row_norm(math.prod(x.shape[:-1]))
 
 
-def norm_rows(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float, kind: str, kernel: str) -> jax.Array:
+def normalize(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: float, kind: str,
+              kernel: str | None) -> jax.Array:
+    """LayerNorm ("layer") or RMSNorm ("rms", HF's rounding) over the last axis of x: the `row_norm` kernel
+    where `uses_row_norm`, else its XLA reference (the one definition of the math)."""
+    if not uses_row_norm(kernel, x):
+        return row_norm_xla(x, weight, bias, eps, kind)
     lead = x.shape[:-1]
     return pk_row_norm(x.reshape(-1, x.shape[-1]), weight, bias, eps, kind, impl=kernel).reshape(*lead, -1)
 
@@ -66,14 +67,8 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array, kernel: str | None = None) -> jax.Array:
-        """`kernel`: a kernel backend for the decode step's few rows (`norm_rows`); None: XLA."""
-        if uses_row_norm(kernel, x):
-            return norm_rows(x, self.weight[...], self.bias[...], self.eps, "layer", kernel)
-        xf = x.astype(F32)
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.weight[...].astype(F32) + self.bias[...].astype(F32)).astype(x.dtype)
+        """`kernel`: a kernel backend for the decode step's few rows (`normalize`); None: XLA."""
+        return normalize(x, self.weight[...], self.bias[...], self.eps, "layer", kernel)
 
 
 # HF activation names -> the names of the one shared implementation (pallas_kernels.activations).

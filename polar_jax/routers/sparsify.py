@@ -257,13 +257,12 @@ def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recal
     if c.attn_hidden:
         hidden = dict(attn_w1=arrays(bundle.attn, 2), attn_b1=arrays(bundle.attn, 3))
     mlp_arrays = dict(mlp_a=arrays(bundle.mlp, 0, transpose=True), mlp_b=arrays(bundle.mlp, 1))
-    fused = bool(fuse_first and attn and use_mlp and not c.attn_hidden)  # a hidden layer: its own first product
+    # a hidden layer has its own first product; a layer with only one of the routers keeps them apart
+    fused = bool(fuse_first and attn and use_mlp and not c.attn_hidden
+                 and all((w is None) == (a is None) for w, a in zip(attn_w, mlp_arrays["mlp_a"])))
     if fused:
-        mlp_arrays["mlp_a"] = tuple(a if a is None or w is None else jnp.concatenate([w.T, a], axis=0)
+        mlp_arrays["mlp_a"] = tuple(a if a is None else jnp.concatenate([w.T, a], axis=0)
                                     for w, a in zip(attn_w, mlp_arrays["mlp_a"]))
-        if any((a is None) != (w is None) for w, a in zip(attn_w, mlp_arrays["mlp_a"])):
-            fused = False  # a layer with only one of the routers: keep them apart
-            mlp_arrays["mlp_a"] = arrays(bundle.mlp, 0, transpose=True)
     return dict(
         **hidden,
         attn_w=attn_w, attn_b=arrays(bundle.attn, 1), **mlp_arrays, fused_first=fused,
