@@ -14,10 +14,13 @@ from . import dense_gemv_triton as tri
 from .activations import ACTIVATIONS
 from .backends import dispatch
 from .dense_gemv_xla import LAYOUTS, gemv_xla
+from .split_sum import SplitSum
 from .validation import check_float, check_ndim, check_same_dtype
 
 Array = jax.Array
 _IMPLS = {"xla": gemv_xla, "triton": lambda x, w, b, a, lay: tri.gemv(x, w, b, a, lay)}
+_SPLIT = {"xla": lambda x, w, b, a, lay: SplitSum.finished(gemv_xla(x, w, b, a, lay)),
+          "triton": lambda x, w, b, a, lay: tri.gemv(x, w, b, a, lay, defer=True)}
 
 
 def check_gemv(x, w, bias, activation, layout: str) -> None:
@@ -40,11 +43,14 @@ def check_gemv(x, w, bias, activation, layout: str) -> None:
 
 
 def gemv(x: Array, w: Array, bias: Array | None = None, activation: str | None = None, layout: str = "kn",
-         impl: str = "auto") -> Array:
+         impl: str = "auto", *, split_sum: bool = False) -> Array | SplitSum:
     """act(x @ W + b): x [M, K] (M <= 16), W [K, N] ("kn") or [N, K] ("nk") -> [M, N] in x's dtype,
-    float32 accumulation."""
+    float32 accumulation. `split_sum=True` (no activation): the output as a `SplitSum`, its split-K
+    epilogue left to the consumer (`add_row_norm`)."""
     check_gemv(x, w, bias, activation, layout)
-    return dispatch("gemv", _IMPLS, impl)(x, w, bias, activation, layout)
+    if split_sum and activation is not None:
+        raise ValueError(f"split_sum leaves the epilogue to the consumer: no activation, got {activation!r}")
+    return dispatch("gemv", _SPLIT if split_sum else _IMPLS, impl)(x, w, bias, activation, layout)
 
 
 # Where the decode step is faster with the Pallas GEMV (H200): at B=1 the whole step (OPT-6.7B 1.06x,

@@ -22,6 +22,7 @@ from .backends import use_interpret
 from .devices import DeviceClass, current_device_class
 from .grid import cdiv, pow2_at_least
 from .smem import fit_tiling, staged_bytes
+from .split_sum import SplitSum
 from .validation import check_kernel_dtype
 
 MAX_M = 16  # one 16-row x tile; larger M is not a GEMV (the dense path uses XLA's GEMM there)
@@ -114,8 +115,9 @@ def _gemv_kernel(x_ref, w_ref, *rest, M, K, N, cfg: GemvConfig, layout, activati
         plgpu.store(o_ref.at[s, pl.ds(0, MAX_M), pl.ds(n0, bn)], acc, mask=store_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "layout", "cfg", "interpret"))
-def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("activation", "layout", "cfg", "interpret", "defer"))
+def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpret: bool, defer: bool = False):
+    """`defer`: return a `SplitSum` (the partials and the bias, no epilogue; activation None)."""
     M, K = x.shape
     N = w.shape[1] if layout == "kn" else w.shape[0]
     has_bias = bias is not None
@@ -130,7 +132,9 @@ def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpr
         name=f"gemv_{layout}",
     )(x, w, *([bias] if has_bias else []))
     if direct:
-        return out
+        return SplitSum.finished(out) if defer else out
+    if defer:
+        return SplitSum.of_partials(out, bias, M, N, x.dtype)
     # Split-K epilogue, one fused XLA kernel: sum of the f32 partials, bias, activation, cast.
     y = jnp.sum(out, axis=0)
     if has_bias:
@@ -138,12 +142,14 @@ def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpr
     return get_activation(activation)(y).astype(x.dtype)
 
 
-def gemv(x, w, bias=None, activation=None, layout: str = "kn", config: GemvConfig | None = None):
-    """Backend entry point (the public op in gemv.py validates first)."""
+def gemv(x, w, bias=None, activation=None, layout: str = "kn", config: GemvConfig | None = None,
+         defer: bool = False):
+    """Backend entry point (the public op in gemv.py validates first); `defer`: see gemv_triton."""
     check_kernel_dtype(x.dtype, use_interpret())
     M, K = x.shape
     N = w.shape[1] if layout == "kn" else w.shape[0]
     cfg = config or choose_gemv_config(M, K, N, layout)
     if cfg.split_k < 1 or (K + cfg.block_k - 1) // cfg.block_k % cfg.split_k:
         raise ValueError(f"split_k={cfg.split_k} must divide the {cdiv(K, cfg.block_k)} k-blocks")
-    return gemv_triton(x, w, bias, activation=activation, layout=layout, cfg=cfg, interpret=use_interpret())
+    return gemv_triton(x, w, bias, activation=activation, layout=layout, cfg=cfg, interpret=use_interpret(),
+                       defer=defer)

@@ -1,16 +1,20 @@
 """Decode-step norm: `row_norm(x, weight, bias, eps, kind)`, LayerNorm ("layer") or RMSNorm ("rms") of
-each row of x [M, D], in one kernel per call at small batch (see row_norm_triton.py for why)."""
+each row of x [M, D], in one kernel per call at small batch (see row_norm_triton.py for why).
+`add_row_norm(x, delta, ...)` first adds a sublayer's unfinished output (a `SplitSum`) to the residual
+stream x, in the same kernel, and returns both the new stream and its norm."""
 from __future__ import annotations
 
 import jax
 
 from . import row_norm_triton as tri
 from .backends import dispatch
-from .row_norm_xla import KINDS, row_norm_xla
+from .row_norm_xla import KINDS, add_row_norm_xla, row_norm_xla
+from .split_sum import SplitSum
 from .validation import check_float, check_ndim
 
 Array = jax.Array
 _IMPLS = {"xla": row_norm_xla, "triton": tri.row_norm}
+_ADD_IMPLS = {"xla": add_row_norm_xla, "triton": tri.add_row_norm}
 
 # Rows up to which the decode step normalises with `row_norm` instead of XLA's fusions. H200, same-process
 # A/B (benchmarks/results/raw_2026-11-29c_h200/call4_*_variants.json): at B=1 OPT-6.7B dense and heads + MLP
@@ -44,3 +48,15 @@ def row_norm(x: Array, weight: Array, bias: Array | None, eps: float, kind: str,
 def prefers_row_norm(m: int) -> bool:
     """True where a decode step of m rows should normalise with `row_norm`."""
     return 1 <= m <= ROW_NORM_MAX_M
+
+
+def add_row_norm(x: Array, delta: SplitSum, weight: Array, bias: Array | None, eps: float, kind: str,
+                 impl: str = "auto") -> tuple[Array, Array]:
+    """x [M, D] + delta.total() (the finished output of the projection before this norm) -> (that sum, its
+    LayerNorm or RMSNorm), float32 statistics; one kernel on the Triton backend."""
+    check_row_norm(x, weight, bias, eps, kind)
+    if not isinstance(delta, SplitSum):
+        raise TypeError(f"delta must be a SplitSum (a projection's split_sum=True output), got {type(delta).__name__}")
+    if delta.shape != tuple(x.shape):
+        raise ValueError(f"delta is {delta.shape} but x is {tuple(x.shape)}")
+    return dispatch("add_row_norm", _ADD_IMPLS, impl)(x, delta, weight, bias, float(eps), kind)

@@ -1,8 +1,11 @@
-"""XLA reference of the decode-step norms: LayerNorm (two-pass, as torch) and RMSNorm (HF's rounding)."""
+"""XLA reference of the decode-step norms: LayerNorm (two-pass, as torch) and RMSNorm (HF's rounding), and
+of `add_row_norm` (a sublayer's pending output added to the residual stream, then the norm)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from .split_sum import SplitSum
 
 KINDS = ("layer", "rms")
 F32 = jnp.float32
@@ -22,3 +25,11 @@ def row_norm_xla(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: f
         return y.astype(x.dtype)
     y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
     return weight * y
+
+
+def add_row_norm_xla(x: jax.Array, delta: SplitSum, weight: jax.Array, bias: jax.Array | None, eps: float,
+                     kind: str) -> tuple[jax.Array, jax.Array]:
+    """x [M, D] + the finished delta (rounded to its dtype first, as a materialised output is) -> (that sum,
+    its norm)."""
+    x_new = x + delta.total()
+    return x_new, row_norm_xla(x_new, weight, bias, eps, kind)

@@ -21,6 +21,7 @@ from . import selective_gemm_xla as ref
 from .activations import ACTIVATIONS
 from .backends import dispatch
 from .crossover import mlp_prefers_dense
+from .split_sum import SplitSum
 from .validation import check_count, check_float, check_indices, check_int, check_ndim, check_same_dtype, concrete
 
 Array = jax.Array
@@ -75,6 +76,8 @@ _UP = {"xla": lambda x, w, idx, n, bias, act: ref.gather_up_xla(x, w, idx, n, bi
        "triton": lambda x, w, idx, n, bias, act: tri.gather_up(x, w, idx, n, bias, act)}
 _GATED = {"xla": ref.gather_up_gated_xla, "triton": tri.gather_up_gated}
 _DOWN = {"xla": ref.gather_down_xla, "triton": tri.gather_down}
+_DOWN_SPLIT = {"xla": lambda *a: SplitSum.finished(ref.gather_down_xla(*a)),
+               "triton": lambda *a: tri.gather_down(*a, defer=True)}
 
 
 def gather_up(x: Array, w: Array, idx: Array, n_active: Array | int, bias: Array | None = None,
@@ -107,12 +110,18 @@ def gather_up_gated(x: Array, w_gate: Array, w_up: Array, idx: Array, n_active: 
 
 
 def gather_down(h: Array, w: Array, idx: Array, n_active: Array | int, bias: Array | None = None,
-                impl: str = "auto") -> Array:
+                impl: str = "auto", *, split_sum: bool = False) -> Array | SplitSum:
     """sum_{j < n_active} h[:, j] * w[idx[j]] + bias -> [M, D] (duplicates count twice).
 
-    h [M, A], w [N, D] (neuron-major down projection), idx int32 [A], n_active int32 scalar."""
+    h [M, A], w [N, D] (neuron-major down projection), idx int32 [A], n_active int32 scalar.
+    `split_sum=True` (a named backend, not "auto"): the output as a `SplitSum`, its epilogue (partials'
+    sum, bias, cast) left to the consumer (`add_row_norm`)."""
     check_down(h, w, idx, n_active, bias)
     n = jnp.asarray(n_active, jnp.int32)
+    if split_sum:
+        if impl == "auto":
+            raise ValueError("split_sum needs a named backend (impl='triton' or 'xla'), not 'auto'")
+        return dispatch("gather_down", _DOWN_SPLIT, impl)(h, w, idx, n, bias)
     fn = dispatch("gather_down", _DOWN, impl)
     if impl != "auto" or fn is _DOWN["xla"]:
         return fn(h, w, idx, n, bias)

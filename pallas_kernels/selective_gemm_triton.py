@@ -22,6 +22,7 @@ from .backends import use_interpret
 from .devices import REFERENCE, DeviceClass, current_device_class
 from .grid import cdiv, pow2_at_least
 from .smem import fit_tiling, staged_bytes
+from .split_sum import SplitSum
 from .validation import check_kernel_dtype
 
 
@@ -327,9 +328,10 @@ def _down_kernel(*refs, M, D, N, A, cfg: DownConfig, has_bias, direct):
         plgpu.store(o_ref.at[s, pl.ds(m0, bm), pl.ds(d0, bd)], acc, mask=store_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret):
-    """Pallas gather_down: sum_{j<n} h[:, j] w[idx[j]] (+ bias)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "defer"))
+def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret, defer: bool = False):
+    """Pallas gather_down: sum_{j<n} h[:, j] w[idx[j]] (+ bias). `defer`: return a `SplitSum` (the
+    partials, or the atomics' padded sum, and the bias; no epilogue)."""
     M, A = h.shape
     N, D = w.shape
     has_bias = bias is not None
@@ -357,7 +359,9 @@ def gather_down_triton(h, w, idx, n_active, bias, *, cfg: DownConfig, interpret)
         name="gather_down",
     )(*args)
     if direct:
-        return out
+        return SplitSum.finished(out) if defer else out
+    if defer:
+        return SplitSum.of_partials(out[None] if atomic else out, bias, M, D, h.dtype)
     y = out[:M, :D] if atomic else jnp.sum(out, axis=0)
     if has_bias:
         y = y + bias.astype(jnp.float32)[None, :]
@@ -384,7 +388,7 @@ def gather_up_gated(x, w_gate, w_up, idx, n_active, config: UpConfig | None = No
                             interpret=use_interpret())
 
 
-def gather_down(h, w, idx, n_active, bias=None, config: DownConfig | None = None):
+def gather_down(h, w, idx, n_active, bias=None, config: DownConfig | None = None, defer: bool = False):
     check_kernel_dtype(h.dtype, use_interpret())
     cfg = config or choose_down_config(h.shape[0], w.shape[1], idx.shape[0])
-    return gather_down_triton(h, w, idx, n_active, bias, cfg=cfg, interpret=use_interpret())
+    return gather_down_triton(h, w, idx, n_active, bias, cfg=cfg, interpret=use_interpret(), defer=defer)

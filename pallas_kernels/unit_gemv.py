@@ -15,12 +15,15 @@ import jax
 
 from . import unit_gemv_triton as tri
 from .backends import dispatch
+from .split_sum import SplitSum
 from .unit_gemv_xla import gemv_multi_xla, gemv_rows_xla
 from .validation import check_count, check_float, check_indices, check_int, check_ndim, check_same_dtype
 
 Array = jax.Array
 _MULTI = {"xla": gemv_multi_xla, "triton": tri.gemv_multi}
 _ROWS = {"xla": gemv_rows_xla, "triton": tri.gemv_rows}
+_ROWS_SPLIT = {"xla": lambda *a: SplitSum.finished(gemv_rows_xla(*a)),
+               "triton": lambda *a: tri.gemv_rows(*a, defer=True)}
 
 
 def _check_x(x) -> tuple[int, int]:
@@ -69,8 +72,9 @@ def gemv_multi(x: Array, ws: Sequence[Array], biases: Sequence[Array | None] | N
 
 
 def gemv_rows(x: Array, w: Array, bias: Array | None, units: Array, n_active: Array | int, width: int,
-              impl: str = "auto") -> Array:
-    """x @ W + b over the rows of the units in the first n_active slots: x [M, K], W [K, N] -> [M, N]."""
+              impl: str = "auto", *, split_sum: bool = False) -> Array | SplitSum:
+    """x @ W + b over the rows of the units in the first n_active slots: x [M, K], W [K, N] -> [M, N].
+    `split_sum=True`: as a `SplitSum` (see `gemv`)."""
     M, K = _check_x(x)
     check_ndim("w", w, 2)
     check_same_dtype(x=x, w=w)
@@ -79,4 +83,4 @@ def gemv_rows(x: Array, w: Array, bias: Array | None, units: Array, n_active: Ar
     if bias is not None and tuple(bias.shape) != (w.shape[1],):
         raise ValueError(f"bias must have shape ({w.shape[1]},), got {tuple(bias.shape)}")
     _check_units(units, n_active, width, K, "rows of w")
-    return dispatch("gemv_rows", _ROWS, impl)(x, w, bias, units, n_active, width)
+    return dispatch("gemv_rows", _ROWS_SPLIT if split_sum else _ROWS, impl)(x, w, bias, units, n_active, width)

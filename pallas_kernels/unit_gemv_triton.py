@@ -30,6 +30,7 @@ from .dense_gemv_triton import MAX_M, GemvConfig, gemv_smem, load_tile
 from .devices import DeviceClass, current_device_class
 from .grid import cdiv, pow2_at_least
 from .smem import fit_tiling
+from .split_sum import SplitSum
 from .validation import check_kernel_dtype
 
 # The dense GEMV's tiling type and shared-memory estimate (the same x and weight tiles per k-step); for
@@ -174,8 +175,9 @@ def _rows_kernel(x_ref, w_ref, *rest, M, N, width, cap, has_bias, cfg: GemvConfi
     plgpu.store(o_ref.at[pl.ds(0, MAX_M), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=store_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("width", "cfg", "interpret"))
-def gemv_rows_triton(x, w, bias, units, n_active, *, width, cfg: GemvConfig, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("width", "cfg", "interpret", "defer"))
+def gemv_rows_triton(x, w, bias, units, n_active, *, width, cfg: GemvConfig, interpret: bool, defer: bool = False):
+    """`defer`: return a `SplitSum` (the slot ranges' partials and the bias, no epilogue)."""
     M = x.shape[0]
     N = w.shape[1]
     split = cfg.split_k
@@ -189,7 +191,9 @@ def gemv_rows_triton(x, w, bias, units, n_active, *, width, cfg: GemvConfig, int
     )(x, w, *([bias] if bias is not None and split == 1 else []), units,
       jnp.reshape(n_active, (1,)).astype(jnp.int32))
     if split == 1:
-        return out
+        return SplitSum.finished(out) if defer else out
+    if defer:
+        return SplitSum.of_partials(out, bias, M, N, x.dtype)
     y = jnp.sum(out, axis=0)  # one fused XLA epilogue: the slot ranges' partials, the bias, the cast
     if bias is not None:
         y = y + bias.astype(jnp.float32)[None, :]
@@ -208,7 +212,8 @@ def gemv_multi(x, ws, biases, units=None, n_active=None, width: int | None = Non
                              interpret=use_interpret())
 
 
-def gemv_rows(x, w, bias, units, n_active, width: int, config: GemvConfig | None = None):
+def gemv_rows(x, w, bias, units, n_active, width: int, config: GemvConfig | None = None, defer: bool = False):
     check_kernel_dtype(x.dtype, use_interpret())
     cfg = config or choose_rows_config(width, w.shape[1], units.shape[0])
-    return gemv_rows_triton(x, w, bias, units, n_active, width=width, cfg=cfg, interpret=use_interpret())
+    return gemv_rows_triton(x, w, bias, units, n_active, width=width, cfg=cfg, interpret=use_interpret(),
+                            defer=defer)

@@ -146,6 +146,51 @@ class KernelOpTests:
             assert out.shape == (M, D) and out.dtype == x.dtype
             close(out, ref, self.dtype)
 
+    def test_add_row_norm_finishes_the_partials_then_norms(self):
+        """x + (sum of the partials + bias, rounded to the output dtype), then the norm: several partials or
+        one finished output, padded partial buffers (rows and columns past the output), with and without the
+        projection's bias and the norm's bias (a dropped partial, bias, rounding or residual fails)."""
+        rng = fresh_rng()
+        for M, D, S, pad, dbias, kind, bias in ((1, 4096, 2, 0, True, "layer", True), (1, 576, 9, 15, False, "rms", False),
+                                                (3, 100, 4, 5, True, "rms", False), (2, 1000, 1, 0, False, "layer", True)):
+            x = self.arr(rng, (M, D)) * 3.0 + 1.0
+            parts = jnp.asarray(rng.standard_normal((S, M + pad, D + pad)), jnp.float32)
+            db = self.arr(rng, (D,)) if dbias else None
+            w = self.arr(rng, (D,)) + 1.0
+            b = self.arr(rng, (D,)) if bias else None
+            delta = pk.SplitSum.of_partials(parts, db, M, D, self.dtype)
+            x_new, out = pk.add_row_norm(x, delta, w, b, 1e-5, kind, impl=self.impl)
+            y = npref.f64(parts)[:, :M, :D].sum(0) + (npref.f64(db) if dbias else 0.0)
+            want_x = npref.f64(x) + npref.f64(jnp.asarray(y, self.dtype))
+            close(x_new, want_x, self.dtype)
+            xf = npref.f64(x_new)
+            if kind == "layer":
+                xc = xf - xf.mean(-1, keepdims=True)
+                ref = xc / np.sqrt((xc * xc).mean(-1, keepdims=True) + 1e-5) * npref.f64(w) + (npref.f64(b) if bias else 0.0)
+            else:
+                ref = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-5) * npref.f64(w)
+            assert x_new.dtype == x.dtype and out.shape == (M, D)
+            close(out, ref, self.dtype)
+
+    def test_split_sum_outputs_total_to_the_finished_outputs(self):
+        """`split_sum=True` of the three projections that end a sublayer (the dense GEMV, the selected
+        units' rows, the selective down projection) finishes (`total()`) to exactly the plain call's output;
+        on the Triton backend these shapes split the reduction, so the partials really are deferred."""
+        rng = fresh_rng()
+        x, w, b = self.arr(rng, (1, 512)), self.arr(rng, (512, 96), 512**-0.5), self.arr(rng, (96,))
+        units, n = jnp.asarray([3, 0, 2, 5, 1], jnp.int32), jnp.int32(4)
+        h, wd = self.arr(rng, (1, 300)), self.arr(rng, (700, 96), 0.05)
+        idx = jnp.asarray(rng.permutation(700)[:300], jnp.int32)
+        cases = ((pk.gemv, (x, w, b, None, "kn")), (pk.gemv_rows, (x, w, b, units, n, 64)),
+                 (pk.gather_down, (h, wd, idx, jnp.int32(260), b)))
+        for op, args in cases:
+            plain = op(*args, impl=self.impl)
+            deferred = op(*args, impl=self.impl, split_sum=True)
+            assert isinstance(deferred, pk.SplitSum) and deferred.shape == plain.shape
+            if self.impl == "triton":
+                assert deferred.parts.shape[0] > 1 and deferred.parts.dtype == jnp.float32, op.__name__
+            np.testing.assert_array_equal(np.asarray(deferred.total()), np.asarray(plain))
+
     # ---- decode-step cache append --------------------------------------------------------------------
     def test_kv_append_writes_live_rows_in_range_only(self):
         """New K/V rows land at each live row's position; a dead row, a position past the cache and a

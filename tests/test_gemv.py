@@ -207,6 +207,66 @@ def test_row_norm_refuses_bad_inputs():
     assert row_norm.prefers_row_norm(1) and not row_norm.prefers_row_norm(2) and not row_norm.prefers_row_norm(0)
 
 
+@pytest.mark.parametrize("D,kind,S,bias", [(4096, "layer", 2, True), (4096, "rms", 9, False), (576, "rms", 1, False)])
+def test_add_row_norm_lowers_to_one_triton_kernel(D, kind, S, bias):
+    """The projection's epilogue, the residual add and the norm: one kernel (S partials, or one output)."""
+    from pallas_kernels.row_norm_triton import add_row_norm_triton
+
+    def f(x, parts, w, *b):
+        delta = pk.SplitSum(parts, b[0] if b else None, 1, D, jnp.dtype(jnp.bfloat16))
+        return add_row_norm_triton(x, delta, w, b[1] if b else None, eps=1e-5, kind=kind, interpret=False)
+
+    args = [jax.ShapeDtypeStruct((1, D), jnp.bfloat16), jax.ShapeDtypeStruct((S, 16, D), jnp.float32),
+            jax.ShapeDtypeStruct((D,), jnp.bfloat16)]
+    if bias:
+        args += [jax.ShapeDtypeStruct((D,), jnp.bfloat16)] * 2
+    assert count_triton_calls(lower_for_cuda(f, *args)) == 1
+
+
+def test_split_sum_inputs_are_checked():
+    x, w = jnp.ones((1, 8), jnp.float32), jnp.ones((8,), jnp.float32)
+    with pytest.raises(TypeError, match="SplitSum"):
+        pk.add_row_norm(x, x, w, None, 1e-5, "rms")
+    with pytest.raises(ValueError, match="delta is"):
+        pk.add_row_norm(x, pk.SplitSum.finished(jnp.ones((2, 8), jnp.float32)), w, None, 1e-5, "rms")
+    with pytest.raises(ValueError, match="parts must be"):
+        pk.SplitSum.of_partials(jnp.ones((2, 1, 7)), None, 1, 8, jnp.float32)
+    with pytest.raises(ValueError, match="bias"):
+        pk.SplitSum.of_partials(jnp.ones((2, 1, 8)), jnp.ones((7,)), 1, 8, jnp.float32)
+    with pytest.raises(ValueError, match="no activation"):
+        pk.gemv(x, jnp.ones((8, 4), jnp.float32), None, "relu", "kn", split_sum=True)
+    with pytest.raises(ValueError, match="named backend"):
+        pk.gather_down(x, jnp.ones((5, 3), jnp.float32), jnp.arange(8, dtype=jnp.int32) % 5, 2, split_sum=True)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
+def test_b1_decode_adds_each_sublayer_output_in_the_next_norm(name, monkeypatch):
+    """At B=1 through the kernels every norm but the first layer's input norm finishes the previous
+    projection (`add_row_norm`: 2L - 1 calls for L layers) and the step's logits equal XLA's."""
+    model, _ = load_cached(name)
+    layers_mod = importlib.import_module("polar_jax.models.layers")
+    calls = []
+    real = layers_mod.add_row_norm
+
+    def counting(*a, **kw):
+        calls.append(kw.get("impl"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(layers_mod, "add_row_norm", counting)
+    toks = jnp.asarray(np.random.default_rng(5).integers(3, model.config.vocab_size, (1, 7)), jnp.int32)
+    graphdef, state = split_model(model)
+    outs = {}
+    for gemv in ("xla", "triton"):
+        calls.clear()
+        cache = KVCache.create(model.config, 1, 16, model.dtype)
+        _, cache = prefill(graphdef, state, toks[:, :6], jnp.full((1,), 6, jnp.int32), cache)
+        lg, _ = decode_step(graphdef, state, cache, toks[:, 6], None, "xla", "xla", gemv)
+        outs[gemv] = (np.asarray(lg), list(calls))
+    assert outs["xla"][1] == []  # XLA's dot: no one-kernel norms, nothing deferred
+    assert outs["triton"][1] == ["triton"] * (2 * model.config.num_layers - 1)
+    np.testing.assert_allclose(outs["triton"][0], outs["xla"][0], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("B,S,H,D", [(1, 2088, 32, 128), (16, 4104, 8, 128), (3, 100, 3, 80)])
 def test_kv_append_lowers_to_one_triton_kernel(B, S, H, D):
     from pallas_kernels.kv_append_triton import kv_append_triton

@@ -211,6 +211,8 @@ def variants() -> dict:
         "row_norm16": ((row_norm_mod, "ROW_NORM_MAX_M", 16),),
         # the cache append through XLA's scatters instead of the one-launch kernel
         "no_kv_append": ((kv_append_mod, "KV_APPEND_MAX_B", 0),),
+        # every sublayer output finished and added by XLA, not by the next norm's kernel (add_row_norm)
+        "no_add_norm": ((base.Block, "defers_residual", lambda self, x, step: False),),
         "head_topk_lax": ((sparsify, "top_units", _lax_top_units),),
         # flash-decoding split targets at B >= 8
         "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),

@@ -25,10 +25,12 @@ from flax import nnx
 
 from pallas_kernels import (dense_decode_xla, gather_down, gather_up, gather_up_gated, resolve_impl, select_decode,
                             triton_gpu_available)
+from pallas_kernels.split_sum import SplitSum
 from polar_jax.cache import KVCache, LayerKV
 from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
-from polar_jax.models.layers import F32, MLP, Attention, LayerNorm, RMSNorm, apply_rope, causal_attention, rope_inv_freq
+from polar_jax.models.layers import (F32, MLP, Attention, LayerNorm, Residual, RMSNorm, apply_rope, causal_attention,
+                                     rope_inv_freq, uses_row_norm)
 from polar_jax.selection import AttentionSelection, MLPSelection
 from polar_jax.validate import check_model_input
 
@@ -141,31 +143,33 @@ def gemv_backend(impl: str, dtype) -> str | None:
     return None if name == "xla" else name
 
 
-def dense_mlp(mlp: MLP, h: jax.Array, gemv: str | None = None, *, bias: bool = True) -> jax.Array:
-    return mlp.project_down(mlp.activations(h, gemv), gemv, bias=bias)
+def dense_mlp(mlp: MLP, h: jax.Array, gemv: str | None = None, *, bias: bool = True,
+              split_sum: bool = False) -> jax.Array | SplitSum:
+    return mlp.project_down(mlp.activations(h, gemv), gemv, bias=bias, split_sum=split_sum)
 
 
 def selective_mlp(mlp: MLP, h: jax.Array, idx: jax.Array, n_active: jax.Array, impl: str, *,
-                  bias: bool = True) -> jax.Array:
+                  bias: bool = True, split_sum: bool = False) -> jax.Array | SplitSum:
     """MLP over the selected neurons only: h [B, d] -> [B, d] (gathered up/gate and down projections);
-    `bias=False` leaves the down projection's bias out (a tensor-parallel partial sum)."""
+    `bias=False` leaves the down projection's bias out (a tensor-parallel partial sum); `split_sum`: the
+    output as a `SplitSum` (its epilogue left to the next norm's kernel)."""
     if mlp.gated:
         act = gather_up_gated(h, mlp.gate[...], mlp.up[...], idx, n_active, impl=impl)
     else:
         up_bias = mlp.up_bias[...] if mlp.up_bias is not None else None
         act = gather_up(h, mlp.up[...], idx, n_active, bias=up_bias, activation=mlp.act, impl=impl)
     down_bias = mlp.down_bias[...] if bias and mlp.down_bias is not None else None
-    return gather_down(act, mlp.down[...], idx, n_active, bias=down_bias, impl=impl)
+    return gather_down(act, mlp.down[...], idx, n_active, bias=down_bias, impl=impl, split_sum=split_sum)
 
 
 def decode_mlp(mlp: MLP, h: jax.Array, choice: MLPSelection | None, impl: str, gemv: str | None = None, *,
-               bias: bool = True) -> jax.Array:
+               bias: bool = True, split_sum: bool = False) -> jax.Array | SplitSum:
     """h [B, d] -> [B, d]: dense, or the selective kernels over the selected neurons. The choice between
     them is static (a selector decides per layer at trace time): a run-time `lax.cond` here splits the
     step's CUDA graph and cost ~0.5 ms per step at B=32 on the H200."""
     if choice is None or choice.dense:
-        return dense_mlp(mlp, h, gemv, bias=bias)
-    return selective_mlp(mlp, h, choice.idx, choice.n_active, impl, bias=bias)
+        return dense_mlp(mlp, h, gemv, bias=bias, split_sum=split_sum)
+    return selective_mlp(mlp, h, choice.idx, choice.n_active, impl, bias=bias, split_sum=split_sum)
 
 
 def sum_over_shards(partial: jax.Array, bias: nnx.Param | None, step: Step) -> jax.Array:
@@ -196,10 +200,23 @@ class Block(nnx.Module):
         self.pre_norm = cfg.do_layer_norm_before if opt else True
         self.use_rope = not opt
 
-    def __call__(self, x: jax.Array, kv: LayerKV | None, step: Step, layer: int) -> tuple[jax.Array, LayerKV | None]:
-        """x [B, T, d] -> (x, the layer's cache after this step). T = 1 in decode mode."""
+    def defers_residual(self, x: jax.Array | Residual, step: Step) -> bool:
+        """True where this layer leaves each sublayer's output to the next norm's kernel (`Residual`): decode
+        with one-kernel norms (B=1), pre-norm, one device, layers unrolled (a scanned carry keeps one type)."""
+        rows = x.x if isinstance(x, Residual) else x
+        return (step.mode == "decode" and self.pre_norm and step.parallel is None and step.stacked is None
+                and uses_row_norm(step.gemv_impl, rows))
+
+    def __call__(self, x: jax.Array | Residual, kv: LayerKV | None, step: Step,
+                 layer: int) -> tuple[jax.Array | Residual, LayerKV | None]:
+        """x [B, T, d] -> (x, the layer's cache after this step). T = 1 in decode mode. Where
+        `defers_residual`, x may come and goes as a `Residual` (the MLP's output not yet added)."""
         norm_kernel = step.gemv_impl  # set in decode only: one-kernel norms at small batch
-        h = self.attn_norm(x, norm_kernel) if self.pre_norm else x
+        defer = self.defers_residual(x, step)
+        if isinstance(x, Residual):
+            x, h = self.attn_norm.add_and_norm(x, norm_kernel)  # the previous layer's MLP output added here
+        else:
+            h = self.attn_norm(x, norm_kernel) if self.pre_norm else x
         choice = units = None
         if step.mode == "decode":
             with jax.named_scope(SCOPES["router"]):
@@ -229,7 +246,10 @@ class Block(nnx.Module):
             self.sow(nnx.Intermediate, "router_input", h)
             self.sow(nnx.Intermediate, "head_norm", head_output_norms(heads))
         with jax.named_scope(SCOPES["proj"]):
-            partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None, units=units)
+            partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None, units=units, split_sum=defer)
+        if defer:
+            x, h2 = self.mlp_norm.add_and_norm(Residual(x, partial), norm_kernel)
+            return Residual(x, self._mlp_partial(h2, h, step, layer, split_sum=True)), kv
         x = x + sum_over_shards(partial, self.attn.o_bias, step)
         if not self.pre_norm:
             x = self.attn_norm(x, norm_kernel)
@@ -242,7 +262,8 @@ class Block(nnx.Module):
     def _mlp(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int) -> jax.Array:
         return sum_over_shards(self._mlp_partial(h2, router_input, step, layer), self.mlp.down_bias, step)
 
-    def _mlp_partial(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int) -> jax.Array:
+    def _mlp_partial(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int,
+                     split_sum: bool = False) -> jax.Array | SplitSum:
         bias = step.parallel is None
         if step.mode == "decode":
             with jax.named_scope(SCOPES["router"]):
@@ -250,7 +271,9 @@ class Block(nnx.Module):
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "mlp_n_active", jnp.int32(-1) if choice.dense else choice.n_active)
             with jax.named_scope(SCOPES["mlp"]):
-                return decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl, step.gemv_impl, bias=bias)[:, None]
+                out = decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl, step.gemv_impl, bias=bias,
+                                 split_sum=split_sum)
+                return out if split_sum else out[:, None]
         if step.mode == "prefill" or (step.sparsifier is None and not step.collect):
             return dense_mlp(self.mlp, h2, bias=bias)
         act = self.mlp.activations(h2)
@@ -339,7 +362,7 @@ class CausalLM(nnx.Module):
         for i, block in enumerate(self.layers):
             x, kv = block(x, cache.layer(i) if cache is not None else None, step, i)
             new.append(kv)
-        return x, new
+        return (x.resolve() if isinstance(x, Residual) else x), new
 
     # ---- full-sequence -------------------------------------------------------------------------------
     def __call__(

@@ -7,6 +7,7 @@ Reductions (norm statistics, softmax) run in float32 whatever the parameter dtyp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -16,9 +17,10 @@ from flax import nnx
 from pallas_kernels.activations import get_activation
 from pallas_kernels.dense_gemv import gemv as pk_gemv
 from pallas_kernels.dense_gemv import prefers_gemv
-from pallas_kernels.row_norm import prefers_row_norm
+from pallas_kernels.row_norm import add_row_norm, prefers_row_norm
 from pallas_kernels.row_norm import row_norm as pk_row_norm
 from pallas_kernels.row_norm_xla import row_norm_xla
+from pallas_kernels.split_sum import SplitSum
 from pallas_kernels.unit_gemv import gemv_multi, gemv_rows
 from polar_jax.config import ModelConfig, RopeConfig
 
@@ -44,6 +46,10 @@ class RMSNorm(nnx.Module):
         """`kernel`: a kernel backend for the decode step's few rows (`normalize`); None: XLA."""
         return normalize(x, self.weight[...], None, self.eps, "rms", kernel)
 
+    def add_and_norm(self, stream: "Residual", kernel: str) -> tuple[jax.Array, jax.Array]:
+        """(the stream with its pending output added, its norm) in one kernel (`add_normalize`)."""
+        return add_normalize(stream, self.weight[...], None, self.eps, "rms", kernel)
+
 
 def uses_row_norm(kernel: str | None, x: jax.Array) -> bool:
     """True where the norm of x [..., D] runs as one `row_norm` kernel (few rows, e.g. B=1 decode)."""
@@ -60,6 +66,30 @@ def normalize(x: jax.Array, weight: jax.Array, bias: jax.Array | None, eps: floa
     return pk_row_norm(x.reshape(-1, x.shape[-1]), weight, bias, eps, kind, impl=kernel).reshape(*lead, -1)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Residual:
+    """The residual stream x [..., d] with the last sublayer's output not yet added to it (`delta`, over the
+    flattened rows). At B=1 the decode step leaves the projection's split-K epilogue and the residual add to
+    the next norm's kernel (`add_row_norm`): two kernels fewer per layer."""
+
+    x: jax.Array
+    delta: SplitSum
+
+    def resolve(self) -> jax.Array:
+        """x + delta through XLA (where no norm follows, e.g. after the last layer)."""
+        return self.x + self.delta.total().reshape(self.x.shape)
+
+
+def add_normalize(stream: Residual, weight: jax.Array, bias: jax.Array | None, eps: float, kind: str,
+                  kernel: str) -> tuple[jax.Array, jax.Array]:
+    """(x + delta, its LayerNorm / RMSNorm) for a `Residual` stream, through `add_row_norm`."""
+    x = stream.x
+    flat = x.reshape(-1, x.shape[-1])
+    x_new, y = add_row_norm(flat, stream.delta, weight, bias, eps, kind, impl=kernel)
+    return x_new.reshape(x.shape), y.reshape(x.shape)
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
@@ -69,6 +99,10 @@ class LayerNorm(nnx.Module):
     def __call__(self, x: jax.Array, kernel: str | None = None) -> jax.Array:
         """`kernel`: a kernel backend for the decode step's few rows (`normalize`); None: XLA."""
         return normalize(x, self.weight[...], self.bias[...], self.eps, "layer", kernel)
+
+    def add_and_norm(self, stream: "Residual", kernel: str) -> tuple[jax.Array, jax.Array]:
+        """(the stream with its pending output added, its norm) in one kernel (`add_normalize`)."""
+        return add_normalize(stream, self.weight[...], self.bias[...], self.eps, "layer", kernel)
 
 
 # HF activation names -> the names of the one shared implementation (pallas_kernels.activations).
@@ -130,22 +164,26 @@ def _value(p: nnx.Param | None) -> jax.Array | None:
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, layout: str, gemv: str | None = None,
-           activation: str | None = None) -> jax.Array:
+           activation: str | None = None, split_sum: bool = False) -> jax.Array | SplitSum:
     """act(x [..., K] @ W (+ b)) -> [..., N] in x's dtype, float32 accumulation; W is [K, N] ("kn") or
     [N, K] ("nk", out-major). With `gemv` (a kernel backend name) and few enough rows (`prefers_gemv`),
     the Pallas GEMV reads the weight instead of XLA's dot, with the bias and the activation in its
     epilogue: decode at small batch is a stream of weights, and XLA's GEMM fusions read it at 2.4-3.3
-    TB/s on the H200 where the GEMV reaches 3.0-4.0."""
+    TB/s on the H200 where the GEMV reaches 3.0-4.0. `split_sum=True`: the output over the flattened rows as
+    a `SplitSum` (its epilogue left to the next norm's kernel where the GEMV runs)."""
     lead = x.shape[:-1]
     m = math.prod(lead)
     if uses_gemv(gemv, m, layout):
+        if split_sum:
+            return pk_gemv(x.reshape(m, x.shape[-1]), w, b, activation, layout, impl=gemv, split_sum=True)
         return pk_gemv(x.reshape(m, x.shape[-1]), w, b, activation, layout, impl=gemv).reshape(*lead, -1)
     spec = "...i,io->...o" if layout == "kn" else "...i,oi->...o"
     y = jnp.einsum(spec, x, w, preferred_element_type=F32)
     if b is not None:
         y = y + b.astype(F32)
     y = y.astype(x.dtype)
-    return y if activation is None else get_activation(activation)(y)
+    y = y if activation is None else get_activation(activation)(y)
+    return SplitSum.finished(y.reshape(m, -1)) if split_sum else y
 
 
 def uses_gemv(gemv: str | None, rows: int, layout: str = "kn") -> bool:
@@ -199,17 +237,19 @@ class Attention(nnx.Module):
         return q, k, v
 
     def out(self, heads: jax.Array, gemv: str | None = None, *, bias: bool = True,
-            units: Units | None = None) -> jax.Array:
+            units: Units | None = None, split_sum: bool = False) -> jax.Array | SplitSum:
         """Per-head outputs [..., H, D] -> [..., d]. `bias=False` leaves the output bias out (a tensor-parallel
         shard's partial sum: the bias is added once, after the reduction). With `units` (and the GEMV) only
-        the selected units' rows of the weight are read (`gemv_rows`): the other heads' outputs are zero."""
+        the selected units' rows of the weight are read (`gemv_rows`): the other heads' outputs are zero.
+        `split_sum`: see `linear`."""
         flat = heads.reshape(*heads.shape[:-2], heads.shape[-2] * heads.shape[-1])
         b = _value(self.o_bias) if bias else None
         m = math.prod(flat.shape[:-1])
         if units is not None and uses_gemv(gemv, m):
-            y = gemv_rows(flat.reshape(m, -1), self.o[...], b, units[0], units[1], self.unit_width, impl=gemv)
-            return y.reshape(*flat.shape[:-1], -1)
-        return linear(flat, self.o[...], b, "kn", gemv)
+            y = gemv_rows(flat.reshape(m, -1), self.o[...], b, units[0], units[1], self.unit_width, impl=gemv,
+                          split_sum=split_sum)
+            return y if split_sum else y.reshape(*flat.shape[:-1], -1)
+        return linear(flat, self.o[...], b, "kn", gemv, split_sum=split_sum)
 
 
 class MLP(nnx.Module):
@@ -232,6 +272,7 @@ class MLP(nnx.Module):
         gate = linear(x, self.gate[...], None, "nk", gemv)
         return (get_activation(self.act)(gate) * up).astype(x.dtype)
 
-    def project_down(self, h: jax.Array, gemv: str | None = None, *, bias: bool = True) -> jax.Array:
-        """[..., N] -> [..., d]; `bias=False` as in `Attention.out`."""
-        return linear(h, self.down[...], _value(self.down_bias) if bias else None, "kn", gemv)
+    def project_down(self, h: jax.Array, gemv: str | None = None, *, bias: bool = True,
+                     split_sum: bool = False) -> jax.Array | SplitSum:
+        """[..., N] -> [..., d]; `bias=False` and `split_sum` as in `Attention.out`."""
+        return linear(h, self.down[...], _value(self.down_bias) if bias else None, "kn", gemv, split_sum=split_sum)
