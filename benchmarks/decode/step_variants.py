@@ -83,6 +83,16 @@ def _min_chunk(chunk):
     return pick
 
 
+def _small_batch_attn(**fields):
+    """select_decode's tiling with `fields` replaced at B <= 4 (e.g. deeper pipelining of the key blocks)."""
+    choose = selective_attention_triton.choose_attn_config
+
+    def pick(B, S, A, D, G=1, device=None):
+        cfg = choose(B, S, A, D, G, device)
+        return dataclasses.replace(cfg, **fields) if B <= 4 else cfg
+    return pick
+
+
 def _rows_split(split, block_n=32):
     choose = unit_gemv_triton.choose_rows_config
 
@@ -188,6 +198,8 @@ def variants() -> dict:
         "kn_no_split": ((dense_gemv_triton, "choose_gemv_config", _no_split_config(dense_gemv_triton.choose_gemv_config)),),
         "chunk128": ((selective_attention_triton, "choose_attn_config", _min_chunk(128)),),
         "chunk64": ((selective_attention_triton, "choose_attn_config", _min_chunk(64)),),
+        "attn_st3": ((selective_attention_triton, "choose_attn_config", _small_batch_attn(num_stages=3)),),
+        "attn_w8": ((selective_attention_triton, "choose_attn_config", _small_batch_attn(num_warps=8)),),
         # the Pallas GEMV up to 16 rows: for the out-major MLP weights only, and for every projection
         "gemv_nk16": ((dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 1}),),
         "gemv_b1_only": ((dense_gemv, "GEMV_MAX_M", {"nk": 1, "kn": 1}),),
