@@ -41,4 +41,4 @@ def select_decode(q, k, v, lengths, groups, n_active, sm_scale=None, window=None
 
 def union_select(u, w, live, threshold, capacity: int, config: SelectConfig | None = None):
     check_union_select(u, w, live, threshold, capacity)
-    return _sel.union_select(u, w, live, threshold, capacity, config)
+    return _sel.union_select(u, w, live, threshold, capacity, config=config)

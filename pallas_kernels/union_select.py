@@ -6,7 +6,10 @@ row predicts active (logit > the layer's calibrated threshold), and the gather k
 indices ascending (weight rows streamed in memory order). This op does all of it in one pass over w:
 - returns (idx [capacity] int32, count int32): the first min(count, capacity) entries of idx are the
   kept neurons in ascending order, the rest are 0; count may exceed the capacity (the caller then
-  runs the dense MLP).
+  runs the dense MLP), or is clamped to it with `clamp_count=True` (no extra kernel for the clamp).
+`u` may be a slice of a wider array (`u_offset`: its first column) and float32 over 16-bit `w` (rounded
+to w's dtype as it is read): at B=1 the router's first product is shared with the head router and
+arrives as float32 columns of one array, and slicing and casting it were a kernel of their own.
 It replaces `lax.top_k` over the batch-summed scores, which costs ~50 us per layer at N = 16384 on the
 H200 whatever k is (benchmarks/results/decode_diag_2026-11-28.md).
 """
@@ -24,13 +27,18 @@ Array = jax.Array
 _IMPLS = {"xla": union_select_xla, "triton": tri.union_select}
 
 
-def check_union_select(u, w, live, threshold, capacity) -> None:
+def check_union_select(u, w, live, threshold, capacity, u_offset: int = 0) -> None:
     check_ndim("u", u, 2)
     check_ndim("w", w, 2)
     check_float("u", u)
-    check_same_dtype(u=u, w=w)
-    if u.shape[1] != w.shape[0]:
-        raise ValueError(f"u is [B, r] and w [r, N]: got {u.shape} and {w.shape}")
+    check_float("w", w)
+    if jnp.dtype(u.dtype) != jnp.dtype(jnp.float32):
+        check_same_dtype(u=u, w=w)
+    if not isinstance(u_offset, int) or u_offset < 0:
+        raise ValueError(f"u_offset must be a non-negative int, got {u_offset!r}")
+    if u.shape[1] - u_offset != w.shape[0]:
+        raise ValueError(f"u[:, u_offset:] is [B, r] and w [r, N]: got u {u.shape} (u_offset {u_offset}) "
+                         f"and w {w.shape}")
     check_ndim("live", live, 1)
     if live.shape[0] != u.shape[0]:
         raise ValueError(f"live must have shape ({u.shape[0]},), got {live.shape}")
@@ -41,9 +49,10 @@ def check_union_select(u, w, live, threshold, capacity) -> None:
 
 
 def union_select(u: Array, w: Array, live: Array, threshold: Array | float, capacity: int,
-                 impl: str = "auto") -> tuple[Array, Array]:
+                 impl: str = "auto", *, u_offset: int = 0, clamp_count: bool = False) -> tuple[Array, Array]:
     """(ascending indices of the neurons whose logit `u @ w` passes `threshold` in some live row, their
-    count). u [B, r], w [r, N] (same float dtype), live [B] bool, threshold scalar, capacity static."""
-    check_union_select(u, w, live, threshold, capacity)
+    count). u [B, u_offset + r] (w's dtype, or float32), w [r, N], live [B] bool, threshold scalar,
+    capacity static; `clamp_count`: the count is min(count, capacity)."""
+    check_union_select(u, w, live, threshold, capacity, u_offset)
     fn = dispatch("union_select", _IMPLS, impl)
-    return fn(u, w, jnp.asarray(live, bool), jnp.asarray(threshold, jnp.float32), capacity)
+    return fn(u, w, jnp.asarray(live, bool), jnp.asarray(threshold, jnp.float32), capacity, u_offset, bool(clamp_count))

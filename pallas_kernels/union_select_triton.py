@@ -56,7 +56,7 @@ def choose_select_config(B: int, r: int, N: int, device: DeviceClass | None = No
     return fit_tiling(cfg, mask_smem, dev.smem_per_block, "block_r", 16)
 
 
-def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, cfg: SelectConfig):
+def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, u_offset, cfg: SelectConfig):
     bn, br, bb = cfg.block_n, cfg.block_r, cfg.block_b
     i = pl.program_id(0)
     cols = i * bn + jnp.arange(bn, dtype=jnp.int32)
@@ -71,11 +71,11 @@ def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, c
         def r_step(j, acc):
             ks = j * br + jnp.arange(br, dtype=jnp.int32)
             k_ok = ks < R
-            ut = plgpu.load(u_ref.at[rows[:, None], ks[None, :]],
+            ut = plgpu.load(u_ref.at[rows[:, None], u_offset + ks[None, :]],
                             mask=jnp.broadcast_to(r_ok[:, None] & k_ok[None, :], (bb, br)), other=0.0)
             wt = plgpu.load(w_ref.at[ks[:, None], cols[None, :]],
                             mask=jnp.broadcast_to(k_ok[:, None] & c_ok[None, :], (br, bn)), other=0.0)
-            return acc + plgpu.dot(ut, wt)
+            return acc + plgpu.dot(ut.astype(wt.dtype), wt)  # a float32 u is rounded to w's dtype here
 
         acc = jax.lax.fori_loop(0, cdiv(R, br), r_step, jnp.zeros((bb, bn), jnp.float32))
         acc = jnp.where(live[:, None], acc, -jnp.inf)
@@ -87,7 +87,7 @@ def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, c
     cnt_ref[i] = jnp.sum(keep)
 
 
-def _compact_kernel(keep_ref, cnt_ref, idx_ref, total_ref, *, N, cap, n_blocks, cfg: SelectConfig):
+def _compact_kernel(keep_ref, cnt_ref, idx_ref, total_ref, *, N, cap, n_blocks, clamp, cfg: SelectConfig):
     bn = cfg.block_n
     i = pl.program_id(0)
     nb = pow2_at_least(n_blocks)
@@ -112,25 +112,26 @@ def _compact_kernel(keep_ref, cnt_ref, idx_ref, total_ref, *, N, cap, n_blocks, 
 
     @pl.when(i == 0)
     def _total():
-        total_ref[0] = total
+        total_ref[0] = jnp.minimum(total, cap) if clamp else total
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "cfg", "interpret"))
-def union_select_triton(u, w, live, threshold, *, capacity: int, cfg: SelectConfig, interpret: bool):
-    B, R = u.shape
-    N = w.shape[1]
+@functools.partial(jax.jit, static_argnames=("capacity", "cfg", "interpret", "u_offset", "clamp"))
+def union_select_triton(u, w, live, threshold, *, capacity: int, cfg: SelectConfig, interpret: bool,
+                        u_offset: int = 0, clamp: bool = False):
+    B = u.shape[0]
+    R, N = w.shape
     n_blocks = cdiv(N, cfg.block_n)
     if n_blocks * cfg.block_n < capacity:
         raise ValueError("capacity larger than the padded neuron count")
     params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     keep, counts = pl.pallas_call(
-        functools.partial(_mask_kernel, B=B, R=R, N=N, cfg=cfg),
+        functools.partial(_mask_kernel, B=B, R=R, N=N, u_offset=u_offset, cfg=cfg),
         out_shape=(jax.ShapeDtypeStruct((n_blocks * cfg.block_n,), jnp.int32),
                    jax.ShapeDtypeStruct((n_blocks,), jnp.int32)),
         grid=(n_blocks,), interpret=interpret, compiler_params=params, name="union_mask",
     )(u, w, live.astype(jnp.int32), jnp.reshape(threshold.astype(jnp.float32), (1,)))
     idx, total = pl.pallas_call(
-        functools.partial(_compact_kernel, N=N, cap=capacity, n_blocks=n_blocks, cfg=cfg),
+        functools.partial(_compact_kernel, N=N, cap=capacity, n_blocks=n_blocks, clamp=clamp, cfg=cfg),
         out_shape=(jax.ShapeDtypeStruct((capacity,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)),
         grid=(n_blocks,), interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), name="union_compact",
@@ -138,8 +139,10 @@ def union_select_triton(u, w, live, threshold, *, capacity: int, cfg: SelectConf
     return idx, total[0]
 
 
-def union_select(u, w, live, threshold, capacity: int, config: SelectConfig | None = None):
+def union_select(u, w, live, threshold, capacity: int, u_offset: int = 0, clamp: bool = False,
+                 config: SelectConfig | None = None):
     """Backend entry point (validated by union_select.union_select); `config` for benchmarks."""
-    check_kernel_dtype(u.dtype, use_interpret())
-    cfg = config or choose_select_config(u.shape[0], u.shape[1], w.shape[1])
-    return union_select_triton(u, w, live, threshold, capacity=capacity, cfg=cfg, interpret=use_interpret())
+    check_kernel_dtype(w.dtype, use_interpret())
+    cfg = config or choose_select_config(u.shape[0], w.shape[0], w.shape[1])
+    return union_select_triton(u, w, live, threshold, capacity=capacity, cfg=cfg, interpret=use_interpret(),
+                               u_offset=u_offset, clamp=clamp)

@@ -17,7 +17,10 @@ def compact(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
     return idx, (pos[-1] + 1).astype(jnp.int32)
 
 
-def union_select_xla(u: jax.Array, w: jax.Array, live: jax.Array, threshold: jax.Array, capacity: int):
+def union_select_xla(u: jax.Array, w: jax.Array, live: jax.Array, threshold: jax.Array, capacity: int,
+                     u_offset: int = 0, clamp: bool = False):
+    u = u[:, u_offset:u_offset + w.shape[0]].astype(w.dtype)
     logits = jnp.dot(u, w, preferred_element_type=jnp.float32)  # [B, N]
     logits = jnp.where(live[:, None], logits, -jnp.inf)
-    return compact(jnp.max(logits, axis=0) > threshold, capacity)
+    idx, count = compact(jnp.max(logits, axis=0) > threshold, capacity)
+    return idx, (jnp.minimum(count, capacity) if clamp else count)

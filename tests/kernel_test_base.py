@@ -240,3 +240,19 @@ class KernelOpTests:
 
     def test_union_select_no_live_row_selects_nothing(self):
         self.check_union(3, 32, 100, 50, [False] * 3, -10.0)
+
+    def test_union_select_reads_a_float32_slice_and_clamps_the_count(self):
+        """u given as float32 columns [offset, offset + r) of a wider array (rounded to w's dtype as read),
+        the count clamped to the capacity: the same ids as the plain call on the rounded slice."""
+        rng = fresh_rng()
+        B, R, N, off, cap = 3, 48, 200, 7, 40
+        wide = jnp.asarray(rng.standard_normal((B, off + R + 5)), jnp.float32)
+        w = self.arr(rng, (R, N), R**-0.5)
+        live = jnp.asarray([True, False, True])
+        u = wide[:, off:off + R].astype(self.dtype)
+        want_idx, want_n = pk.union_select(u, w, live, jnp.float32(0.2), cap, impl="xla")
+        assert int(want_n) > cap  # the clamp matters here
+        idx, count = pk.union_select(wide[:, :off + R], w, live, jnp.float32(0.2), cap, impl=self.impl, u_offset=off,
+                                     clamp_count=True)
+        assert int(count) == cap
+        np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))

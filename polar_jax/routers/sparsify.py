@@ -190,9 +190,13 @@ class RouterSelector(_Routers):
             # under tensor parallelism mlp_b holds this shard's neurons (columns): a per-shard union
             cap = min(cap, self.mlp_b[layer].shape[1])
             threshold = jnp.asarray(self._by_live_count(layer, batch, "threshold"))[n_live]
-            idx, count = union_select(self._mlp_hidden(layer, router_input), self.mlp_b[layer], live, threshold,
-                                      cap, impl=self.select_impl)
-            return MLPSelection(idx, jnp.minimum(count, cap))
+            if self.fused_first:  # the shared float32 product's MLP columns, read (and rounded) in the kernel
+                u, offset = self._first_stage(layer, router_input), self.attn_w[layer].shape[1]
+            else:
+                u, offset = self._mlp_hidden(layer, router_input), 0
+            idx, count = union_select(u, self.mlp_b[layer], live, threshold, cap, impl=self.select_impl,
+                                      u_offset=offset, clamp_count=True)
+            return MLPSelection(idx, count)
         ks = self._by_live_count(layer, batch, "k")
         return union_topk(self._mlp_logits(layer, router_input), jnp.asarray(ks)[n_live], int(ks[batch]), live)
 
