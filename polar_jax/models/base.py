@@ -210,7 +210,7 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array | Residual, kv: LayerKV | None, step: Step,
                  layer: int) -> tuple[jax.Array | Residual, LayerKV | None]:
         """x [B, T, d] -> (x, the layer's cache after this step). T = 1 in decode mode. Where
-        `defers_residual`, x may come and goes as a `Residual` (the MLP's output not yet added)."""
+        `defers_residual`, x arrives and leaves as a `Residual` (the MLP's output not yet added)."""
         norm_kernel = step.gemv_impl  # set in decode only: one-kernel norms at small batch
         defer = self.defers_residual(x, step)
         if isinstance(x, Residual):
