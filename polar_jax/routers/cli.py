@@ -175,8 +175,11 @@ def register(subparsers) -> None:
     t.add_argument("--rank", type=arg_type("rank"), default=None, help="MLP router rank r (default min(1024, d))")
     t.add_argument("--attn-hidden", type=arg_type("attn_hidden"), default=0,
                    help="hidden width of the attention routers (0: linear d -> U; h > 0: d -> h -> ReLU -> U)")
-    t.add_argument("--attn-train-density", type=arg_type("attn_train_density"), default=0.5,
-                   help="top-k label density for attention")
+    t.add_argument("--attn-train-density", type=arg_type("attn_train_density"), nargs="+", default=[0.5],
+                   metavar="RHO",
+                   help="top-k label density for attention; several (e.g. 0.34 0.67) train one attention-router set "
+                        "per density into the bundle, and a density is then served by the set whose top-k is nearest "
+                        "its own (the first density is the bundle's default)")
     t.add_argument("--epochs", type=arg_type("epochs"), default=10, help="training epochs (attention routers)")
     t.add_argument("--mlp-epochs", type=arg_type("epochs"), default=None, help="MLP router epochs (default: --epochs)")
     t.add_argument("--lr", type=arg_type("lr"), default=1e-3, help="AdamW learning rate")

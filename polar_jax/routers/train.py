@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +22,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from polar_jax.errors import InputError
-from polar_jax.routers.bundle import SparsityBundle
+from polar_jax.routers.bundle import SparsityBundle, set_prefix
 from polar_jax.routers.collect import CollectedData
-from polar_jax.routers.config import SparsityConfig, check_density, units_kept
+from polar_jax.routers.config import (ATTN_SET_RULE, AttnRouterSet, SparsityConfig, check_train_densities,
+                                      nearest_attn_set, units_kept)
 from polar_jax.routers.modules import AttentionRouter, MLPRouter
 from polar_jax.validate import check, check_optional
 
@@ -157,7 +158,7 @@ def train_mlp_router(x_tr, act_tr, x_val, act_val, rank: int, opts: TrainOptions
 def train_routers(
     data: CollectedData,
     rank: int | None = None,
-    attn_train_density: float = 0.5,
+    attn_train_density: float | Sequence[float] = 0.5,
     opts: TrainOptions = TrainOptions(),
     mlp_opts: TrainOptions | None = None,
     val_fraction: float = 0.1,
@@ -168,8 +169,13 @@ def train_routers(
 ) -> SparsityBundle:
     """Trains the attention router of every sparse layer (1..L-1) and, for ReLU models, the MLP router.
     `attn_hidden` > 0 gives the attention routers a hidden layer of that width (0: linear).
-    Returns an uncalibrated bundle (no MLP k table yet: run `calibrate`)."""
-    check_density(attn_train_density, "training density")
+    `attn_train_density` several densities: one attention-router set per density (labels = top-k units at
+    that density), in one bundle whose sparsifiers use the set nearest the density served (bundle.py); one
+    density (a number or a one-element list): a single-set bundle as before. The bundle's default density
+    is the first one given. Returns an uncalibrated bundle (no MLP k table yet: run `calibrate`)."""
+    many = not isinstance(attn_train_density, (int, float, np.floating, np.integer))
+    requested = [float(v) for v in attn_train_density] if many else [attn_train_density]
+    densities = check_train_densities(requested, int(data.meta["units"]))
     attn_hidden = check("attn_hidden", attn_hidden, "attention router hidden width (0: linear)")
     check("val_fraction", val_fraction, "validation fraction")
     check_optional("max_train_tokens", max_train_tokens)
@@ -178,22 +184,30 @@ def train_routers(
     rank = min(1024, d) if rank is None else check("rank", rank, "router rank")
     if rank > max(d, n):
         raise InputError(f"router rank {rank} is larger than both the model width {d} and its {n} MLP neurons")
-    k = units_kept(attn_train_density, units)
     tr, val = data.split(val_fraction, opts.seed)
     if max_train_tokens is not None:
         tr = tr[np.random.default_rng(opts.seed).permutation(len(tr))[:max_train_tokens]]
         tr.sort()
     params: dict[str, np.ndarray] = {}
     metrics: dict[str, Any] = {}
+    sets = len(densities) > 1
+    bar = tqdm(total=(layers - 1) * len(densities), desc="train-routers", unit="router", disable=not progress)
     for layer in range(1, layers):
         x = data.field("router_input", layer)
         norms = data.field("unit_norm", layer)
-        r, info = train_attention_router(x[tr], norms[tr], x[val], norms[val], k, opts, f"layer {layer} attn", log,
-                                         progress, hidden=attn_hidden)
-        # the names the bundle stores, in the order SparsityBundle.attn returns them
-        for name, arr in zip(("w", "b", "w1", "b1"), r.arrays()):
-            params[f"attn.{layer}.{name}"] = np.asarray(arr)
-        metrics[f"attn.{layer}"] = info
+        x_tr, n_tr, x_val, n_val = x[tr], norms[tr], x[val], norms[val]
+        for j, rho in enumerate(densities):
+            k = units_kept(rho, units)
+            prefix = set_prefix(j) if sets else "attn"
+            which = f" (set {j}, top-{k} of {units})" if sets else ""
+            bar.set_postfix_str(f"layer {layer}{which}")
+            r, info = train_attention_router(x_tr, n_tr, x_val, n_val, k, opts, f"layer {layer} attn{which}", log,
+                                             progress, hidden=attn_hidden)
+            # the names the bundle stores, in the order SparsityBundle.attn returns them
+            for name, arr in zip(("w", "b", "w1", "b1"), r.arrays()):
+                params[f"{prefix}.{layer}.{name}"] = np.asarray(arr)
+            metrics[f"{prefix}.{layer}"] = info
+            bar.update(1)
         if m.get("mlp_active"):
             act = data.field("mlp_active", layer)
             r, info = train_mlp_router(x[tr], act[tr], x[val], act[val], rank, mlp_opts or opts,
@@ -201,10 +215,14 @@ def train_routers(
             params[f"mlp.{layer}.a"], params[f"mlp.{layer}.b"] = np.asarray(r.a[...]), np.asarray(r.b[...])
             metrics[f"mlp.{layer}"] = info
             del act
+    bar.close()
+    rho = float(requested[0])
     cfg = SparsityConfig(
         num_layers=layers, attn_units=units, unit=m["unit"], ffn=n, mlp_router=bool(m.get("mlp_active")),
-        mlp_rank=rank if m.get("mlp_active") else 0, attn_density=attn_train_density,
-        attn_train_density=attn_train_density, attn_hidden=attn_hidden,
+        mlp_rank=rank if m.get("mlp_active") else 0, attn_density=rho,
+        attn_train_density=densities[nearest_attn_set(densities, rho, units)], attn_hidden=attn_hidden,
+        attn_sets=tuple(AttnRouterSet(d) for d in densities) if sets else (),
+        attn_set_rule=ATTN_SET_RULE if sets else None,
         train={"data": str(data.path), "texts": m["texts"], "tokens": len(tr), "val_tokens": len(val),
                "val_fraction": val_fraction, "seed": opts.seed, "options": dataclasses.asdict(opts),
                "mlp_options": dataclasses.asdict(mlp_opts or opts), "metrics": metrics},
