@@ -145,6 +145,33 @@ def from_bundle(args: argparse.Namespace) -> None:
     print(f"{args.name} {args.label}: {len(cfg['layers'])} layers from {args.bundle}")
 
 
+def labels(args: argparse.Namespace) -> None:
+    """Label analysis on the held-out split: per k, the share of the attention-output mass (squared norms) the
+    oracle's top-k keeps, and the share of tokens whose k-th and (k+1)-th largest norms are within 10 % of
+    each other (where top-k labels are nearly arbitrary); means over the sparse layers."""
+    from polar_jax.routers.calibrate import importance_curve
+    from polar_jax.routers.collect import CollectedData
+
+    data = CollectedData(args.data)
+    _, val = data.split(args.val_fraction, args.seed)
+    curves, close = [], []
+    for layer in range(1, int(data.meta["num_layers"])):
+        n = data.field("unit_norm", layer)[val].astype(np.float64)
+        curves.append(importance_curve(n, n)[1:-1])
+        s = -np.sort(-n, axis=-1)
+        close.append([float(np.mean((s[:, k - 1] - s[:, k]) / np.maximum(s[:, k - 1], 1e-30) < 0.1))
+                      for k in range(1, n.shape[-1])])
+    out = Path(args.out)
+    res = json.loads(out.read_text()) if out.is_file() else {"env": {}, "sets": {}}
+    _note_env(res["env"])
+    res.setdefault("labels", {})[args.name] = {
+        "data": str(data.path), "val_tokens": int(len(val)),
+        "oracle_mass_kept": [float(v) for v in np.mean(curves, 0)],
+        "boundary_within_10pct": [float(v) for v in np.mean(close, 0)]}
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res["labels"][args.name]))
+
+
 def _epochs_run(metrics: dict, layer: int, index: int) -> int:
     key = f"attn.{layer}" if f"attn.{layer}" in metrics else f"attn_set{index}.{layer}"
     return metrics[key]["epochs_run"]
@@ -199,6 +226,12 @@ def main() -> None:
     b.add_argument("--label", required=True, help="configuration name in the JSON")
     b.add_argument("--set", type=int, default=0, help="attention-router set of a multi-density bundle")
     b.add_argument("--out", required=True)
+    lab = sub.add_parser("labels", help="label analysis of the held-out split (no router)")
+    lab.add_argument("--data", required=True)
+    lab.add_argument("--name", required=True)
+    lab.add_argument("--val-fraction", type=float, default=0.1)
+    lab.add_argument("--seed", type=int, default=0)
+    lab.add_argument("--out", required=True)
     t = sub.add_parser("table")
     t.add_argument("json")
     t.add_argument("--md", default=None, help="also write the tables to this markdown file")
@@ -207,6 +240,8 @@ def main() -> None:
         run(args)
     elif args.cmd == "bundle":
         from_bundle(args)
+    elif args.cmd == "labels":
+        labels(args)
     else:
         text = table(Path(args.json))
         print(text)
