@@ -564,7 +564,30 @@ def smollm2_accuracy(results: Path) -> str:
     out.append(f"- Routers trained for the density they serve (the table's are trained at one density per kind: "
                f"{' and '.join(trained)}), router / oracle: {per} (`accuracy_smollm2_per_density.json`). "
                f"Taking them where they are better, within 3 %: {sum(x <= 1.03 for x in with_best)} of {len(with_best)}.")
+    # the next round (ranking loss, other labels), and the best router measured at each density over all rounds
+    s = load(results, "accuracy_smollm2_router_sets.json")
+    for r in s["runs"]:
+        key = (r["unit"], r["k"])
+        best[key] = min(best.get(key, math.inf), r["router_over_oracle"])
+    tried = "; ".join(f"{r['k']} of {r['units']} {names[r['unit']]} {r['router_over_oracle']:.3f} ({r['label']}: "
+                      f"{_router_recipe(r)})" for r in s["runs"])
+    overall = {key: min(x, best.get(key, math.inf)) for x, key in zip(ratios, keys)}
+    units_of = {"group": 3, "head": 9}
+    missing = [f"{k} of {units_of[unit]} {names[unit]} {overall[(unit, k)]:.3f}" for unit, k in keys
+               if overall[(unit, k)] > 1.03]
+    out.append(f"- Next round, router / oracle: {tried} (`accuracy_smollm2_router_sets.json`). The best router "
+               f"measured at each density (all rounds): within 3 % at {sum(x <= 1.03 for x in overall.values())} of "
+               f"{len(overall)} densities" + (f"; still missing: {', '.join(missing)}." if missing else "."))
     return "\n".join(out) + "\n"
+
+
+def _router_recipe(run: dict) -> str:
+    """How a run's router was trained, from what the result file records."""
+    loss = {"bce": "BCE on top-k labels", "pair": "pairwise mass loss", "pair_k": "top-k boundary pairwise mass loss"}
+    labels = " of W_o-weighted norms" if "wo_" in Path(run.get("train_data") or "").name else ""
+    sets = f", one of {len(run['attn_sets'])} sets" if len(run.get("attn_sets", [])) > 1 else ""
+    return (f"{loss[run['attn_loss']]}{labels}, top-{units_kept(run['train_density'], run['units'])}, "
+            f"hidden {run['attn_hidden']}{sets}")
 
 
 def main(argv: list[str] | None = None) -> int:

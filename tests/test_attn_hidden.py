@@ -18,7 +18,7 @@ from conftest import load_cached, model_dir, require
 from polar_jax.cli import main
 from polar_jax.errors import CheckpointError, InputError
 from polar_jax.routers import SparsityConfig, load_bundle, load_sparsity, router_selector, router_sparsifier
-from polar_jax.routers.bundle import LINEAR_VERSION, VERSION
+from polar_jax.routers.bundle import HIDDEN_VERSION, LINEAR_VERSION, VERSION
 from polar_jax.routers.collect import CollectedData
 from polar_jax.routers.train import TrainOptions, train_attention_router, train_routers
 from test_cli_routers import VALID
@@ -56,7 +56,7 @@ def test_hidden_bundle_round_trip(tmp_path):
     b = hidden_bundle(model, 24)
     b.save(tmp_path / "b")
     meta = _meta(tmp_path / "b")
-    assert meta["version"] == VERSION == 2 and meta["config"]["attn_hidden"] == 24
+    assert meta["version"] == HIDDEN_VERSION == 2 and meta["config"]["attn_hidden"] == 24
     got = load_sparsity(tmp_path / "b", model)
     assert got.config == b.config
     assert set(got.params) == set(b.params)

@@ -12,8 +12,11 @@ configuration and layer) written after every layer, so an interrupted run resume
         --name heads --bundle BUNDLE --label LABEL --out OUT.json
     PYTHONPATH=. python benchmarks/accuracy/router_hidden_probe.py table OUT.json
 
-A configuration is NAME:HIDDEN:LR (HIDDEN 0 = the linear router). Epochs 40, patience 5, batch 1024,
-seed 0 unless given (the settings of benchmarks/accuracy/smollm2.md).
+A configuration is NAME:HIDDEN:LR[:LOSS] (HIDDEN 0 = the linear router; LOSS one of
+`train.ATTN_LOSSES`, default bce: the BCE on top-k labels of `train-routers`; pair / pair_k: the
+mass-weighted pairwise ranking loss on the norms). Epochs 40, patience 5, batch 1024, seed 0 unless given
+(the settings of benchmarks/accuracy/smollm2.md). Besides recall@k, each layer records `mass`: the share of
+the attention-output mass (squared unit norms) the router's top-k keeps, over the oracle top-k's share.
 """
 
 from __future__ import annotations
@@ -55,9 +58,17 @@ def _note_env(env: dict) -> None:
     add("command", "PYTHONPATH=. python benchmarks/accuracy/router_hidden_probe.py " + " ".join(sys.argv[1:]))
 
 
-def _parse_config(text: str) -> tuple[str, int, float]:
-    name, hidden, lr = text.split(":")
-    return name, int(hidden), float(lr)
+def mass_ratio_per_k(logits: np.ndarray, norms: np.ndarray) -> list[float]:
+    """For k = 1..U-1: the attention-output mass the router's top-k keeps over the mass the oracle's keeps."""
+    from polar_jax.routers.calibrate import importance_curve
+
+    router, oracle = importance_curve(logits, norms), importance_curve(norms, norms)
+    return [float(router[k] / oracle[k]) for k in range(1, norms.shape[-1])]
+
+
+def _parse_config(text: str) -> tuple[str, int, float, str]:
+    name, hidden, lr, *loss = text.split(":")
+    return name, int(hidden), float(lr), (loss[0] if loss else "bce")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -83,19 +94,23 @@ def run(args: argparse.Namespace) -> None:
             continue
         x = data.field("router_input", layer)
         norms = data.field("unit_norm", layer)
-        for name, hidden, lr in todo:
+        for name, hidden, lr, loss in todo:
             opts = TrainOptions(epochs=args.epochs, lr=lr, patience=args.patience, seed=args.seed)
             t0 = time.time()
             router, info = train_attention_router(x[tr], norms[tr], x[val], norms[val], k, opts,
                                                   f"{args.name} {name} layer {layer}", log=lambda s: None,
-                                                  progress=False, hidden=hidden)
+                                                  progress=False, hidden=hidden, loss=loss)
             logits = np.asarray(router(x[val]))
             cfg = entry["configs"].setdefault(name, {"hidden": hidden, "lr": lr, "layers": {}})
+            if loss != "bce":
+                cfg["loss"] = loss
             cfg["layers"][str(layer)] = {"recall": recall_per_k(logits, norms[val]),
+                                         "mass": mass_ratio_per_k(logits, norms[val]),
                                          "epochs_run": info["epochs_run"], "seconds": round(time.time() - t0, 1)}
             out.write_text(json.dumps(res, indent=1) + "\n")
             print(f"{args.name} {name} layer {layer}: recall@{k} "
-                  f"{cfg['layers'][str(layer)]['recall'][k - 1]:.4f} ({info['epochs_run']} epochs, "
+                  f"{cfg['layers'][str(layer)]['recall'][k - 1]:.4f}, mass@{k} "
+                  f"{cfg['layers'][str(layer)]['mass'][k - 1]:.4f} ({info['epochs_run']} epochs, "
                   f"{time.time() - t0:.0f}s)", flush=True)
 
 
@@ -106,7 +121,7 @@ def from_bundle(args: argparse.Namespace) -> None:
     from polar_jax.routers.collect import CollectedData
     from polar_jax.routers.config import units_kept
 
-    data, bundle = CollectedData(args.data), load_bundle(args.bundle)
+    data, bundle = CollectedData(args.data), load_bundle(args.bundle).attention_set(args.set)
     c = bundle.config
     _, val = data.split(float(c.train["val_fraction"]), int(c.train["seed"]))
     out = Path(args.out)
@@ -123,11 +138,43 @@ def from_bundle(args: argparse.Namespace) -> None:
         if layer in c.dense_layers:
             continue
         x = data.field("router_input", layer)[val]
-        cfg["layers"][str(layer)] = {"recall": recall_per_k(bundle.attn_logits(layer, x),
-                                                            data.field("unit_norm", layer)[val]),
-                                     "epochs_run": c.train["metrics"][f"attn.{layer}"]["epochs_run"]}
+        logits, norms = bundle.attn_logits(layer, x), data.field("unit_norm", layer)[val]
+        cfg["layers"][str(layer)] = {"recall": recall_per_k(logits, norms), "mass": mass_ratio_per_k(logits, norms),
+                                     "epochs_run": _epochs_run(c.train["metrics"], layer, args.set)}
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"{args.name} {args.label}: {len(cfg['layers'])} layers from {args.bundle}")
+
+
+def labels(args: argparse.Namespace) -> None:
+    """Label analysis on the held-out split: per k, the share of the attention-output mass (squared norms) the
+    oracle's top-k keeps, and the share of tokens whose k-th and (k+1)-th largest norms are within 10 % of
+    each other (where top-k labels are nearly arbitrary); means over the sparse layers."""
+    from polar_jax.routers.calibrate import importance_curve
+    from polar_jax.routers.collect import CollectedData
+
+    data = CollectedData(args.data)
+    _, val = data.split(args.val_fraction, args.seed)
+    curves, close = [], []
+    for layer in range(1, int(data.meta["num_layers"])):
+        n = data.field("unit_norm", layer)[val].astype(np.float64)
+        curves.append(importance_curve(n, n)[1:-1])
+        s = -np.sort(-n, axis=-1)
+        close.append([float(np.mean((s[:, k - 1] - s[:, k]) / np.maximum(s[:, k - 1], 1e-30) < 0.1))
+                      for k in range(1, n.shape[-1])])
+    out = Path(args.out)
+    res = json.loads(out.read_text()) if out.is_file() else {"env": {}, "sets": {}}
+    _note_env(res["env"])
+    res.setdefault("labels", {})[args.name] = {
+        "data": str(data.path), "val_tokens": int(len(val)),
+        "oracle_mass_kept": [float(v) for v in np.mean(curves, 0)],
+        "boundary_within_10pct": [float(v) for v in np.mean(close, 0)]}
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res["labels"][args.name]))
+
+
+def _epochs_run(metrics: dict, layer: int, index: int) -> int:
+    key = f"attn.{layer}" if f"attn.{layer}" in metrics else f"attn_set{index}.{layer}"
+    return metrics[key]["epochs_run"]
 
 
 def table(path: Path, baseline: str = "linear") -> str:
@@ -177,7 +224,14 @@ def main() -> None:
     b.add_argument("--name", required=True)
     b.add_argument("--bundle", required=True)
     b.add_argument("--label", required=True, help="configuration name in the JSON")
+    b.add_argument("--set", type=int, default=0, help="attention-router set of a multi-density bundle")
     b.add_argument("--out", required=True)
+    lab = sub.add_parser("labels", help="label analysis of the held-out split (no router)")
+    lab.add_argument("--data", required=True)
+    lab.add_argument("--name", required=True)
+    lab.add_argument("--val-fraction", type=float, default=0.1)
+    lab.add_argument("--seed", type=int, default=0)
+    lab.add_argument("--out", required=True)
     t = sub.add_parser("table")
     t.add_argument("json")
     t.add_argument("--md", default=None, help="also write the tables to this markdown file")
@@ -186,6 +240,8 @@ def main() -> None:
         run(args)
     elif args.cmd == "bundle":
         from_bundle(args)
+    elif args.cmd == "labels":
+        labels(args)
     else:
         text = table(Path(args.json))
         print(text)

@@ -7,6 +7,12 @@ routers are trained at one density per unit kind and used at all of them).
         --point head:6:9:/tmp/acc4/h6_h64 --point head:4:9:/tmp/acc4/h4_h64
 
 The bundles come from `polar-jax train-routers ... --attn-train-density` (benchmarks/accuracy/smollm2.md).
+A bundle with several attention-router sets is evaluated with the set its rule picks for the density (the
+run records that set's training density). `--out` writes another JSON (default the one above); with
+`--resume` the runs already in it are kept and a point whose label is there is skipped. A point may end
+with `:LABEL` (default: the bundle folder's name), the name of its configuration in the JSON. `--merge F`
+adds the runs (and the env, "; "-joined) of another result JSON of this script, e.g. of a run made at the
+same time into another file.
 """
 from __future__ import annotations
 
@@ -27,8 +33,12 @@ OUT = Path(__file__).resolve().parents[1] / "results" / "accuracy_smollm2_per_de
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--point", action="append", required=True, help="unit:k:units:bundle folder")
+    ap.add_argument("--point", action="append", default=[], help="unit:k:units:bundle folder[:label]")
+    ap.add_argument("--merge", action="append", default=[], help="another result JSON whose runs to add")
+    ap.add_argument("--out", default=str(OUT), help="result JSON")
+    ap.add_argument("--resume", action="store_true", help="keep the runs of --out; skip labels already there")
     args = ap.parse_args()
+    out_path = Path(args.out)
 
     import jax
 
@@ -48,21 +58,40 @@ def main() -> None:
                               + " ".join(sys.argv[1:])},
            "eval": {"text": "wikitext-2/test.txt", "first_tokens": acc.MAX_TOKENS, "seq_len": acc.SEQ_LEN},
            "dense": get[("dense", None, None)], "runs": []}
+    sources = ([json.loads(out_path.read_text())] if args.resume and out_path.is_file() else []) + [
+        json.loads(Path(f).read_text()) for f in args.merge]
+    for key in ("device", "jax", "python", "date", "command"):  # every invocation's, in order, "; "-joined
+        values = [v for src in sources for v in src["env"][key].split("; ") if v] + [out["env"][key]]
+        out["env"][key] = "; ".join(dict.fromkeys(values))
+    for src in sources:
+        have_runs = {(r["unit"], r["k"], r.get("label")) for r in out["runs"]}
+        out["runs"] += [r for r in src["runs"] if (r["unit"], r["k"], r.get("label")) not in have_runs]
+    out_path.write_text(json.dumps(out, indent=1) + "\n")
+    done = {(r["unit"], r["k"], r.get("label")) for r in out["runs"]}
     for spec in args.point:
-        unit, k, units, path = spec.split(":", 3)
+        unit, k, units, path, *label = spec.split(":", 4)
         k, units = int(k), int(units)
+        label = label[0] if label else Path(path).name
+        if (unit, k, label) in done:
+            continue
         bundle = load_sparsity(path, model)
+        served = bundle.for_density(float(Fraction(k, units)) + 1e-9).config
         t = time.time()
         r = sparse_perplexity(model, ids, bundle, "router", float(Fraction(k, units)) + 1e-9, None, unit=unit,
                               seq_len=acc.SEQ_LEN, batch_size=1, max_tokens=acc.MAX_TOKENS, progress=False)
         oracle = get[("oracle", unit, k)]
-        out["runs"].append({"unit": unit, "k": k, "units": units, "bundle": path, "attn_hidden": bundle.config.attn_hidden,
-                            "train_density": bundle.config.attn_train_density, "ppl": r.ppl, "tokens": r.tokens,
+        train = served.train or {}
+        out["runs"].append({"unit": unit, "k": k, "units": units, "bundle": path, "label": label,
+                            "attn_hidden": bundle.config.attn_hidden, "train_density": served.attn_train_density,
+                            "attn_sets": list(bundle.config.attn_train_densities),
+                            "attn_loss": train.get("attn_loss", "bce"), "train_data": train.get("data"),
+                            "train_tokens": train.get("tokens"), "epochs": train.get("options", {}).get("epochs"),
+                            "lr": train.get("options", {}).get("lr"), "ppl": r.ppl, "tokens": r.tokens,
                             "oracle_ppl": oracle, "committed_router_ppl": get[("router", unit, k)],
                             "router_over_oracle": r.ppl / oracle})
         print(f"{unit} {k}/{units} {path}: ppl {r.ppl:.3f}, {r.ppl / oracle:.3f}x the oracle ({time.time() - t:.0f}s)",
               flush=True)
-        OUT.write_text(json.dumps(out, indent=1) + "\n")
+        out_path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

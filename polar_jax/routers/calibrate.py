@@ -16,7 +16,8 @@ units above it, clipped to [floor, cap], averages k.
 Attention: a global density (layer 0 dense) and, optionally, per-layer densities allocated from measured
 head importance: for each layer the fraction of attention-output mass (sum of squared unit norms) kept by
 the router's top-k units, k = 0..U; units are handed out greedily where they keep the most extra mass, with
-the same total as the global density.
+the same total as the global density. A bundle with several attention-router sets gets the importance
+curves and adaptive thresholds of each set (measured with that set's logits); the MLP tables once.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.validate import check
 from polar_jax.routers.collect import CollectedData
 from polar_jax.routers.config import (CALIBRATION_BATCH_SIZES, MLPTable, allocate_units,  # noqa: F401 (re-export)
-                                      budget_bounds, check_density)
+                                      budget_bounds, check_density, nearest_attn_set)
 
 
 def union_recall_curve(scores: np.ndarray, labels: np.ndarray, batch: int, n_batches: int,
@@ -179,25 +180,29 @@ def calibrate(
         raise InputError(f"batch sizes must be positive, got {batch_sizes}")
     train = c.train or {}
     _, val = data.split(float(train.get("val_fraction", 0.1)), int(train.get("seed", 0)))
-    importance: list[tuple[float, ...]] = []
-    head_thresholds: list[tuple[float, ...]] = []
+    sets = [bundle.attention_set(i) for i in range(bundle.num_attn_sets)]
+    attention = [([], []) for _ in sets]  # per set: importance curves, head thresholds
     tables: dict[float, dict[str, list]] = {r: {"k": [], "thresholds": [], "capacity": [], "union": []}
                                             for r in recalls}
     for layer in tqdm(range(c.num_layers), desc="calibrate", unit="layer", disable=not progress):
         if layer in c.dense_layers:
-            importance.append(tuple(np.linspace(0, 1, c.attn_units + 1)))
-            head_thresholds.append(tuple([float("-inf")] * c.attn_units))
+            for importance, head_thresholds in attention:
+                importance.append(tuple(np.linspace(0, 1, c.attn_units + 1)))
+                head_thresholds.append(tuple([float("-inf")] * c.attn_units))
             for r in recalls:
                 for key, value in (("k", c.ffn), ("thresholds", float("-inf")), ("capacity", c.ffn), ("union", 1.0)):
                     tables[r][key].append([value] * len(bs))
             continue
         x = data.field("router_input", layer)[val]
-        attn_logits = bundle.attn_logits(layer, x)
-        curve = importance_curve(attn_logits, data.field("unit_norm", layer)[val])
-        importance.append(tuple(float(v) for v in curve))
-        head_thresholds.append(tuple(adaptive_thresholds(attn_logits, c.attn_budget_floor, c.attn_budget_cap)))
-        log(f"layer {layer}: attention mass kept by router top-k, k=1..{c.attn_units}: "
-            + " ".join(f"{v:.3f}" for v in curve[1:]))
+        norms = data.field("unit_norm", layer)[val]
+        for single, (importance, head_thresholds) in zip(sets, attention):
+            attn_logits = single.attn_logits(layer, x)
+            curve = importance_curve(attn_logits, norms)
+            importance.append(tuple(float(v) for v in curve))
+            head_thresholds.append(tuple(adaptive_thresholds(attn_logits, c.attn_budget_floor, c.attn_budget_cap)))
+            which = f" (set trained at {single.config.attn_train_density})" if len(sets) > 1 else ""
+            log(f"layer {layer}: attention mass kept by router top-k{which}, k=1..{c.attn_units}: "
+                + " ".join(f"{v:.3f}" for v in curve[1:]))
         if c.mlp_router:
             a, bb = bundle.mlp(layer)
             logits = (x @ a) @ bb
@@ -214,11 +219,18 @@ def calibrate(
         layer_densities = tuple(check_density(v, "layer density") for v in layer_densities)
         if len(layer_densities) != c.num_layers:
             raise InputError(f"need {c.num_layers} layer densities (layer 0 included), got {len(layer_densities)}")
-    new = dataclasses.replace(
-        c, attn_importance=tuple(importance), mlp_tile=tile, mlp_dense_threshold=dense_threshold,
-        attn_density=check_density(attn_density) if attn_density is not None else c.attn_density,
-        attn_layer_densities=layer_densities, attn_thresholds=tuple(head_thresholds),
-    )
+    rho = check_density(attn_density) if attn_density is not None else c.attn_density
+    if c.attn_sets:
+        new = dataclasses.replace(
+            c, attn_sets=tuple(dataclasses.replace(s, importance=tuple(imp), thresholds=tuple(thr))
+                               for s, (imp, thr) in zip(c.attn_sets, attention)),
+            mlp_tile=tile, mlp_dense_threshold=dense_threshold, attn_density=rho, attn_layer_densities=layer_densities,
+            attn_train_density=c.attn_train_densities[nearest_attn_set(c.attn_train_densities, rho, c.attn_units)])
+    else:
+        new = dataclasses.replace(
+            c, attn_importance=tuple(attention[0][0]), mlp_tile=tile, mlp_dense_threshold=dense_threshold,
+            attn_density=rho, attn_layer_densities=layer_densities, attn_thresholds=tuple(attention[0][1]),
+        )
     if c.mlp_router:
         def rows(r, key):
             return tuple(tuple(row) for row in tables[r][key])

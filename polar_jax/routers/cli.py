@@ -23,7 +23,7 @@ from polar_jax.routers.bundle import BUNDLE_OUTPUT, SparsityBundle, check_signat
 from polar_jax.routers.calibrate import calibrate
 from polar_jax.routers.collect import COLLECT_OUTPUT, CollectedData, collect, read_text_tokens
 from polar_jax.routers.sparsify import router_selector
-from polar_jax.routers.train import TrainOptions, train_routers
+from polar_jax.routers.train import ATTN_LOSSES, TrainOptions, train_routers
 from polar_jax.validate import arg_type, check
 
 
@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, patience=args.patience, seed=args.seed)
     bundle = train_routers(data, rank=args.rank, attn_train_density=args.attn_train_density, opts=opts,
                            mlp_opts=mlp_opts, val_fraction=args.val_fraction, max_train_tokens=args.max_train_tokens,
-                           attn_hidden=args.attn_hidden)
+                           attn_hidden=args.attn_hidden, attn_loss=args.attn_loss)
     bundle.save(args.out, overwrite=args.overwrite, inputs=[args.data])
     print(f"wrote routers to {args.out} (uncalibrated: run `polar-jax calibrate --bundle {args.out} --data {args.data}`)")
     return 0
@@ -175,8 +175,14 @@ def register(subparsers) -> None:
     t.add_argument("--rank", type=arg_type("rank"), default=None, help="MLP router rank r (default min(1024, d))")
     t.add_argument("--attn-hidden", type=arg_type("attn_hidden"), default=0,
                    help="hidden width of the attention routers (0: linear d -> U; h > 0: d -> h -> ReLU -> U)")
-    t.add_argument("--attn-train-density", type=arg_type("attn_train_density"), default=0.5,
-                   help="top-k label density for attention")
+    t.add_argument("--attn-train-density", type=arg_type("attn_train_density"), nargs="+", default=[0.5],
+                   metavar="RHO",
+                   help="top-k label density for attention; several (e.g. 0.34 0.67) train one attention-router set "
+                        "per density into the bundle, and a density is then served by the set whose top-k is nearest "
+                        "its own (the first density is the bundle's default)")
+    t.add_argument("--attn-loss", choices=list(ATTN_LOSSES), default="bce",
+                   help="attention-router loss: bce (weighted BCE on top-k labels), pair (pairwise ranking of all "
+                        "units weighted by their norm difference), pair_k (those pairs across the top-k boundary)")
     t.add_argument("--epochs", type=arg_type("epochs"), default=10, help="training epochs (attention routers)")
     t.add_argument("--mlp-epochs", type=arg_type("epochs"), default=None, help="MLP router epochs (default: --epochs)")
     t.add_argument("--lr", type=arg_type("lr"), default=1e-3, help="AdamW learning rate")

@@ -3,6 +3,8 @@
 - Attention: a global density rho (fraction of units kept; a unit is a query head for MHA and a KV group
   for GQA), layer 0 always dense, optionally per-layer densities (explicit, or allocated from measured
   head importance curves so the average stays rho).
+- Several attention-router sets (optional): each trained on the top-k labels of one density; the set that
+  serves a requested density is chosen by `ATTN_SET_RULE` (see `nearest_attn_set`).
 - MLP (ReLU models): per recall target, a table layer x batch size -> k (union top-k, a multiple of the
   kernel tile), with a dense fallback when k / N exceeds `mlp_dense_threshold`.
 """
@@ -111,6 +113,71 @@ class MLPTable:
 
 UNITS = ("group", "head")
 
+# How a bundle with several attention-router sets picks the set serving density rho (stored in the bundle's
+# config as `attn_set_rule`, so a reader knows which rule the bundle was written for):
+# "nearest_k": the set whose training label count k_s = floor(rho_s * U) is nearest the count served,
+# k = floor(rho * U) (what `units_kept` gives); a tie goes to the set whose training density is nearer rho,
+# then to the denser set. A set trained at exactly the k it serves therefore always wins.
+ATTN_SET_RULE = "nearest_k"
+ATTN_SET_RULES = (ATTN_SET_RULE,)
+
+
+def nearest_attn_set(train_densities: Sequence[float], rho: float, units: int) -> int:
+    """Index of the attention-router set (trained at `train_densities`) that serves density `rho` under
+    the "nearest_k" rule."""
+    if not train_densities:
+        raise InputError("no attention-router sets to choose from")
+    rho = check_density(rho)
+    k = units_kept(rho, units)
+    return min(range(len(train_densities)),
+               key=lambda i: (abs(units_kept(train_densities[i], units) - k), abs(train_densities[i] - rho),
+                              -train_densities[i]))
+
+
+def check_train_densities(densities: Sequence[float], units: int) -> tuple[float, ...]:
+    """Training densities of attention-router sets, sorted: each in (0, 1], no two equal and no two giving
+    the same label count k = floor(rho * U) (they would train the same router twice)."""
+    values = [check_density(d, "training density") for d in densities]
+    if not values:
+        raise InputError("give at least one attention training density")
+    seen: dict[int, float] = {}
+    for d in values:
+        k = units_kept(d, units)
+        if k in seen:
+            same = "are the same density" if seen[k] == d else f"both keep {k} of {units} units"
+            raise InputError(f"attention training densities {seen[k]} and {d} {same}: give each density once")
+        seen[k] = d
+    return tuple(sorted(values))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnRouterSet:
+    """One attention-router set of a multi-set bundle: its training density (labels = top-k units with
+    k = floor(train_density * U)) and what `calibrate` measured with its logits. The set's tensors are
+    `attn_set{index}.{layer}.w|b[|w1|b1]` in the bundle (`attn.{layer}.*` of a single-set bundle)."""
+
+    train_density: float
+    importance: tuple[tuple[float, ...], ...] | None = None  # as SparsityConfig.attn_importance
+    thresholds: tuple[tuple[float, ...], ...] | None = None  # as SparsityConfig.attn_thresholds
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"train_density": self.train_density}
+        for name in ("importance", "thresholds"):
+            if getattr(self, name) is not None:
+                d[name] = [list(r) for r in getattr(self, name)]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AttnRouterSet":
+        unknown = set(d) - {"train_density", "importance", "thresholds"}
+        if unknown:
+            raise InputError(f"unknown attention-router set fields {sorted(unknown)}")
+
+        def table(name):
+            return None if d.get(name) is None else tuple(tuple(float(x) for x in r) for r in d[name])
+
+        return cls(check_density(d["train_density"], "training density"), table("importance"), table("thresholds"))
+
 
 def attention_units(cfg: ModelConfig, unit: str | None = None) -> tuple[int, str]:
     """What an attention router scores: KV groups for GQA (skipping a group skips its KV reads), heads for MHA.
@@ -166,10 +233,55 @@ class SparsityConfig:
     mlp_dense_threshold: float = 0.9
     dense_layers: tuple[int, ...] = (0,)
     train: dict | None = None  # how the routers were trained (data, split, seed, metrics)
+    # several attention-router sets, each trained at one density (empty: one set, the format before them).
+    # With sets, the top-level attn_importance / attn_thresholds are None (each set holds its own) and
+    # attn_train_density is that of the set serving attn_density; `for_density` gives the single-set view.
+    attn_sets: tuple[AttnRouterSet, ...] = ()
+    attn_set_rule: str | None = None  # ATTN_SET_RULE when attn_sets is not empty
+
+    def __post_init__(self):
+        if not self.attn_sets:
+            if self.attn_set_rule is not None:
+                raise InputError("attn_set_rule is set but the config has no attention-router sets")
+            return
+        if self.attn_set_rule not in ATTN_SET_RULES:
+            raise InputError(f"attention-router set rule must be one of {ATTN_SET_RULES}, got {self.attn_set_rule!r}")
+        dens = [s.train_density for s in self.attn_sets]
+        if tuple(dens) != check_train_densities(dens, self.attn_units):
+            raise InputError(f"attention-router sets must be sorted by training density, got {dens}")
+        if self.attn_importance is not None or self.attn_thresholds is not None:
+            raise InputError("a config with attention-router sets keeps importance curves and thresholds per set")
+        served = dens[self.attn_set_index(self.attn_density)]
+        if abs(served - self.attn_train_density) > 1e-12:
+            raise InputError(f"attn_train_density {self.attn_train_density} is not that of the set serving "
+                             f"attn_density {self.attn_density} ({served})")
+
+    # ---- attention-router sets ------------------------------------------------------------------------
+    @property
+    def attn_train_densities(self) -> tuple[float, ...]:
+        """The training density of every attention-router set (one for a single-set config)."""
+        return tuple(s.train_density for s in self.attn_sets) or (self.attn_train_density,)
+
+    def attn_set_index(self, rho: float | None = None) -> int:
+        """Which set serves density rho (default: attn_density); 0 for a single-set config."""
+        return nearest_attn_set(self.attn_train_densities, self.attn_density if rho is None else rho, self.attn_units)
+
+    def for_set(self, index: int) -> "SparsityConfig":
+        """The single-set config of attention-router set `index` (itself for a single-set config)."""
+        if not self.attn_sets:
+            if index != 0:
+                raise InputError(f"this config has one attention-router set, not {index + 1}")
+            return self
+        s = self.attn_sets[index]
+        return dataclasses.replace(self, attn_sets=(), attn_set_rule=None, attn_train_density=s.train_density,
+                                   attn_importance=s.importance, attn_thresholds=s.thresholds)
 
     # ---- attention ------------------------------------------------------------------------------------
     def attn_k(self, rho: float | None = None, per_layer: bool = False) -> tuple[int, ...]:
-        """Units kept per layer (U = dense) at global density rho (default: the configured one)."""
+        """Units kept per layer (U = dense) at global density rho (default: the configured one). With several
+        attention-router sets, per-layer allocation uses the importance curves of the set serving rho."""
+        if self.attn_sets:
+            return self.for_set(self.attn_set_index(rho)).attn_k(rho, per_layer)
         rho = check_density(self.attn_density if rho is None else rho)
         u, n = self.attn_units, self.num_layers
         sparse = [i for i in range(n) if i not in self.dense_layers]
@@ -189,7 +301,10 @@ class SparsityConfig:
     def adaptive_budgets(self, rho: float | None = None, per_layer: bool = False
                          ) -> tuple[tuple[float, int, int] | None, ...]:
         """Per layer (threshold, floor, cap) of the input-adaptive head budgets whose mean matches the
-        fixed budget at density rho; None for dense layers."""
+        fixed budget at density rho; None for dense layers. With several attention-router sets, the
+        thresholds of the set serving rho (they are that set's logits)."""
+        if self.attn_sets:
+            return self.for_set(self.attn_set_index(rho)).adaptive_budgets(rho, per_layer)
         if self.attn_thresholds is None:
             raise InputError("this bundle has no head-budget thresholds: run `polar-jax calibrate` on it first")
         out: list[tuple[float, int, int] | None] = []
@@ -237,6 +352,10 @@ class SparsityConfig:
         if not self.attn_hidden:
             # a linear bundle keeps the exact format older polar-jax reads (it refuses unknown fields)
             del d["attn_hidden"]
+        if self.attn_sets:
+            d["attn_sets"] = [s.to_dict() for s in self.attn_sets]
+        else:  # likewise a single-set bundle
+            del d["attn_sets"], d["attn_set_rule"]
         return d
 
     @classmethod
@@ -254,4 +373,8 @@ class SparsityConfig:
             if d.get(key) is not None:
                 d[key] = tuple(tuple(float(x) for x in r) for r in d[key])
         check("attn_hidden", d.get("attn_hidden", 0), "attn_hidden (hidden width of the attention routers, 0: linear)")
+        if "attn_sets" in d:
+            if not isinstance(d["attn_sets"], list) or not d["attn_sets"]:
+                raise InputError("attn_sets must be a non-empty list of attention-router sets")
+            d["attn_sets"] = tuple(AttnRouterSet.from_dict(s) for s in d["attn_sets"])
         return cls(**d)

@@ -233,6 +233,7 @@ class OracleSparsifier:
 def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recall: float | None,
                    per_layer: bool, attn: bool, mlp: bool, adaptive: bool, mlp_rule: str | None,
                    dtype: Any, select_impl: str, balance: int = 1, fuse_first: bool = False) -> dict[str, Any]:
+    bundle = bundle.for_density(attn_density)  # the attention-router set serving this density (bundle.py)
     c = bundle.config
     if not isinstance(balance, (int, np.integer)) or balance < 1 or c.attn_units % balance:
         raise InputError(f"balance must be a positive divisor of the {c.attn_units} attention units, got {balance!r}")

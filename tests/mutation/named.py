@@ -81,6 +81,12 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("bundle-ignores-weights", "polar_jax/checkpoint.py",
              "    return all(\n        np.allclose(", "    return True or all(\n        np.allclose(",
              ("tests/test_routers_bundle.py",), "a bundle is accepted for any model of the same architecture"),
+    Mutation("attn-set-farthest", "polar_jax/routers/config.py",
+             "    return min(range(len(train_densities)),", "    return max(range(len(train_densities)),",
+             ("tests/test_router_sets.py",), "a multi-density bundle serves a density with the set trained farthest from it"),
+    Mutation("attn-set-always-first", "polar_jax/routers/sparsify.py",
+             "    bundle = bundle.for_density(attn_density)  #", "    bundle = bundle.attention_set(0)  #",
+             ("tests/test_router_sets.py",), "the sparsifier and selector use a multi-density bundle's first set at every density"),
 )
 
 
