@@ -101,8 +101,8 @@ def _rows_split(split, block_n=32):
     return pick
 
 
-def _dense_out(self, heads, gemv=None, *, bias=True, units=None):
-    return _committed_out(self, heads, gemv, bias=bias, units=None)
+def _dense_out(self, heads, gemv=None, *, bias=True, units=None, split_sum=False):
+    return _committed_out(self, heads, gemv, bias=bias, units=None, split_sum=split_sum)
 
 
 _committed_out = layers.Attention.out
