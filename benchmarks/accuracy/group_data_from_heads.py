@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -20,7 +21,10 @@ from polar_jax.models.collect import group_norms
 from polar_jax.routers.collect import META_FILE, CollectedData
 
 
-def derive(src: Path, dst: Path, num_kv_heads: int) -> None:
+def relabel(src: Path, dst: Path, transform: Callable[[np.ndarray], np.ndarray], **meta_update: Any) -> None:
+    """Copy a per-head collection to `dst` with every chunk's `unit_norm` [L, n, H] replaced by
+    `transform(unit_norm)` and `meta_update` merged into its marker; the other files are hard links (the
+    router inputs are most of the bytes and stay the same)."""
     data = CollectedData(src)
     if data.meta["unit"] != "head":
         raise SystemExit(f"{src} is not a per-head collection (unit={data.meta['unit']!r})")
@@ -29,12 +33,16 @@ def derive(src: Path, dst: Path, num_kv_heads: int) -> None:
         if f.name == META_FILE:
             continue
         if f.name.endswith(".unit_norm.npy"):
-            heads = np.load(f, allow_pickle=False)
-            np.save(dst / f.name, np.asarray(group_norms(heads, num_kv_heads), np.float32), allow_pickle=False)
+            labels = transform(np.load(f, allow_pickle=False))
+            np.save(dst / f.name, np.asarray(labels, np.float32), allow_pickle=False)
         else:
             os.link(f, dst / f.name)
-    meta = dict(data.meta, unit="group", units=num_kv_heads, derived_from=str(src))
+    meta = dict(data.meta, derived_from=str(src), **meta_update)
     (dst / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def derive(src: Path, dst: Path, num_kv_heads: int) -> None:
+    relabel(src, dst, lambda heads: group_norms(heads, num_kv_heads), unit="group", units=num_kv_heads)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ norms); the other files are linked. Routers trained on it are evaluated against 
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # group_data_from_heads beside it
 
 
 def head_gains(model) -> np.ndarray:
@@ -34,27 +35,17 @@ def head_gains(model) -> np.ndarray:
 
 
 def derive(src: Path, dst: Path, gains: np.ndarray, groups: int | None) -> None:
+    from group_data_from_heads import relabel
     from polar_jax.models.collect import group_norms
-    from polar_jax.routers.collect import META_FILE, CollectedData
 
-    data = CollectedData(src)
-    if data.meta["unit"] != "head":
-        raise SystemExit(f"{src} is not a per-head collection (unit={data.meta['unit']!r})")
-    dst.mkdir(parents=True, exist_ok=False)
-    for f in sorted(src.iterdir()):
-        if f.name == META_FILE:
-            continue
-        if f.name.endswith(".unit_norm.npy"):
-            heads = np.load(f, allow_pickle=False) * gains[:, None, :]  # [L, n, H]
-            if groups:
-                heads = np.asarray(group_norms(heads, groups))
-            np.save(dst / f.name, np.asarray(heads, np.float32), allow_pickle=False)
-        else:
-            os.link(f, dst / f.name)
-    meta = dict(data.meta, derived_from=str(src), label_weight="o_proj gain per head (wo_weighted_data.py)")
+    def weigh(heads: np.ndarray) -> np.ndarray:
+        weighted = heads * gains[:, None, :]  # [L, n, H]
+        return np.asarray(group_norms(weighted, groups)) if groups else weighted
+
+    meta = dict(label_weight="o_proj gain per head (wo_weighted_data.py)")
     if groups:
         meta.update(unit="group", units=groups)
-    (dst / META_FILE).write_text(json.dumps(meta, indent=1))
+    relabel(src, dst, weigh, **meta)
 
 
 def main() -> None:
