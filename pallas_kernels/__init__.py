@@ -5,6 +5,7 @@
 - gemv: the dense decode projections at small batch (weight streams), either weight layout.
 - gemv_multi / gemv_rows: B=1 attention projections in one launch, over the selected heads only.
 - union_select: fused MLP router selection (logits, threshold union over live rows, ascending ids).
+- unit_top_k: each sequence's top-k attention units from its router's raw product, in one kernel.
 - row_norm: LayerNorm / RMSNorm of the decode step's rows in one kernel (small batch); add_row_norm: the
   same after adding the previous projection's unfinished output (a SplitSum) to the residual stream.
 - kv_append: the decode step's new K and V rows written into the caches in one kernel.
@@ -22,12 +23,13 @@ from .selective_attention import select_decode
 from .selective_attention_xla import dense_decode_xla
 from .selective_gemm import gather_down, gather_up, gather_up_gated
 from .union_select import union_select
+from .unit_top_k import unit_top_k
 from .row_norm import add_row_norm, prefers_row_norm, row_norm
 from .split_sum import SplitSum
 from .kv_append import kv_append, prefers_kv_append
 
 __all__ = [
-    "gemv", "prefers_gemv", "gemv_multi", "gemv_rows", "gather_up", "gather_up_gated", "gather_down", "select_decode", "union_select", "row_norm", "add_row_norm", "SplitSum", "prefers_row_norm", "kv_append", "prefers_kv_append", "dense_decode_xla",
+    "gemv", "prefers_gemv", "gemv_multi", "gemv_rows", "gather_up", "gather_up_gated", "gather_down", "select_decode", "union_select", "unit_top_k", "row_norm", "add_row_norm", "SplitSum", "prefers_row_norm", "kv_append", "prefers_kv_append", "dense_decode_xla",
     "mlp_prefers_dense", "density_threshold", "load_crossover", "thresholds_for", "resolve_impl",
     "triton_gpu_available", "cuda_capability", "current_device_class", "DeviceClass", "BACKENDS",
 ]

@@ -12,8 +12,9 @@ The rules are pure `jnp` so the masked (simulated) evaluation and the real decod
 the same units from the same scores. None of them sorts: on the GPU `lax.top_k`/`argsort` over 16k MLP
 scores cost about 50 us per layer (H200, benchmarks/results/decode_diag_2026-11-28.md), more than the
 MLP sparsity saves.
-- Heads: `rank_units` ranks every unit against every other one ([B, U, U] comparisons, one fused
-  kernel; U <= 128), giving the per-sequence top-k in score order; `adaptive_counts` turns a calibrated
+- Heads: `rank_units` ranks every unit against every other one ([B, U, U] comparisons; U <= 128), giving
+  the per-sequence top-k in score order (`top_units`; both defined beside the kernel that does it in one
+  launch on the GPU, `pallas_kernels.unit_top_k`); `adaptive_counts` turns a calibrated
   threshold into per-sequence budgets (input-adaptive heads) with a floor and a cap;
   `balanced_top_units` / `balanced_unit_mask` keep each row's best units per tensor-parallel shard.
 - MLP: `union_threshold_mask` keeps a neuron when any live row's router logit passes the layer's
@@ -29,6 +30,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+# the heads' ranking rule lives beside the kernel that computes it on the GPU (one definition for every path)
+from pallas_kernels.unit_top_k_xla import rank_units, top_units  # noqa: F401 (re-exported)
 
 
 @jax.tree_util.register_dataclass
@@ -63,23 +67,6 @@ class MLPSelection:
 
 
 # ---- heads ------------------------------------------------------------------------------------------
-def rank_units(scores: jax.Array) -> jax.Array:
-    """Rank of every unit within its row (0 = highest score; ties go to the lower index): [..., U]."""
-    s = scores
-    above = s[..., None, :] > s[..., :, None]  # [..., i, j]: unit j beats unit i
-    u = s.shape[-1]
-    j_before_i = jnp.arange(u)[None, :] < jnp.arange(u)[:, None]
-    tie_before = (s[..., None, :] == s[..., :, None]) & j_before_i
-    return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)
-
-
-def top_units(scores: jax.Array, k: int) -> jax.Array:
-    """Per row, the k best units in score order ([..., U] -> [..., k] int32), without a sort."""
-    ranks = rank_units(scores)
-    hit = ranks[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, U]
-    return jnp.argmax(hit, axis=-1).astype(jnp.int32)
-
-
 def unit_mask(scores: jax.Array, counts: jax.Array | int) -> jax.Array:
     """0/1 float mask of each row's `counts` best units ([..., U]; counts broadcast over [...])."""
     counts = jnp.asarray(counts, jnp.int32)

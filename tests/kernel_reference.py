@@ -109,6 +109,16 @@ def select_decode_ref(q, k, v, lengths, groups, n_active, sm_scale=None, window=
     return out
 
 
+def unit_top_k_ref(scores, k, bias=None, offset=0, units=None):
+    """Per row, the k largest of scores[:, offset:offset + units] + bias (float32 sum), ties to the lower id:
+    a stable sort of the negated logits."""
+    units = scores.shape[1] - offset if units is None else units
+    logits = np.asarray(scores, np.float32)[:, offset:offset + units]
+    if bias is not None:
+        logits = logits + np.asarray(bias, np.float32)
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int32)
+
+
 def rel_err(out, ref) -> float:
     out, ref = f64(out), f64(ref)
     assert np.all(np.isfinite(out)), "non-finite output"

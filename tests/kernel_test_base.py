@@ -241,6 +241,32 @@ class KernelOpTests:
     def test_union_select_no_live_row_selects_nothing(self):
         self.check_union(3, 32, 100, 50, [False] * 3, -10.0)
 
+    # ---- per-sequence top-k of the attention units ----------------------------------------------------
+    def test_unit_top_k_offsets_bias_and_ragged_unit_counts(self):
+        rng = fresh_rng()
+        # (B, columns, offset, units, k, bias): B=1 over the shared router product, MHA-sized, a ragged U,
+        # one unit, k = U, and the 128-unit limit
+        for B, C, off, U, k, bias in ((1, 1056, 0, 32, 9, True), (16, 32, 0, 32, 16, True), (3, 90, 7, 9, 6, False),
+                                      (2, 1, 0, 1, 1, True), (5, 40, 3, 37, 37, True), (4, 128, 0, 128, 40, False)):
+            scores = jnp.asarray(rng.standard_normal((B, C)), jnp.float32)
+            b = self.arr(rng, (U,)) if bias else None
+            got = pk.unit_top_k(scores, k, b, offset=off, units=U, impl=self.impl)
+            assert got.shape == (B, k) and got.dtype == jnp.int32
+            np.testing.assert_array_equal(np.asarray(got), npref.unit_top_k_ref(scores, k, b, off, U))
+        scores = self.arr(rng, (3, 20))  # the model's dtype in, units defaulting to every column
+        np.testing.assert_array_equal(np.asarray(pk.unit_top_k(scores, 5, impl=self.impl)),
+                                      npref.unit_top_k_ref(scores, 5))
+
+    def test_unit_top_k_breaks_ties_towards_the_lower_id(self):
+        rng = fresh_rng()
+        scores = jnp.asarray(rng.integers(0, 4, (6, 24)), jnp.float32)  # many equal logits per row
+        bias = jnp.asarray(rng.integers(0, 2, 24), jnp.float32)
+        for k in (1, 7, 24):
+            got = np.asarray(pk.unit_top_k(scores, k, bias, impl=self.impl))
+            np.testing.assert_array_equal(got, npref.unit_top_k_ref(scores, k, bias))
+        np.testing.assert_array_equal(np.asarray(pk.unit_top_k(jnp.zeros((2, 12)), 12, impl=self.impl)),
+                                      np.tile(np.arange(12, dtype=np.int32), (2, 1)))
+
     def test_union_select_reads_a_float32_slice_and_clamps_the_count(self):
         """u given as float32 columns [offset, offset + r) of a wider array (rounded to w's dtype as read),
         the count clamped to the capacity: the same ids as the plain call on the rounded slice."""

@@ -176,3 +176,35 @@ def test_union_select_lowers_for_cuda(B, R, N, cap):
     text = lower_for_cuda(f, SDS((B, R), jnp.bfloat16), SDS((R, N), jnp.bfloat16), SDS((B,), jnp.bool_),
                           SDS((), jnp.float32))
     assert count_triton_calls(text) == 2
+
+
+@pytest.mark.parametrize("B,C,offset,U,k,bias", [(1, 1056, 0, 32, 9, True), (16, 32, 0, 32, 16, True),
+                                                 (64, 8, 0, 8, 4, False), (2, 300, 40, 128, 64, True),
+                                                 (3, 9, 0, 9, 6, False)])
+def test_unit_top_k_lowers_to_one_triton_kernel(B, C, offset, U, k, bias):
+    """The heads' per-sequence top-k: one kernel from the raw router product (B=1's shared product, MHA/GQA
+    unit counts, the 128-unit limit)."""
+    from pallas_kernels.unit_top_k_triton import unit_top_k_triton
+
+    def f(s, b):
+        return unit_top_k_triton(s, b, k=k, offset=offset, units=U, interpret=False)
+
+    text = lower_for_cuda(f, SDS((B, C), jnp.float32), SDS((U,), jnp.bfloat16) if bias else None)
+    assert count_triton_calls(text) == 1
+
+
+def test_unit_top_k_refuses_bad_inputs():
+    import pallas_kernels as pk
+
+    s = jnp.zeros((2, 40), jnp.float32)
+    for kwargs, err, match in (
+            (dict(scores=jnp.zeros((40,)), k=3), ValueError, "dimensions"),
+            (dict(scores=jnp.zeros((2, 4), jnp.int32), k=1), TypeError, "float"),
+            (dict(scores=s, k=0), ValueError, "k must be"),
+            (dict(scores=s, k=41), ValueError, "k must be"),
+            (dict(scores=s, k=3, offset=-1), ValueError, "offset"),
+            (dict(scores=s, k=3, offset=8, units=33), ValueError, "units must be"),
+            (dict(scores=s, k=3, bias=jnp.zeros((39,))), ValueError, "bias must have shape"),
+            (dict(scores=jnp.zeros((1, 200)), k=3), ValueError, "at most 128 units")):
+        with pytest.raises(err, match=match):
+            pk.unit_top_k(**kwargs, impl="xla")

@@ -41,7 +41,7 @@ def test_annotation_spans_cover_annotations_only():
     assert inside("jax.Array | int", "def unit_mask(")  # a parameter annotation
     assert inside("jax.Array | float", "def adaptive_counts(")
     assert not inside("-jnp.inf", "logits = jnp.where(live.reshape(shape), logits, -jnp.inf)")  # code
-    assert not inside("above | tie_before", "return jnp.sum(above | tie_before")
+    assert not inside("scores > threshold", "n = jnp.sum(scores > threshold")
 
 
 def test_a_file_without_postponed_annotations_has_no_exempt_spans(tmp_path):

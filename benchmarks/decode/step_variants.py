@@ -180,9 +180,18 @@ def _router_selector(**fixed):
     return build
 
 
-def _lax_top_units(scores, k):
-    """Heads' top-k by XLA's TopK (one kernel) instead of the pairwise ranking (two reductions)."""
-    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+_committed_unit_top_k = sparsify.unit_top_k
+
+
+def _unit_top_k_xla(scores, k, bias=None, *, units=None, impl="auto"):
+    """Heads' top-k as XLA's pairwise ranking (two reductions, the bias add fused in) instead of one kernel."""
+    return _committed_unit_top_k(scores, k, bias, units=units, impl="xla")
+
+
+def _unit_top_k_lax(scores, k, bias=None, *, units=None, impl="auto"):
+    """Heads' top-k by XLA's TopK (one kernel, a sort) on the biased logits."""
+    logits = scores[:, :units] + (0.0 if bias is None else bias.astype(jnp.float32))
+    return jax.lax.top_k(logits, k)[1].astype(jnp.int32)
 
 
 def variants() -> dict:
@@ -225,7 +234,9 @@ def variants() -> dict:
         "no_kv_append": ((kv_append_mod, "KV_APPEND_MAX_B", 0),),
         # every sublayer output finished and added by XLA, not by the next norm's kernel (add_row_norm)
         "no_add_norm": ((base.Block, "defers_residual", lambda self, x, step: False),),
-        "head_topk_lax": ((sparsify, "top_units", _lax_top_units),),
+        # the heads' top-k: XLA's ranking (before pallas_kernels.unit_top_k), XLA's TopK
+        "head_topk_xla": ((sparsify, "unit_top_k", _unit_top_k_xla),),
+        "head_topk_lax": ((sparsify, "unit_top_k", _unit_top_k_lax),),
         # flash-decoding split targets at B >= 8
         "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),
         "attn_t528": ((selective_attention_triton, "choose_attn_config", _attn_target(528)),),

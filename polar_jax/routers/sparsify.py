@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import union_select
+from pallas_kernels import union_select, unit_top_k
+from pallas_kernels.unit_top_k import MAX_UNITS as UNIT_TOP_K_MAX_UNITS
 from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
 from polar_jax.models.base import head_output_norms
@@ -38,7 +39,7 @@ from polar_jax.routers.config import SparsityConfig, attention_units, check_dens
 from polar_jax.routers.logits import attn_logits
 from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_counts, balanced_top_units,
                                  balanced_unit_mask, capped_union_mask, compact_slots, keep_prefix_dense, shard_budget,
-                                 top_units, topk_mask, union_scores, union_threshold_mask, union_topk, unit_mask)
+                                 topk_mask, union_scores, union_threshold_mask, union_topk, unit_mask)
 
 _ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b", "attn_w1", "attn_b1"]
 _ROUTER_META = ["attn_k", "budgets", "units", "plan", "mlp_recall", "mlp_rule", "use_attn", "use_mlp", "start",
@@ -75,11 +76,21 @@ class _Routers:
     def _attn_on(self, layer: int) -> bool:
         return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
 
-    def _attn_logits(self, layer: int, x: jax.Array) -> jax.Array:
+    def _attn_product(self, layer: int, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """(float32 scores whose first U columns, plus the bias, are the head router's logits; that bias or
+        None). A linear router's bias is left to the consumer (the top-k kernel adds it as it reads), and at
+        B=1 the scores are the product shared with the MLP router (its columns follow the U of the heads)."""
         if self.fused_first and self._mlp_on(layer, x.shape[0]):  # linear head routers only (see _router_fields)
-            return self._first_stage(layer, x)[..., : self.attn_w[layer].shape[1]] + self.attn_b[layer].astype(jnp.float32)
-        hidden = () if self.attn_w1 is None else (self.attn_w1[layer], self.attn_b1[layer])
-        return attn_logits(x, self.attn_w[layer], self.attn_b[layer], *hidden)
+            return self._first_stage(layer, x), self.attn_b[layer]
+        if self.attn_w1 is None:
+            w = self.attn_w[layer]
+            return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32), self.attn_b[layer]
+        return attn_logits(x, self.attn_w[layer], self.attn_b[layer], self.attn_w1[layer], self.attn_b1[layer]), None
+
+    def _attn_logits(self, layer: int, x: jax.Array) -> jax.Array:
+        scores, bias = self._attn_product(layer, x)
+        logits = scores[..., : self.attn_w[layer].shape[1]]
+        return logits if bias is None else logits + bias.astype(jnp.float32)
 
     def _first_stage(self, layer: int, x: jax.Array) -> jax.Array:
         """x @ mlp_a[layer].T in float32 (the same traced op from both routers: XLA computes it once)."""
@@ -170,10 +181,17 @@ class RouterSelector(_Routers):
     def attention(self, layer: int, router_input: jax.Array, live: jax.Array) -> AttentionSelection | None:
         if not self._attn_on(layer):
             return None
+        if self.balance == 1:
+            # the top-k from the raw product in one kernel (slice and bias add included); adaptive budgets
+            # count the logits above their threshold in XLA (the same product: computed once)
+            scores, bias = self._attn_product(layer, router_input)
+            counts, cap = self._attn_counts(layer, self._attn_logits(layer, router_input))
+            units = self.attn_w[layer].shape[1]
+            impl = self.select_impl if units <= UNIT_TOP_K_MAX_UNITS else "xla"
+            ids = unit_top_k(scores, cap, bias, units=units, impl=impl)
+            return AttentionSelection(ids, counts)
         logits = self._attn_logits(layer, router_input)  # [B, U]
         counts, cap = self._attn_counts(layer, logits)
-        if self.balance == 1:
-            return AttentionSelection(top_units(logits, cap), counts)
         ids = balanced_top_units(logits, cap, self.balance)  # [B, balance * cap], shard after shard
         if self.budgets is None:  # every shard keeps exactly cap units: all slots are live
             return AttentionSelection(ids, jnp.sum(counts, axis=-1, dtype=jnp.int32))

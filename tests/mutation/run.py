@@ -71,6 +71,8 @@ MODULES: tuple[Module, ...] = (
     Module("selection", "polar_jax/selection.py", None,
            "tests/test_routers_core.py tests/test_sparse_selection.py -k 'union_rules or adaptive_counts or "
            "top_units or adaptive_budgets or attention_selection or selection_types'", 120),
+    Module("unit-top-k-reference", "pallas_kernels/unit_top_k_xla.py", None,
+           "tests/test_sparse_selection.py tests/test_kernels_xla.py -k 'top_units or unit_top_k'", 120),
     Module("calibrate", "polar_jax/routers/calibrate.py", None,
            "tests/test_calibrate.py tests/test_routers_core.py tests/test_sparse_selection.py -k 'calibrat or "
            "recall_curve or adaptive_budgets or monotone or importance'", 150),
@@ -137,7 +139,7 @@ def _equivalent_table() -> dict[tuple[str, str, str], str]:
         "any other dtype would make while_loop refuse the body)")
     add("decode-loop", "if i > 0:", ("if i != 0:",), "i comes from range(max_new_tokens): never negative")
     rank = "return jnp.sum(above | tie_before, axis=-1, dtype=jnp.int32)"
-    add("selection", rank, (rank.replace("|", "+"), rank.replace("|", "^")),
+    add("unit-top-k-reference", rank, (rank.replace("|", "+"), rank.replace("|", "^")),
         "above (s_j > s_i) and tie_before (s_j == s_i) are never both True, so on booleans + and ^ are |")
     add("selection", "if start <= 0:", ("if start < 0:",),
         "at start = 0 the skipped line returns jnp.where(arange(t) < 0, 1.0, mask), which is mask (the float "
