@@ -60,3 +60,35 @@ def test_report_compares_archived_and_current_router_runs(results):
     assert "| head | 6/9 | 18.90 | 20.00 | 1.0582 | 19.50 | 1.0317 |" in md
     assert "| group | 2/3 | 21.80 | 24.00 | 1.1009 | – | – |" in md
     assert "- `routers_old`: linear routers" in md
+
+
+def test_kept_counter_measures_the_units_the_evaluation_keeps(monkeypatch):
+    """smollm2_per_density.py --adaptive records the mean kept fraction: exactly k/U with fixed budgets,
+    something else (input-adaptive) with adaptive ones; the mask rule is the wrapped one while it counts."""
+    import numpy as np
+
+    import polar_jax
+    from conftest import SHARED, require
+    from polar_jax.eval.sparse_ppl import sparse_perplexity
+    from polar_jax.routers import sparsify
+
+    monkeypatch.setattr(sparsify, "unit_mask", sparsify.unit_mask)  # undone after the test
+    import smollm2_per_density as spd
+
+    kept = spd.KeptCounter()
+    model, tok = polar_jax.load("default")
+    bundle = polar_jax.load_sparsity("default", model)
+    text = require(SHARED / "data" / "wikitext-2" / "test.txt").read_text(encoding="utf-8")[:8000]
+    ids = np.asarray(tok.encode(text), np.int32)
+    means = {}
+    for adaptive in (False, True):
+        kept.reset()
+        sparse_perplexity(model, ids, bundle, "router", 0.5, None, mlp=False, seq_len=64, batch_size=2,
+                          max_tokens=256, progress=False, adaptive=adaptive)
+        sparse_layers = sum(k < bundle.config.attn_units for k in bundle.config.attn_k(0.5))
+        assert kept.slots == 256 * bundle.config.attn_units * sparse_layers
+        means[adaptive] = kept.mean()
+    assert means[False] == 0.5 and 0.25 <= means[True] <= 1.0 and means[True] != 0.5
+    kept.reset()
+    with pytest.raises(RuntimeError, match="no head mask"):
+        kept.mean()

@@ -13,6 +13,11 @@ run records that set's training density). `--out` writes another JSON (default t
 with `:LABEL` (default: the bundle folder's name), the name of its configuration in the JSON. `--merge F`
 adds the runs (and the env, "; "-joined) of another result JSON of this script, e.g. of a run made at the
 same time into another file.
+
+`--adaptive` evaluates the points with input-adaptive head budgets instead (each token keeps the units whose
+router logit passes the layer's calibrated threshold, clipped to [k/2, 2k]; thresholds set so that the mean
+on the calibration data is k): the run records the mean fraction of units actually kept on the evaluated
+tokens (`kept_mean`, over the sparse layers), since the oracle it is compared with keeps exactly k.
 """
 from __future__ import annotations
 
@@ -31,12 +36,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 OUT = Path(__file__).resolve().parents[1] / "results" / "accuracy_smollm2_per_density.json"
 
 
+class KeptCounter:
+    """Counts the head units the masked evaluation keeps: wraps the sparsifier's mask rule
+    (`sparsify.unit_mask`) with a host callback that adds up kept units and scored tokens (every call is a
+    sparse layer of one window)."""
+
+    def __init__(self) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        from polar_jax.routers import sparsify
+
+        rule = sparsify.unit_mask
+
+        def counting(scores, counts):
+            mask = rule(scores, counts)
+            jax.debug.callback(self._add, jnp.sum(mask), jnp.asarray(mask.size, jnp.float32))
+            return mask
+
+        sparsify.unit_mask = counting
+        self.reset()
+
+    def _add(self, units, slots) -> None:
+        self.units += float(units)
+        self.slots += float(slots)
+
+    def reset(self) -> None:
+        self.units = self.slots = 0.0
+
+    def mean(self) -> float:
+        """Mean fraction of units kept per token and sparse layer."""
+        if not self.slots:
+            raise RuntimeError("no head mask was computed: is the evaluation sparse?")
+        return self.units / self.slots
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--point", action="append", default=[], help="unit:k:units:bundle folder[:label]")
     ap.add_argument("--merge", action="append", default=[], help="another result JSON whose runs to add")
     ap.add_argument("--out", default=str(OUT), help="result JSON")
     ap.add_argument("--resume", action="store_true", help="keep the runs of --out; skip labels already there")
+    ap.add_argument("--adaptive", action="store_true", help="input-adaptive head budgets (recorded: kept_mean)")
     args = ap.parse_args()
     out_path = Path(args.out)
 
@@ -48,6 +89,7 @@ def main() -> None:
     from polar_jax.routers import load_sparsity
     from smollm2 import smollm2_gguf
 
+    kept = KeptCounter() if args.adaptive else None
     model, tok = polar_jax.load_hf(smollm2_gguf(), dtype="float32")
     ids = np.asarray(tok.encode(acc.WIKITEXT.read_text(encoding="utf-8")), np.int32)
     prev = json.loads(acc.OUT_JSON.read_text())
@@ -77,8 +119,11 @@ def main() -> None:
         bundle = load_sparsity(path, model)
         served = bundle.for_density(float(Fraction(k, units)) + 1e-9).config
         t = time.time()
+        if kept:
+            kept.reset()
         r = sparse_perplexity(model, ids, bundle, "router", float(Fraction(k, units)) + 1e-9, None, unit=unit,
-                              seq_len=acc.SEQ_LEN, batch_size=1, max_tokens=acc.MAX_TOKENS, progress=False)
+                              seq_len=acc.SEQ_LEN, batch_size=1, max_tokens=acc.MAX_TOKENS, progress=False,
+                              adaptive=args.adaptive)
         oracle = get[("oracle", unit, k)]
         train = served.train or {}
         out["runs"].append({"unit": unit, "k": k, "units": units, "bundle": path, "label": label,
@@ -88,9 +133,11 @@ def main() -> None:
                             "train_tokens": train.get("tokens"), "epochs": train.get("options", {}).get("epochs"),
                             "lr": train.get("options", {}).get("lr"), "ppl": r.ppl, "tokens": r.tokens,
                             "oracle_ppl": oracle, "committed_router_ppl": get[("router", unit, k)],
-                            "router_over_oracle": r.ppl / oracle})
-        print(f"{unit} {k}/{units} {path}: ppl {r.ppl:.3f}, {r.ppl / oracle:.3f}x the oracle ({time.time() - t:.0f}s)",
-              flush=True)
+                            "router_over_oracle": r.ppl / oracle,
+                            **({"adaptive": True, "kept_mean": kept.mean()} if kept else {})})
+        extra = f", {kept.mean() * units:.3f} of {units} units kept on average" if kept else ""
+        print(f"{unit} {k}/{units} {path}: ppl {r.ppl:.3f}, {r.ppl / oracle:.3f}x the oracle{extra} "
+              f"({time.time() - t:.0f}s)", flush=True)
         out_path.write_text(json.dumps(out, indent=1) + "\n")
 
 
