@@ -71,3 +71,23 @@ def test_tiling_variants_change_only_their_batch_range():
     assert down(8, 4096, 4352) == sg.choose_down_config(8, 4096, 4352)
     assert sv._multi(32, 6)(4096, 12288) == ug.choose_multi_config(4096, 12288).__class__(
         32, ug.choose_multi_config(4096, 12288).block_k, 1, 4, 6)
+
+
+def test_the_issue10_gpu_run_names_variants_and_shapes_that_exist():
+    """benchmarks/decode/issue10_gpu_run.sh is what the next device call runs: a stale variant or shape name
+    would only fail there, after the machine's start-up has been paid for."""
+    from polar_jax.bench.shapes import SHAPES
+
+    script = REPO / "benchmarks" / "decode" / "issue10_gpu_run.sh"
+    text = script.read_text()
+    codes = {c for line in text.splitlines() if "--code" in line
+             for c in line.split("--code", 1)[1].split("--")[0].replace("\\", " ").split()}
+    assert {"base", "no_add_norm", "head_topk_xla"} <= codes and codes <= set(_module().variants())
+    points = {p.split(":")[0] for line in text.splitlines() if "--points" in line
+              for p in line.split("--points", 1)[1].split("--")[0].replace("\\", " ").split()}
+    shapes = {s for line in text.splitlines() if "--shapes" in line for s in line.split("--shapes", 1)[1].split("--")[0].split()}
+    assert points and shapes and (points | shapes) <= set(SHAPES)
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, env={"OUT": "/nonexistent", "PATH": "/usr/bin:/bin"})
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    unset = subprocess.run(["bash", str(script), "variants"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert unset.returncode != 0 and "set OUT" in unset.stderr
