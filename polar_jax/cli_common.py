@@ -105,6 +105,10 @@ def add_sparsity_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", choices=POLICIES, default=None,
                    help="what to sparsify (needs --sparsity): auto = what the device's measured cost table says "
                         "is faster than dense (default auto)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="input-adaptive head budgets (needs --sparsity): each sequence keeps the heads / KV groups "
+                        "whose router logit passes the layer's calibrated threshold, between k/2 and 2k (k from "
+                        "--attn-density), k on average over the calibration text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +120,7 @@ class SparseDecoding:
     attn_density: float | None
     policy: str | None
     variant: str  # dense | heads | mlp | both
+    adaptive: bool = False  # input-adaptive head budgets
 
     @property
     def sparse(self) -> bool:
@@ -124,7 +129,8 @@ class SparseDecoding:
     def generate_kwargs(self) -> dict[str, Any]:
         if self.bundle is None:
             return {}
-        return {"sparsity": self.bundle, "attn_density": self.attn_density, "policy": self.policy}
+        return {"sparsity": self.bundle, "attn_density": self.attn_density, "policy": self.policy,
+                "adaptive": self.adaptive}
 
     def describe(self) -> str:
         if self.bundle is None:
@@ -133,17 +139,19 @@ class SparseDecoding:
             return (f"dense: policy {self.policy} chose dense here (routers from {self.source}; no measured "
                     f"speedup for this batch and context on {device_kind()}; --policy heads|mlp|both forces one)")
         density = "" if self.attn_density is None else f", attention density {self.attn_density}"
-        return f"sparse ({self.variant}, policy {self.policy}) with routers from {self.source}{density}"
+        adaptive = ", input-adaptive head budgets" if self.adaptive and PARTS[self.variant][0] else ""
+        return f"sparse ({self.variant}, policy {self.policy}) with routers from {self.source}{density}{adaptive}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"decode": "sparse" if self.sparse else "dense", "variant": self.variant, "policy": self.policy,
-                "sparsity": self.source, "attn_density": self.attn_density}
+                "sparsity": self.source, "attn_density": self.attn_density, "adaptive": self.adaptive}
 
 
 def sparse_decoding(args: argparse.Namespace, model: CausalLM, batch: int, context: int) -> SparseDecoding:
     """The sparsity flags resolved for a run of `batch` rows reaching `context` tokens."""
     if args.sparsity in (None, "none"):
-        for flag, value in (("--attn-density", args.attn_density), ("--policy", args.policy)):
+        for flag, value in (("--attn-density", args.attn_density), ("--policy", args.policy),
+                            ("--adaptive", args.adaptive or None)):
             if value is not None:
                 raise InputError(f"{flag} needs --sparsity (a bundle folder or 'default'); without it decoding is dense")
         return SparseDecoding(None, None, None, None, "dense")
@@ -154,4 +162,6 @@ def sparse_decoding(args: argparse.Namespace, model: CausalLM, batch: int, conte
     if mlp and not bundle.config.mlp_router and policy != "mlp":
         mlp = False  # as sparse_selector does: a bundle without MLP routers sparsifies heads only
     variant = next(name for name, parts in PARTS.items() if parts == (attn, mlp))
-    return SparseDecoding(bundle, args.sparsity, args.attn_density, policy, variant)
+    if args.adaptive and attn:
+        bundle.config.adaptive_budgets(args.attn_density)  # a clear error now for a bundle without thresholds
+    return SparseDecoding(bundle, args.sparsity, args.attn_density, policy, variant, bool(args.adaptive))

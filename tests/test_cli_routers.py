@@ -67,26 +67,32 @@ def test_pipeline_json_perplexity_equals_the_api(pipeline, capsys, wikitext_test
     tokens = np.asarray(read_text_tokens(tok, [wikitext_test], 1024)[0])
     sb = load_sparsity(bundle, lm)
     results = {}
-    for mode, per_layer in [("router", False), ("oracle", False), ("router", True)]:
+    for mode, per_layer, adaptive in [("router", False, False), ("oracle", False, False), ("router", True, False),
+                                      ("router", False, True)]:
         code, out, _ = _run(capsys, "eval", "ppl", "--model", model, "--sparsity", bundle, "--mode", mode,
                             "--attn-density", "0.5", "--mlp-recall", "0.9", "--text", wikitext_test,
                             "--max-tokens", "1024", "--seq-len", "128", "--batch-size", "4", "--json",
-                            *(["--per-layer"] if per_layer else []))
+                            *(["--per-layer"] if per_layer else []), *(["--adaptive"] if adaptive else []))
         assert code == 0
         res = _json_line(out)
         api = sparse_perplexity(lm, tokens, sb, mode, 0.5, 0.9, per_layer, seq_len=128, batch_size=4,
-                                progress=False)
-        assert (res["tokens"], res["predictions"], res["mode"]) == (1024, api.predictions, mode)
-        assert res["ppl"] == pytest.approx(api.ppl, rel=1e-6), (mode, per_layer)
-        results[(mode, per_layer)] = res["ppl"]
-    assert results[("oracle", False)] != results[("router", False)]
+                                progress=False, adaptive=adaptive)
+        assert (res["tokens"], res["predictions"], res["mode"], res["adaptive"]) == (1024, api.predictions, mode,
+                                                                                    adaptive)
+        assert res["ppl"] == pytest.approx(api.ppl, rel=1e-6), (mode, per_layer, adaptive)
+        results[(mode, per_layer, adaptive)] = res["ppl"]
+    assert results[("oracle", False, False)] != results[("router", False, False)]
+    assert results[("router", False, True)] != results[("router", False, False)]  # the flag reaches the routers
+    code, _, err = _run(capsys, "eval", "ppl", "--model", model, "--sparsity", bundle, "--mode", "oracle",
+                        "--adaptive", "--text", wikitext_test)
+    assert code == 2 and "--adaptive" in err and "router" in err
     code, out, _ = _run(capsys, "eval", "ppl", "--model", model, "--sparsity", "none", "--text", wikitext_test,
                         "--max-tokens", "1024", "--seq-len", "128", "--json")
     dense = _json_line(out)
     assert dense["mode"] == "dense"
     assert dense["ppl"] == pytest.approx(perplexity(lm, tokens, seq_len=128, batch_size=8, progress=False).ppl,
                                          rel=1e-6)
-    assert dense["ppl"] < results[("oracle", False)] and dense["ppl"] < results[("router", False)]
+    assert dense["ppl"] < results[("oracle", False, False)] and dense["ppl"] < results[("router", False, False)]
 
 
 def test_cli_agreement_json_equals_the_api(pipeline, capsys, wikitext_test):

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -276,6 +277,30 @@ def test_cli_sparse_generation(default):
     assert tok.decode(sparse) in ok.stdout and tok.decode(dense) not in ok.stdout
     bad = run("generate", "hello", "--sparsity", "/nonexistent/bundle")
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_adaptive_head_budgets(default, capsys):
+    """`generate --adaptive` decodes with input-adaptive head budgets: its tokens are the API's
+    (adaptive=True), which differ from the fixed budgets' here; the flag needs --sparsity."""
+    from polar_jax.cli import main
+
+    model, tok = default
+    prompts = ["The album was released", "KING RICHARD : I will"]
+    args = ["generate", *prompts, "--sparsity", "default", "--attn-density", "0.25", "--policy", "heads",
+            "--max-new-tokens", "12", "--json"]
+    got = {}
+    for adaptive in (False, True):
+        assert main(args + (["--adaptive"] if adaptive else [])) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["adaptive"] is adaptive and report["decode"] == "sparse"
+        got[adaptive] = [r["ids"] for r in report["rows"]]
+        api = polar_jax.generate(model, [tok.encode(p) for p in prompts], 12, sparsity="default", attn_density=0.25,
+                                 policy="heads", adaptive=adaptive, eos_token_id=())
+        for row, want in zip(got[adaptive], np.asarray(api)):
+            assert row == [int(t) for t in want[: len(row)]]
+    assert got[True] != got[False], "pick a setting where adaptive and fixed budgets differ"
+    assert main(["generate", "hello", "--adaptive"]) == 2
+    assert "--adaptive needs --sparsity" in capsys.readouterr().err
 
 
 def test_token_loop_parallel_path_and_dead_rows(default, free_run):

@@ -106,6 +106,8 @@ def _ppl_mode(args: argparse.Namespace) -> str:
     mode = args.mode or ("router" if sparsity else "dense")
     if mode == "router" and not sparsity:
         raise InputError("--mode router needs --sparsity (a bundle folder or 'default')")
+    if args.adaptive and mode != "router":
+        raise InputError("--adaptive sets the routers' head budgets: it needs router sparsity (--sparsity)")
     if mode == "dense":
         if sparsity:
             raise InputError("--mode dense contradicts --sparsity: drop one")
@@ -124,10 +126,11 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     tokens = read_text_tokens(require_tokenizer(tok, args.model), [args.text], args.max_tokens)[0]
     res = sparse_perplexity(model, np.asarray(tokens), bundle, mode, args.attn_density, args.mlp_recall,
                             args.per_layer, not args.no_attn, not args.no_mlp, seq_len=args.seq_len,
-                            batch_size=args.batch_size, progress=not args.json, unit=args.unit)
+                            batch_size=args.batch_size, progress=not args.json, unit=args.unit,
+                            adaptive=args.adaptive)
     out = {**res.to_dict(), "mode": mode, "model": args.model, "sparsity": args.sparsity,
            "attn_density": args.attn_density, "mlp_recall": args.mlp_recall, "batch_size": args.batch_size,
-           "per_layer": args.per_layer}
+           "per_layer": args.per_layer, "adaptive": args.adaptive}
     if args.json:
         print(json.dumps(out))
     else:
@@ -225,6 +228,9 @@ def register(subparsers) -> None:
                    help="decode batch size (windows sharing an MLP union)")
     p.add_argument("--unit", choices=["group", "head"], default=None,
                    help="oracle without a bundle: KV groups (GQA default) or query heads")
+    p.add_argument("--adaptive", action="store_true",
+                   help="input-adaptive head budgets (router mode): per token the units whose router logit passes "
+                        "the layer's calibrated threshold, between k/2 and 2k")
     p.set_defaults(fn=cmd_ppl)
     a = esub.add_parser("agreement", help="greedy agreement of sparse decoding with dense")
     _eval_common(a)
