@@ -578,7 +578,48 @@ def smollm2_accuracy(results: Path) -> str:
     out.append(f"- Next round, router / oracle: {tried} (`accuracy_smollm2_router_sets.json`). The best router "
                f"measured at each density (all rounds): within 3 % at {sum(x <= 1.03 for x in overall.values())} of "
                f"{len(overall)} densities" + (f"; still missing: {', '.join(missing)}." if missing else "."))
+    # the same routers with input-adaptive budgets: a different rule, whose mean count on the test text is
+    # measured (kept_mean), so it is also compared with the oracle interpolated to that mean
+    a = load(results, "accuracy_smollm2_adaptive.json")
+    oracle_ppl = {(unit, k): get[("oracle", unit, k)] for (mode, unit, k) in get if mode == "oracle"}
+    rows = []
+    for r in sorted(a["runs"], key=lambda r: (r["unit"] != "group", -r["k"])):
+        kept = r["kept_mean"] * r["units"]
+        at_kept = r["ppl"] / _oracle_at(oracle_ppl, dense, r["unit"], r["units"], kept)
+        rows.append((r, kept, at_kept))
+    out += ["", "Input-adaptive head budgets (`adaptive=True`: per token the units whose router logit passes a threshold "
+            "calibrated for a mean of k on the training text, clipped to [k/2, 2k]), same routers, perplexity / "
+            "oracle's (`accuracy_smollm2_adaptive.json`):", "",
+            "| k of units | router bundle | units kept on average | / oracle at k | / oracle at the mean kept (mixing its two nearest counts per token) |",
+            "|---|---|---|---|---|"]
+    out += [f"| {r['k']} of {r['units']} {names[r['unit']]} | {r['label']} | {kept:.3f} | {r['router_over_oracle']:.3f} "
+            f"| {at_kept:.3f} |" for r, kept, at_kept in rows]
+    fixed_missed = {(u, k) for u, k in keys if overall[(u, k)] > 1.03}
+    adaptive_ok = {(r["unit"], r["k"]) for r, _, at_kept in rows if at_kept <= 1.03}
+    misses = [f"{r['k']} of {r['units']} {names[r['unit']]} {at_kept:.3f}" for r, _, at_kept in rows if at_kept > 1.03]
+    either = sum(overall[key] <= 1.03 or key in adaptive_ok for key in keys)
+    out += ["", f"- Adaptive budgets within 3 % of the oracle at the mean they keep: {len(adaptive_ok)} of {len(rows)}"
+            + (f" (not: {', '.join(misses)})" if misses else "") + f"; of the {len(fixed_missed)} densities where no "
+            f"fixed-budget router is within 3 %, {len(fixed_missed & adaptive_ok)} are with adaptive budgets. With "
+            f"the better rule per density (fixed or adaptive), within 3 %: {either} of {len(keys)} densities. The "
+            f"adaptive routers keep {min(kept / r['k'] for r, kept, _ in rows) - 1:+.1%} to "
+            f"{max(kept / r['k'] for r, kept, _ in rows) - 1:+.1%} units against k on the test text (thresholds "
+            f"calibrated on the training text)."]
     return "\n".join(out) + "\n"
+
+
+def _oracle_at(oracle_ppl: dict, dense: float, unit: str, units: int, kept: float) -> float:
+    """The oracle's perplexity at a fractional mean of `kept` units: an oracle keeping floor(kept) + 1 units for
+    a fraction f = kept - floor(kept) of the tokens and floor(kept) for the rest has the mean log-likelihood
+    interpolated linearly, i.e. the perplexity interpolated geometrically between the two whole counts (all
+    units kept is the dense model)."""
+    at = {k: oracle_ppl[(unit, k)] for (u, k) in oracle_ppl if u == unit}
+    at[units] = dense
+    if kept <= min(at):  # below the sparsest oracle measured: no extrapolation, that oracle (keeping more)
+        return at[min(at)]
+    lo = min(int(math.floor(kept)), units - 1)
+    frac = kept - lo
+    return math.exp((1 - frac) * math.log(at[lo]) + frac * math.log(at[lo + 1]))
 
 
 def _router_recipe(run: dict) -> str:

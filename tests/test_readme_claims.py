@@ -67,3 +67,15 @@ def test_an_unmeasured_point_never_counts_as_met(tmp_path):
     out = readme_claims.select_decode(results)
     assert "at 38 of the 43" in out and "the other 5" in out
     assert "at 42 of the 43 shapes" in out
+
+
+def test_the_oracle_at_a_fractional_unit_count():
+    """Adaptive budgets keep a fractional mean of units: the oracle they are compared with mixes its two nearest
+    whole counts per token (log-perplexity linear in the mix), never extrapolates below the sparsest count
+    measured, and reaches the dense model at all units."""
+    oracle = {("head", 4): 40.0, ("head", 5): 20.0, ("group", 1): 90.0}
+    at = readme_claims._oracle_at
+    assert at(oracle, 10.0, "head", 6, 5.0) == pytest.approx(20.0)
+    assert at(oracle, 10.0, "head", 6, 4.5) == pytest.approx(math.sqrt(40.0 * 20.0))
+    assert at(oracle, 10.0, "head", 6, 5.25) == pytest.approx(20.0 ** 0.75 * 10.0 ** 0.25)  # 6 of 6 = dense
+    assert at(oracle, 10.0, "head", 6, 3.7) == 40.0 and at(oracle, 10.0, "group", 3, 0.9) == 90.0
