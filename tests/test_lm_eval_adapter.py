@@ -142,6 +142,24 @@ def test_sparse_scores_equal_the_sparse_decode_path(default):
     assert max(gaps) > 0.05  # sparsity is really on
 
 
+def test_adaptive_budgets_reach_both_paths(default):
+    """adaptive=true (a model_args string, as lm-eval passes it) gives the scoring sparsifier and the
+    generation selector the bundle's input-adaptive head budgets; its scores are the decode path's with
+    them; without a bundle it is an error."""
+    model, tok, bundle = default
+    lm = PolarLM(model=model, tokenizer=tok, sparsity=bundle, attn_density=0.5, adaptive="true", batch_size=8)
+    want = bundle.config.adaptive_budgets(0.5)
+    assert lm.sparsifier.budgets == want and lm.selector.budgets == want and any(b is not None for b in want)
+    assert PolarLM(model=model, tokenizer=tok, sparsity=bundle, attn_density=0.5).selector.budgets is None
+    pairs = _ll_requests(2)[::2]
+    selector = router_selector(bundle, 0.5, 0.99, adaptive=True)
+    for (c, x), (lp, _) in zip(pairs, lm.loglikelihood(_instances("loglikelihood", pairs))):
+        c_ids = tok.encode(c)
+        assert abs(lp - _decode_path_loglik(model, c_ids, tok.encode(c + x)[len(c_ids):], selector)) < 2e-3
+    with pytest.raises(polar_jax.InputError, match="needs sparsity"):
+        PolarLM(model=model, tokenizer=tok, adaptive=True)
+
+
 def test_sparse_density_one_equals_dense(default):
     model, tok, bundle = default
     pairs = _ll_requests(3)

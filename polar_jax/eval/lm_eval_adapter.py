@@ -79,7 +79,8 @@ class PolarLM(TemplateLM):
 
     model: checkpoint folder, HF folder, "default", or a loaded `CausalLM` (then pass `tokenizer`).
     sparsity: bundle folder, "default", a loaded `SparsityBundle`, or None/"none" for dense.
-    attn_density, mlp_recall, per_layer, attn, mlp: as `polar-jax eval ppl` (attn/mlp false keep that part dense).
+    attn_density, mlp_recall, per_layer, attn, mlp, adaptive: as `polar-jax eval ppl` (attn/mlp false keep that part
+    dense; adaptive: input-adaptive head budgets).
     batch_size: requests per forward pass. max_length: positions the model sees (default: the model's, at most
     2048). max_gen_toks: default generation length. prefix_token_id: token that stands for an empty context
     (default BOS, else EOS). add_bos_token: prepend BOS to every encoded context (LLaMA-style checkpoints).
@@ -95,6 +96,7 @@ class PolarLM(TemplateLM):
         per_layer: bool = False,
         attn: bool = True,
         mlp: bool = True,
+        adaptive: bool | str = False,
         tokenizer: Any = None,
         dtype: str | None = None,
         batch_size: int | str = 8,
@@ -146,15 +148,18 @@ class PolarLM(TemplateLM):
         self.sparse_options = dict(
             attn_density=_optional_float(attn_density, "attn_density"),
             mlp_recall=_optional_float(mlp_recall, "mlp_recall"),
-            per_layer=_as_bool(per_layer, "per_layer"), attn=attn, mlp=mlp,
+            per_layer=_as_bool(per_layer, "per_layer"), attn=attn, mlp=mlp, adaptive=_as_bool(adaptive, "adaptive"),
         )
         if self.bundle is None:
+            if self.sparse_options["adaptive"]:
+                raise InputError("adaptive=true sets the routers' head budgets: it needs sparsity= (a bundle)")
             self.sparsifier = self.selector = None
         else:
             o = self.sparse_options
             self.sparsifier = build_sparsifier(self.model, self.bundle, "router", o["attn_density"], o["mlp_recall"],
-                                               o["per_layer"], attn, mlp)
-            self.selector = router_selector(self.bundle, o["attn_density"], o["mlp_recall"], o["per_layer"], attn, mlp)
+                                               o["per_layer"], attn, mlp, o["adaptive"])
+            self.selector = router_selector(self.bundle, o["attn_density"], o["mlp_recall"], o["per_layer"], attn, mlp,
+                                            adaptive=o["adaptive"])
 
     def _bundle(self, sparsity: Any) -> SparsityBundle | None:
         if sparsity is None or (isinstance(sparsity, str) and sparsity.lower() == "none"):

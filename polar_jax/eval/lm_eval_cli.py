@@ -20,7 +20,7 @@ USAGE = (
     "usage: polar-jax eval lm-eval [lm-eval run arguments]\n"
     "  e.g. polar-jax eval lm-eval --model_args model=default,sparsity=default,attn_density=0.5 "
     "--tasks polar_next_sentence --batch_size 16\n"
-    "  model_args: model, sparsity, attn_density, mlp_recall, per_layer, attn, mlp, dtype, max_length,\n"
+    "  model_args: model, sparsity, attn_density, mlp_recall, per_layer, attn, mlp, adaptive, dtype, max_length,\n"
     "  max_gen_toks, prefix_token_id, add_bos_token, seed, verify (see polar_jax/eval/lm_eval_adapter.py).\n"
     "  Local tasks (added unless you give --include_path): polar_next_sentence, polar_wikitext_ppl (tag polar_local).\n"
     "lm-eval's own options follow.\n"
