@@ -88,7 +88,10 @@ class _Routers:
         return attn_logits(x, self.attn_w[layer], self.attn_b[layer], self.attn_w1[layer], self.attn_b1[layer]), None
 
     def _attn_logits(self, layer: int, x: jax.Array) -> jax.Array:
-        scores, bias = self._attn_product(layer, x)
+        return self._logits_of(layer, *self._attn_product(layer, x))
+
+    def _logits_of(self, layer: int, scores: jax.Array, bias: jax.Array | None) -> jax.Array:
+        """The head router's logits from `_attn_product`'s (scores, bias)."""
         logits = scores[..., : self.attn_w[layer].shape[1]]
         return logits if bias is None else logits + bias.astype(jnp.float32)
 
@@ -185,7 +188,7 @@ class RouterSelector(_Routers):
             # the top-k from the raw product in one kernel (slice and bias add included); adaptive budgets
             # count the logits above their threshold in XLA (the same product: computed once)
             scores, bias = self._attn_product(layer, router_input)
-            counts, cap = self._attn_counts(layer, self._attn_logits(layer, router_input))
+            counts, cap = self._attn_counts(layer, self._logits_of(layer, scores, bias))
             units = self.attn_w[layer].shape[1]
             impl = self.select_impl if units <= UNIT_TOP_K_MAX_UNITS else "xla"
             ids = unit_top_k(scores, cap, bias, units=units, impl=impl)
