@@ -242,7 +242,8 @@ def test_split_sum_inputs_are_checked():
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
 def test_b1_decode_adds_each_sublayer_output_in_the_next_norm(name, monkeypatch):
     """At B=1 through the kernels every norm but the first layer's input norm finishes the previous
-    projection (`add_row_norm`: 2L - 1 calls for L layers) and the step's logits equal XLA's."""
+    projection, the final norm after the last layer included (`add_row_norm`: 2L calls for L layers), and
+    the step's logits equal XLA's."""
     model, _ = load_cached(name)
     layers_mod = importlib.import_module("polar_jax.models.layers")
     calls = []
@@ -264,7 +265,7 @@ def test_b1_decode_adds_each_sublayer_output_in_the_next_norm(name, monkeypatch)
         lg, _ = decode_step(graphdef, state, cache, toks[:, 6], None, "xla", "xla", gemv)
         outs[gemv] = (np.asarray(lg), list(calls))
     assert outs["xla"][1] == []  # XLA's dot: no one-kernel norms, nothing deferred
-    assert outs["triton"][1] == ["triton"] * (2 * model.config.num_layers - 1)
+    assert outs["triton"][1] == ["triton"] * (2 * model.config.num_layers)
     np.testing.assert_allclose(outs["triton"][0], outs["xla"][0], atol=1e-4, rtol=0)
 
 

@@ -339,8 +339,22 @@ class CausalLM(nnx.Module):
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         raise NotImplementedError
 
-    def logits(self, x: jax.Array) -> jax.Array:
+    def output_norm(self) -> RMSNorm | LayerNorm | None:
+        """The norm after the last layer (None where the model has none)."""
         raise NotImplementedError
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Logits [..., V] (float32) from the final norm's output h [..., d]."""
+        raise NotImplementedError
+
+    def logits(self, x: jax.Array | Residual, kernel: str | None = None) -> jax.Array:
+        """Logits [..., V] from the last layer's output. A `Residual` (the B=1 decode step's last MLP output
+        still pending) is finished by the final norm's one kernel (`add_and_norm`, backend `kernel`), as
+        every layer's own norms finish the sublayer before them; otherwise the norm runs through XLA."""
+        norm = self.output_norm()
+        if isinstance(x, Residual):
+            return self.head(norm.add_and_norm(x, kernel)[1] if norm is not None else x.resolve())
+        return self.head(norm(x) if norm is not None else x)
 
     def _step(self, mode: str, positions: jax.Array, **kw) -> Step:
         return Step(mode=mode, positions=positions, inv_freq=self._inv_freq(), window=self.config.sliding_window,
@@ -353,16 +367,18 @@ class CausalLM(nnx.Module):
         states = [nnx.split(block)[1] for block in self.layers]
         return StackedBlocks(graphdef, jax.tree.map(lambda *w: jnp.stack(w), *states))
 
-    def run_layers(self, x: jax.Array, cache: KVCache | None, step: Step) -> tuple[jax.Array, list[LayerKV | None]]:
+    def run_layers(self, x: jax.Array, cache: KVCache | None,
+                   step: Step) -> tuple[jax.Array | Residual, list[LayerKV | None]]:
         """The layer loop, shared by every mode: threads x and each layer's cache through the blocks
-        (unrolled, or under `lax.scan` when the step carries stacked weights)."""
+        (unrolled, or under `lax.scan` when the step carries stacked weights). In decode, where the blocks
+        defer their residual adds (`Block.defers_residual`), x comes back as a `Residual` for `logits`."""
         if step.stacked is not None:
             return scan_blocks(step.stacked, x, cache, step)
         new = []
         for i, block in enumerate(self.layers):
             x, kv = block(x, cache.layer(i) if cache is not None else None, step, i)
             new.append(kv)
-        return (x.resolve() if isinstance(x, Residual) else x), new
+        return x, new
 
     # ---- full-sequence -------------------------------------------------------------------------------
     def __call__(
@@ -442,4 +458,4 @@ class CausalLM(nnx.Module):
             gemv_impl=gemv_backend(gemv_impl, self.dtype), stacked=stacked,
         )
         x, layers = self.run_layers(self.embed(tokens[:, None], positions), cache, step)
-        return self.logits(x[:, 0]), cache.with_layers(layers, new_len, cache.live)
+        return self.logits(x, step.gemv_impl)[:, 0], cache.with_layers(layers, new_len, cache.live)

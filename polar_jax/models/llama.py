@@ -30,6 +30,9 @@ class LlamaForCausalLM(CausalLM):
     def embed(self, tokens: jax.Array, positions: jax.Array) -> jax.Array:
         return jnp.take(self.embed_tokens[...], tokens, axis=0)
 
-    def logits(self, x: jax.Array) -> jax.Array:
+    def output_norm(self) -> RMSNorm:
+        return self.norm
+
+    def head(self, h: jax.Array) -> jax.Array:
         w = self.embed_tokens if self.lm_head is None else self.lm_head
-        return jnp.einsum("...d,vd->...v", self.norm(x), w[...], preferred_element_type=F32)
+        return jnp.einsum("...d,vd->...v", h, w[...], preferred_element_type=F32)

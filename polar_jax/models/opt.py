@@ -36,9 +36,10 @@ class OPTForCausalLM(CausalLM):
             x = jnp.einsum("...e,ed->...d", x, self.project_in[...], preferred_element_type=F32).astype(x.dtype)
         return x + jnp.take(self.embed_positions[...], positions + POSITION_OFFSET, axis=0)
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        if self.final_norm is not None:
-            x = self.final_norm(x)
+    def output_norm(self) -> LayerNorm | None:
+        return self.final_norm
+
+    def head(self, x: jax.Array) -> jax.Array:
         if self.project_out is not None:
             x = jnp.einsum("...d,de->...e", x, self.project_out[...], preferred_element_type=F32).astype(x.dtype)
         w = self.embed_tokens if self.lm_head is None else self.lm_head
