@@ -3,6 +3,7 @@
 # repository root (the device tool's `run`; results under $OUT, at most 8 files per call):
 #   bash benchmarks/decode/issue10_gpu_run.sh variants   # same-process A/B of the untimed B=1 changes
 #   bash benchmarks/decode/issue10_gpu_run.sh goals      # the goal points end to end, fresh processes
+#   bash benchmarks/decode/issue10_gpu_run.sh all        # both, goals first, in one call
 # Then: merge the two goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`),
 # keep the raw files under benchmarks/results/raw_<date>_h200/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -25,8 +26,21 @@ goals)
   cp /tmp/r/opt/*.json "$OUT/goals_opt.json"
   cp /tmp/r/ll/*.json "$OUT/goals_llama.json"
   ;;
+all)
+  # both in one device call where machines are scarce (each failed start costs device time): the goal points
+  # first, each file copied to $OUT as soon as it exists, so a call stopped at its time limit keeps them
+  mkdir -p /tmp/r
+  $BENCH --shapes opt-6.7b --batches 1 8 32 --contexts 2048 --variants dense both --breakdown --out /tmp/r/opt
+  cp /tmp/r/opt/*.json "$OUT/goals_opt.json"
+  $BENCH --shapes llama2-7b --batches 1 16 --contexts 4096 --variants dense heads --attn-density 0.5 --out /tmp/r/ll
+  cp /tmp/r/ll/*.json "$OUT/goals_llama.json"
+  $V --points opt-6.7b:1:2048:dense,both llama2-7b:1:4096:dense,heads --code base no_add_norm head_topk_xla \
+     --out "$OUT/variants_b1.json"
+  $V --points llama2-7b:16:4096:dense,heads opt-6.7b:32:2048:dense,both --code base head_topk_xla \
+     --out "$OUT/variants_b16_b32.json"
+  ;;
 *)
-  echo "usage: $0 variants|goals" >&2
+  echo "usage: $0 variants|goals|all" >&2
   exit 2
   ;;
 esac
