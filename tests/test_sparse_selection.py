@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -268,3 +269,31 @@ def test_selection_types_are_pytrees_that_cross_jit():
     for sel, field in ((att, "n_active"), (mlp, "n_active"), (mlp, "dense")):  # values: one selection is
         with pytest.raises(dataclasses.FrozenInstanceError):  # shared by every layer's reads, never edited
             setattr(sel, field, 0)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decode_ranks_heads_with_one_unit_top_k_call_per_sparse_layer(opt_default, batch, monkeypatch):
+    """The decode step ranks each sparse layer's heads through `pallas_kernels.unit_top_k` on the selector's
+    backend (one kernel from the raw router product), not through XLA's ranking, at B=1 (where the product is
+    shared with the MLP router) and above."""
+    model, _, bundle = opt_default
+    sparsify = importlib.import_module("polar_jax.routers.sparsify")
+    calls = []
+    real = sparsify.unit_top_k
+
+    def counting(scores, k, bias=None, **kw):
+        calls.append((scores.shape, kw.get("impl")))
+        return real(scores, k, bias, **kw)
+
+    monkeypatch.setattr(sparsify, "unit_top_k", counting)
+    jax.clear_caches()  # the step must be traced here: an executable cached by an earlier test would skip the spy
+    sel = router_selector(bundle, 0.5, 0.99, select_impl="triton")
+    toks = _tokens(model, batch, 8, seed=3)
+    graphdef, state = split_model(model)
+    cache = KVCache.create(model.config, batch, 16, model.dtype)
+    _, cache = prefill(graphdef, state, toks[:, :6], jnp.full((batch,), 6, jnp.int32), cache)
+    decode_step(graphdef, state, cache, toks[:, 6], sel, "xla", "xla")
+    sparse_layers = [i for i in range(model.config.num_layers) if sel._attn_on(i)]
+    assert sparse_layers, "the default bundle should sparsify some layers' heads"
+    assert [impl for _, impl in calls] == ["triton"] * len(sparse_layers)
+    assert all(shape[0] == batch for shape, _ in calls)
