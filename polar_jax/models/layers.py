@@ -77,7 +77,7 @@ class Residual:
     delta: SplitSum
 
     def resolve(self) -> jax.Array:
-        """x + delta through XLA (where no norm follows, e.g. after the last layer)."""
+        """x + delta through XLA (where no norm follows: the last layer of a model without a final norm)."""
         return self.x + self.delta.total().reshape(self.x.shape)
 
 
