@@ -5,6 +5,9 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh goals      # the goal points end to end, fresh processes
 #   bash benchmarks/decode/issue10_gpu_run.sh all        # both, goals first, in one call
 #   bash benchmarks/decode/issue10_gpu_run.sh short      # the four goal points, then the B=1 A/B (little time)
+#   bash benchmarks/decode/issue10_gpu_run.sh b32        # OPT-6.7B B=32 tilings and cuBLAS GEMMs (2.2x goal)
+#   bash benchmarks/decode/issue10_gpu_run.sh goals_b32  # goals, then b32
+#   bash benchmarks/decode/issue10_gpu_run.sh sweep      # the other B >= 16 points (share of the Amdahl bound)
 # Then: merge the two goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`),
 # keep the raw files under benchmarks/results/raw_<date>_h200/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -32,6 +35,25 @@ variants_b16_b32() {
   $V --points llama2-7b:16:4096:dense,heads opt-6.7b:32:2048:dense,both --code base head_topk_xla \
      --out "$OUT/variants_b16_b32.json"
 }
+# OPT-6.7B B=32 heads + MLP (2.2x wanted): the gather and flash-decoding tilings, then the attention
+# projections' GEMMs through cuBLAS instead of XLA's Triton fusions (a fresh process: flags are per process)
+variants_b32_tiles() {
+  $V --points opt-6.7b:32:2048:dense,both --code base up_a16 up_k256 down_d64 down_d256 attn_t2112 attn_t528 \
+     --out "$OUT/variants_b32_tiles.json"
+}
+flags_b32() {
+  XLA_FLAGS=--xla_gpu_enable_triton_gemm=false $V --points opt-6.7b:32:2048:dense,both --code base \
+     --out "$OUT/flags_b32_cublas.json" || echo "cuBLAS-only run failed"
+}
+# The other B >= 16 points (each sparse point wanted within 90 % of its Amdahl bound); sizes that fit 80 GB
+bound_sweep() {
+  $BENCH --shapes opt-6.7b --batches 32 --contexts 2048 --variants dense heads mlp --out /tmp/r/s1
+  cp /tmp/r/s1/*.json "$OUT/sweep_opt.json"
+  $BENCH --shapes llama2-7b --batches 32 --contexts 2048 --variants dense heads --attn-density 0.3 --out /tmp/r/s2
+  cp /tmp/r/s2/*.json "$OUT/sweep_llama2.json"
+  $BENCH --shapes llama3.1-8b --batches 64 --contexts 4096 --variants dense heads --attn-density 0.5 --out /tmp/r/s3
+  cp /tmp/r/s3/*.json "$OUT/sweep_llama3.json"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -39,8 +61,11 @@ variants) variants_b1; variants_b16_b32 ;;
 goals) goals_opt 1 8 32; goals_llama 1 16 ;;
 all) goals_opt 1 8 32; goals_llama 1 16; variants_b1; variants_b16_b32 ;;  # goals first: they matter most
 short) goals_opt 1 32; goals_llama 16; variants_b1 ;;  # the four goal points first
+b32) variants_b32_tiles; flags_b32 ;;
+goals_b32) goals_opt 1 8 32; goals_llama 1 16; variants_b32_tiles; flags_b32 ;;
+sweep) bound_sweep ;;
 *)
-  echo "usage: $0 variants|goals|all|short" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep" >&2
   exit 2
   ;;
 esac
