@@ -1,4 +1,4 @@
-"""Decode GEMV: `gemv(x, w, bias, activation, layout)` = act(x @ W + b) for M <= 16 rows.
+"""Decode GEMV: `gemv(x, w, bias, activation, layout)` = act(x @ W + b) for M <= 32 rows.
 
 The dense projections of a small-batch decode step are weight streams: at B=1 the whole step is a
 sequence of GEMVs, and XLA's GEMM fusions read the H200's HBM at 2.5-3.0 TB/s on them
@@ -44,7 +44,7 @@ def check_gemv(x, w, bias, activation, layout: str) -> None:
 
 def gemv(x: Array, w: Array, bias: Array | None = None, activation: str | None = None, layout: str = "kn",
          impl: str = "auto", *, split_sum: bool = False) -> Array | SplitSum:
-    """act(x @ W + b): x [M, K] (M <= 16), W [K, N] ("kn") or [N, K] ("nk") -> [M, N] in x's dtype,
+    """act(x @ W + b): x [M, K] (M <= 32), W [K, N] ("kn") or [N, K] ("nk") -> [M, N] in x's dtype,
     float32 accumulation. `split_sum=True` (no activation): the output as a `SplitSum`, its split-K
     epilogue left to the consumer (`add_row_norm`)."""
     check_gemv(x, w, bias, activation, layout)
@@ -53,14 +53,20 @@ def gemv(x: Array, w: Array, bias: Array | None = None, activation: str | None =
     return dispatch("gemv", _SPLIT if split_sum else _IMPLS, impl)(x, w, bias, activation, layout)
 
 
-# Where the decode step is faster with the Pallas GEMV (H200): at B=1 the whole step (OPT-6.7B 1.06x,
-# LLaMA-2-7B 1.24x over XLA's dot; benchmarks/results/decode_gemv_2026-11-29.md). With every projection on
-# the GEMV up to M=4 the step was slower (0.96-0.97x), but the out-major MLP weights alone (up/gate) gain
-# up to 16 rows: 1.1 % at B=8 (OPT-6.7B dense) and B=16 (LLaMA-2-7B dense and heads), none slower
+# Where the decode step is faster with the Pallas GEMV: per layout, the (first, last) row counts of each range.
+# H200: at B=1 the whole step (OPT-6.7B 1.06x, LLaMA-2-7B 1.24x over XLA's dot;
+# benchmarks/results/decode_gemv_2026-11-29.md). With every projection on the GEMV up to M=4 the step was
+# slower (0.96-0.97x), but the out-major MLP weights alone (up/gate) gain up to 16 rows: 1.1 % at B=8
+# (OPT-6.7B dense) and B=16 (LLaMA-2-7B dense and heads), none slower
 # (benchmarks/results/raw_2026-11-29b_h200/call4_step_variants_b8_b16.json, call5 for B=4).
-GEMV_MAX_M = {"nk": 16, "kn": 1}
+# H100, 17-32 rows (a 32-row x tile): at OPT-6.7B B=32 XLA runs the attention projections as split-K GEMMs
+# with an epilogue kernel each. Every projection on the GEMV made the dense step 2.8 % and the heads + MLP
+# step 1.2 % faster than this rule without 17-32; the (in, out) weights alone gave the sparse step the same
+# and the dense step 1.1 % less (benchmarks/results/raw_2026-12-07_h100/call7_variants_skinny.json; call6
+# the first A/B). Not measured on the H200 there.
+GEMV_ROWS = {"nk": ((1, 32),), "kn": ((1, 1), (17, 32))}
 
 
 def prefers_gemv(m: int, layout: str) -> bool:
     """True where the decode projections of m rows should use `gemv` rather than XLA's dot."""
-    return 1 <= m <= GEMV_MAX_M[layout]
+    return any(lo <= m <= hi for lo, hi in GEMV_ROWS[layout])

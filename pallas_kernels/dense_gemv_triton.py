@@ -1,11 +1,12 @@
 """Pallas (Triton backend) GEMV for decode-sized M: y = act(x @ W + b) with W in either layout.
 
-At M <= 16 a projection is a pure weight stream: every program owns `block_n` output columns and
+At M <= 32 a projection is a pure weight stream: every program owns `block_n` output columns and
 walks the reduction in `block_k` steps, loading one weight tile per step (rows of the out-major
 layout, or row segments of the (in, out) layout) with `num_stages` loads in flight. When the columns
 alone give too few programs to keep HBM busy, the reduction is split over `split_k` programs whose
 float32 partials one fused XLA epilogue sums (with the bias and the activation). The x tile is padded
-to 16 rows, the smallest `tl.dot` operand; the wasted MACs are free in a memory-bound kernel.
+to 16 rows (the smallest `tl.dot` operand) or, above 16 rows, 32; the wasted MACs are free in a
+memory-bound kernel.
 """
 from __future__ import annotations
 
@@ -25,7 +26,12 @@ from .smem import fit_tiling, staged_bytes
 from .split_sum import SplitSum
 from .validation import check_kernel_dtype
 
-MAX_M = 16  # one 16-row x tile; larger M is not a GEMV (the dense path uses XLA's GEMM there)
+MAX_M = 32  # one x tile of every row; larger M is not a GEMV (the dense path uses XLA's GEMM there)
+
+
+def row_tile(M: int) -> int:
+    """Rows of the x tile for M rows: 16 (the smallest `tl.dot` operand) up to 16, else 32."""
+    return 16 if M <= 16 else 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +41,12 @@ class GemvConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    block_m: int = 16  # rows of the x tile (>= M; `row_tile`)
 
 
 def gemv_smem(cfg: GemvConfig) -> int:
-    """Shared memory: per k-step an x tile [16, block_k] and a weight tile [block_n, block_k]."""
-    return staged_bytes(cfg.num_stages, (MAX_M + cfg.block_n) * cfg.block_k)
+    """Shared memory: per k-step an x tile [block_m, block_k] and a weight tile [block_n, block_k]."""
+    return staged_bytes(cfg.num_stages, (cfg.block_m + cfg.block_n) * cfg.block_k)
 
 
 def choose_gemv_config(M: int, K: int, N: int, layout: str, device: DeviceClass | None = None) -> GemvConfig:
@@ -48,13 +55,12 @@ def choose_gemv_config(M: int, K: int, N: int, layout: str, device: DeviceClass 
     when that still gives 1.5 programs per SM, else 32 (OPT up 34.0 us, LLaMA up 24.1 us at M=1).
     (in, out) ("kn") weights: about one program per SM, 64 columns and two k-splits where the k-blocks
     divide evenly, else 32 columns (4096x4096: 11.2 us; 16384->4096: 33.3 us; 11008->4096: 26.0 us)."""
-    del M  # one 16-row x tile for every M <= 16
     dev = device or current_device_class()
     block_k = min(256, pow2_at_least(K, 16))
     n_kb = cdiv(K, block_k)
     if layout == "nk":
         block_n = 64 if cdiv(N, 64) * 2 >= 3 * dev.num_sms else 32
-        cfg = GemvConfig(min(block_n, pow2_at_least(N, 16)), block_k, 1, num_warps=4, num_stages=3)
+        cfg = GemvConfig(min(block_n, pow2_at_least(N, 16)), block_k, 1, num_warps=4, num_stages=3, block_m=row_tile(M))
     else:
         best = None
         for block_n in (64, 32):
@@ -65,7 +71,8 @@ def choose_gemv_config(M: int, K: int, N: int, layout: str, device: DeviceClass 
                 if programs <= dev.num_sms * 9 // 8 and (best is None or programs > best[0]):
                     best = (programs, block_n, split)
         _, block_n, split = best or (0, 64, 1)
-        cfg = GemvConfig(min(block_n, pow2_at_least(N, 16)), block_k, split, num_warps=4, num_stages=4)
+        cfg = GemvConfig(min(block_n, pow2_at_least(N, 16)), block_k, split, num_warps=4, num_stages=4,
+                         block_m=row_tile(M))
     return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 32)
 
 
@@ -77,12 +84,12 @@ def load_tile(ref, mask):
 def _gemv_kernel(x_ref, w_ref, *rest, M, K, N, cfg: GemvConfig, layout, activation, has_bias, direct):
     b_ref = rest[0] if has_bias else None
     o_ref = rest[-1]
-    bn, bk, sk = cfg.block_n, cfg.block_k, cfg.split_k
+    bm, bn, bk, sk = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
     i_n, s = pl.program_id(0), pl.program_id(1)
     n0 = i_n * bn
     n_idx = n0 + jnp.arange(bn, dtype=jnp.int32)
     n_ok = n_idx < N
-    m_ok = jnp.arange(MAX_M, dtype=jnp.int32) < M
+    m_ok = jnp.arange(bm, dtype=jnp.int32) < M
     kb_per_split = cdiv(K, bk) // sk
     k_ragged = K % bk != 0
     n_ragged = N % bn != 0
@@ -90,8 +97,8 @@ def _gemv_kernel(x_ref, w_ref, *rest, M, K, N, cfg: GemvConfig, layout, activati
     def body(kb, acc):
         k0 = (s * kb_per_split + kb) * bk
         k_ok = (k0 + jnp.arange(bk, dtype=jnp.int32)) < K
-        x_mask = m_ok[:, None] & k_ok[None, :] if k_ragged else jnp.broadcast_to(m_ok[:, None], (MAX_M, bk))
-        xt = plgpu.load(x_ref.at[pl.ds(0, MAX_M), pl.ds(k0, bk)], mask=x_mask, other=0.0)
+        x_mask = m_ok[:, None] & k_ok[None, :] if k_ragged else jnp.broadcast_to(m_ok[:, None], (bm, bk))
+        xt = plgpu.load(x_ref.at[pl.ds(0, bm), pl.ds(k0, bk)], mask=x_mask, other=0.0)
         if layout == "nk":
             w_mask = None
             if k_ragged or n_ragged:
@@ -104,15 +111,15 @@ def _gemv_kernel(x_ref, w_ref, *rest, M, K, N, cfg: GemvConfig, layout, activati
         wt = load_tile(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], w_mask)
         return acc + plgpu.dot(xt, wt)
 
-    acc = jax.lax.fori_loop(0, kb_per_split, body, jnp.zeros((MAX_M, bn), jnp.float32))
+    acc = jax.lax.fori_loop(0, kb_per_split, body, jnp.zeros((bm, bn), jnp.float32))
     store_mask = m_ok[:, None] & n_ok[None, :]
     if direct:
         if has_bias:
             acc = acc + plgpu.load(b_ref.at[pl.ds(n0, bn)], mask=n_ok, other=0.0).astype(jnp.float32)[None, :]
         y = get_activation(activation)(acc)
-        plgpu.store(o_ref.at[pl.ds(0, MAX_M), pl.ds(n0, bn)], y.astype(o_ref.dtype), mask=store_mask)
+        plgpu.store(o_ref.at[pl.ds(0, bm), pl.ds(n0, bn)], y.astype(o_ref.dtype), mask=store_mask)
     else:
-        plgpu.store(o_ref.at[s, pl.ds(0, MAX_M), pl.ds(n0, bn)], acc, mask=store_mask)
+        plgpu.store(o_ref.at[s, pl.ds(0, bm), pl.ds(n0, bn)], acc, mask=store_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "layout", "cfg", "interpret", "defer"))
@@ -149,6 +156,8 @@ def gemv(x, w, bias=None, activation=None, layout: str = "kn", config: GemvConfi
     M, K = x.shape
     N = w.shape[1] if layout == "kn" else w.shape[0]
     cfg = config or choose_gemv_config(M, K, N, layout)
+    if cfg.block_m < M:
+        raise ValueError(f"the x tile has {cfg.block_m} rows (block_m), fewer than M={M}")
     if cfg.split_k < 1 or (K + cfg.block_k - 1) // cfg.block_k % cfg.split_k:
         raise ValueError(f"split_k={cfg.split_k} must divide the {cdiv(K, cfg.block_k)} k-blocks")
     return gemv_triton(x, w, bias, activation=activation, layout=layout, cfg=cfg, interpret=use_interpret(),

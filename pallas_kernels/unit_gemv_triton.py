@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .backends import use_interpret
-from .dense_gemv_triton import MAX_M, GemvConfig, gemv_smem, load_tile
+from .dense_gemv_triton import MAX_M, GemvConfig, gemv_smem, load_tile, row_tile
 from .devices import DeviceClass, current_device_class
 from .grid import cdiv, pow2_at_least
 from .smem import fit_tiling
@@ -38,7 +38,7 @@ from .validation import check_kernel_dtype
 # for `gemv_multi` it is always 1 (every output written directly).
 
 
-def choose_multi_config(K: int, columns: int, device: DeviceClass | None = None) -> GemvConfig:
+def choose_multi_config(K: int, columns: int, device: DeviceClass | None = None, rows: int = 1) -> GemvConfig:
     """64 columns per program where that still gives every SM a program, else 32 (more programs to keep
     HBM busy); 256-wide k-steps as in the dense GEMV's H200 sweep; 3 pipeline stages: in the B=1 decode
     step on the H200 they made OPT-6.7B's dense step 2.7 % and its heads + MLP step 5.7 % faster than 4
@@ -46,11 +46,12 @@ def choose_multi_config(K: int, columns: int, device: DeviceClass | None = None)
     (benchmarks/results/raw_2026-11-29c_h200/call1_b1_*_variants.json)."""
     dev = device or current_device_class()
     block_n = 64 if cdiv(columns, 64) >= dev.num_sms else 32
-    cfg = GemvConfig(block_n, min(256, pow2_at_least(K, 16)), 1, num_warps=4, num_stages=3)
+    cfg = GemvConfig(block_n, min(256, pow2_at_least(K, 16)), 1, num_warps=4, num_stages=3, block_m=row_tile(rows))
     return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 32)
 
 
-def choose_rows_config(unit_width: int, N: int, slots: int = 1, device: DeviceClass | None = None) -> GemvConfig:
+def choose_rows_config(unit_width: int, N: int, slots: int = 1, device: DeviceClass | None = None,
+                       rows: int = 1) -> GemvConfig:
     """32 output columns per program (the output is only d wide), k-steps of one unit's rows or less, and
     the slots split 4 ways (f32 partials + one epilogue): a program that walks every selected head in
     turn is latency-bound. H200, B=1 decode step: 4 splits 3.2 % (OPT-6.7B, 9 heads) and 4.8 %
@@ -58,28 +59,28 @@ def choose_rows_config(unit_width: int, N: int, slots: int = 1, device: DeviceCl
     (benchmarks/results/raw_2026-11-29b_h200/call3_step_variants_b1.json)."""
     dev = device or current_device_class()
     cfg = GemvConfig(min(32, pow2_at_least(N, 16)), min(128, pow2_at_least(unit_width, 16)), max(1, min(4, slots)),
-                     num_warps=4, num_stages=4)
+                     num_warps=4, num_stages=4, block_m=row_tile(rows))
     return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 16)
 
 
-def _column_block(x_ref, w_ref, b_ref, o_ref, n0, *, M, K, N, bn, bk, n_ragged):
+def _column_block(x_ref, w_ref, b_ref, o_ref, n0, *, M, K, N, bm, bn, bk, n_ragged):
     """o[:, n0:n0+bn] = x @ w[:, n0:n0+bn] (+ b), the reduction in bk steps."""
     n_ok = (n0 + jnp.arange(bn, dtype=jnp.int32)) < N
-    m_ok = jnp.arange(MAX_M, dtype=jnp.int32) < M
+    m_ok = jnp.arange(bm, dtype=jnp.int32) < M
     k_ragged = K % bk != 0
 
     def body(kb, acc):
         k0 = kb * bk
         k_ok = (k0 + jnp.arange(bk, dtype=jnp.int32)) < K
-        x_mask = m_ok[:, None] & k_ok[None, :] if k_ragged else jnp.broadcast_to(m_ok[:, None], (MAX_M, bk))
-        xt = plgpu.load(x_ref.at[pl.ds(0, MAX_M), pl.ds(k0, bk)], mask=x_mask, other=0.0)
+        x_mask = m_ok[:, None] & k_ok[None, :] if k_ragged else jnp.broadcast_to(m_ok[:, None], (bm, bk))
+        xt = plgpu.load(x_ref.at[pl.ds(0, bm), pl.ds(k0, bk)], mask=x_mask, other=0.0)
         w_mask = jnp.broadcast_to(k_ok[:, None] & n_ok[None, :], (bk, bn)) if (k_ragged or n_ragged) else None
         return acc + plgpu.dot(xt, load_tile(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], w_mask))
 
-    acc = jax.lax.fori_loop(0, cdiv(K, bk), body, jnp.zeros((MAX_M, bn), jnp.float32))
+    acc = jax.lax.fori_loop(0, cdiv(K, bk), body, jnp.zeros((bm, bn), jnp.float32))
     if b_ref is not None:
         acc = acc + plgpu.load(b_ref.at[pl.ds(n0, bn)], mask=n_ok, other=0.0).astype(jnp.float32)[None, :]
-    plgpu.store(o_ref.at[pl.ds(0, MAX_M), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=m_ok[:, None] & n_ok[None, :])
+    plgpu.store(o_ref.at[pl.ds(0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _multi_kernel(*refs, M, K, Ns, has_bias, gather, width, cap, cfg: GemvConfig):
@@ -105,7 +106,7 @@ def _multi_kernel(*refs, M, K, Ns, has_bias, gather, width, cap, cfg: GemvConfig
             blocks = cdiv(N, bn)
         lo, hi = start, start + blocks
         start = hi
-        common = dict(M=M, K=K, N=N, bn=bn, bk=bk)
+        common = dict(M=M, K=K, N=N, bm=cfg.block_m, bn=bn, bk=bk)
 
         if i == 0 and gather:
             @pl.when((p >= lo) & (p < hi))
@@ -146,10 +147,10 @@ def gemv_multi_triton(x, ws, biases, units, n_active, *, width, cfg: GemvConfig,
 def _rows_kernel(x_ref, w_ref, *rest, M, N, width, cap, has_bias, cfg: GemvConfig):
     b_ref = rest[0] if has_bias else None
     units_ref, nact_ref, o_ref = rest[-3], rest[-2], rest[-1]
-    bn, bk, split = cfg.block_n, cfg.block_k, cfg.split_k
+    bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
     n0 = pl.program_id(0) * bn
     n_ok = (n0 + jnp.arange(bn, dtype=jnp.int32)) < N
-    m_ok = jnp.arange(MAX_M, dtype=jnp.int32) < M
+    m_ok = jnp.arange(bm, dtype=jnp.int32) < M
     steps = cdiv(width, bk)
     per_split = cdiv(cap, split)
     first = pl.program_id(1) * per_split if split > 1 else 0
@@ -161,18 +162,18 @@ def _rows_kernel(x_ref, w_ref, *rest, M, N, width, cap, has_bias, cfg: GemvConfi
         live = slot < jnp.minimum(n_live, cap)
         k_ok = (kb * bk + jnp.arange(bk, dtype=jnp.int32) < width) & live
         k0 = units_ref[jnp.minimum(slot, cap - 1)] * width + kb * bk
-        xt = plgpu.load(x_ref.at[pl.ds(0, MAX_M), pl.ds(k0, bk)], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        xt = plgpu.load(x_ref.at[pl.ds(0, bm), pl.ds(k0, bk)], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wt = plgpu.load(w_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         return acc + plgpu.dot(xt, wt)
 
-    acc = jax.lax.fori_loop(0, per_split * steps, body, jnp.zeros((MAX_M, bn), jnp.float32))
+    acc = jax.lax.fori_loop(0, per_split * steps, body, jnp.zeros((bm, bn), jnp.float32))
     store_mask = m_ok[:, None] & n_ok[None, :]
     if split > 1:
-        plgpu.store(o_ref.at[pl.program_id(1), pl.ds(0, MAX_M), pl.ds(n0, bn)], acc, mask=store_mask)
+        plgpu.store(o_ref.at[pl.program_id(1), pl.ds(0, bm), pl.ds(n0, bn)], acc, mask=store_mask)
         return
     if b_ref is not None:
         acc = acc + plgpu.load(b_ref.at[pl.ds(n0, bn)], mask=n_ok, other=0.0).astype(jnp.float32)[None, :]
-    plgpu.store(o_ref.at[pl.ds(0, MAX_M), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=store_mask)
+    plgpu.store(o_ref.at[pl.ds(0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=store_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("width", "cfg", "interpret", "defer"))
@@ -200,12 +201,18 @@ def gemv_rows_triton(x, w, bias, units, n_active, *, width, cfg: GemvConfig, int
     return y.astype(x.dtype)
 
 
+def _check_tile(cfg: GemvConfig, M: int) -> None:
+    if cfg.block_m < M:
+        raise ValueError(f"the x tile has {cfg.block_m} rows (block_m), fewer than M={M}")
+
+
 def gemv_multi(x, ws, biases, units=None, n_active=None, width: int | None = None,
                config: GemvConfig | None = None):
     """Backend entry point (the public op in unit_gemv.py validates first)."""
     check_kernel_dtype(x.dtype, use_interpret())
     columns = sum(w.shape[1] for w in ws)
-    cfg = config or choose_multi_config(x.shape[1], columns)
+    cfg = config or choose_multi_config(x.shape[1], columns, rows=x.shape[0])
+    _check_tile(cfg, x.shape[0])
     if units is not None and width % cfg.block_n:
         cfg = dataclasses.replace(cfg, block_n=16 if width % 32 else 32)
     return gemv_multi_triton(x, tuple(ws), tuple(biases), units, n_active, width=width, cfg=cfg,
@@ -214,6 +221,7 @@ def gemv_multi(x, ws, biases, units=None, n_active=None, width: int | None = Non
 
 def gemv_rows(x, w, bias, units, n_active, width: int, config: GemvConfig | None = None, defer: bool = False):
     check_kernel_dtype(x.dtype, use_interpret())
-    cfg = config or choose_rows_config(width, w.shape[1], units.shape[0])
+    cfg = config or choose_rows_config(width, w.shape[1], units.shape[0], rows=x.shape[0])
+    _check_tile(cfg, x.shape[0])
     return gemv_rows_triton(x, w, bias, units, n_active, width=width, cfg=cfg, interpret=use_interpret(),
                             defer=defer)

@@ -34,7 +34,8 @@ class KernelOpTests:
     def test_gemv_both_layouts_ragged_shapes_bias_and_activation(self):
         rng = fresh_rng()
         for M, K, N, layout, act, bias in ((1, 300, 100, "kn", None, True), (3, 256, 96, "nk", "relu", False),
-                                           (8, 520, 33, "kn", "silu", True), (16, 64, 130, "nk", "gelu", True)):
+                                           (8, 520, 33, "kn", "silu", True), (16, 64, 130, "nk", "gelu", True),
+                                           (17, 200, 72, "kn", None, True), (32, 96, 40, "nk", "relu", True)):
             x = self.arr(rng, (M, K))
             w = self.arr(rng, (K, N) if layout == "kn" else (N, K), K**-0.5)
             b = self.arr(rng, (N,)) if bias else None
@@ -61,6 +62,9 @@ class KernelOpTests:
         for o, w, b in zip(outs, ws, bs):
             assert o.dtype == x.dtype
             close(o, npref.gemv_ref(x, w, b), self.dtype)
+        xs = self.arr(rng, (24, K))  # 17-32 rows: the B=32 step's Q/K/V in one launch (a 32-row x tile)
+        for o, w, b in zip(pk.gemv_multi(xs, ws, bs, impl=self.impl), ws, bs):
+            close(o, npref.gemv_ref(xs, w, b), self.dtype)
         units = jnp.asarray(rng.permutation(units_n)[:4], jnp.int32)
         for n in (0, 1, 4):
             outs = pk.gemv_multi(x, ws, bs, units, n, width, impl=self.impl)

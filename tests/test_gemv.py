@@ -55,27 +55,56 @@ def test_measured_tilings_are_chosen_on_hopper():
 
 
 @pytest.mark.parametrize("dev", CLASSES, ids=lambda c: c.name)
-def test_tilings_fit_shared_memory_and_split_evenly(dev):
+@pytest.mark.parametrize("M", [1, 32])
+def test_tilings_fit_shared_memory_and_split_evenly(dev, M):
     for K, N, lay in SEVEN_B + [(64, 256, "kn"), (48, 40, "nk")]:
-        cfg = tri.choose_gemv_config(1, K, N, lay, dev)
+        cfg = tri.choose_gemv_config(M, K, N, lay, dev)
+        assert cfg.block_m >= M
         assert tri.gemv_smem(cfg) <= dev.smem_per_block
         assert -(-K // cfg.block_k) % cfg.split_k == 0
 
 
+@pytest.mark.parametrize("M", [1, 16, 17, 32])
+def test_the_x_tile_has_16_rows_up_to_16_and_32_above(M):
+    from pallas_kernels import unit_gemv_triton as ut
+    want = 16 if M <= 16 else 32
+    assert tri.choose_gemv_config(M, 4096, 4096, "kn").block_m == want
+    assert ut.choose_multi_config(4096, 3 * 4096, rows=M).block_m == want
+    assert ut.choose_rows_config(128, 4096, 16, rows=M).block_m == want
+
+
+@pytest.mark.parametrize("M", [1, 32])
 @pytest.mark.parametrize("K,N,layout", SEVEN_B[:5])
-def test_chosen_tilings_lower_to_one_triton_kernel(K, N, layout):
+def test_chosen_tilings_lower_to_one_triton_kernel(K, N, layout, M):
     import functools
-    cfg = tri.choose_gemv_config(1, K, N, layout)
+    cfg = tri.choose_gemv_config(M, K, N, layout)
     f = functools.partial(tri.gemv_triton, activation=None, layout=layout, cfg=cfg, interpret=False)
     w = jax.ShapeDtypeStruct((K, N) if layout == "kn" else (N, K), jnp.bfloat16)
-    text = lower_for_cuda(lambda x, w: f(x, w, None), jax.ShapeDtypeStruct((1, K), jnp.bfloat16), w)
+    text = lower_for_cuda(lambda x, w: f(x, w, None), jax.ShapeDtypeStruct((M, K), jnp.bfloat16), w)
     assert count_triton_calls(text) == 1
+
+
+@pytest.mark.parametrize("M", [17, 32])
+@pytest.mark.parametrize("layout", ["kn", "nk"])
+def test_32_row_tile_matches_reference(M, layout):
+    """17-32 rows in one 32-row x tile (ragged at 17), with split-K partials and without."""
+    rng = np.random.default_rng(M)
+    K, N = 384, 80
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((K, N) if layout == "kn" else (N, K)) * K**-0.5, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(N), jnp.float32)
+    for split in (1, 3):
+        cfg = tri.GemvConfig(32, 64, split, 4, 2, block_m=32)
+        out = tri.gemv(x, w, b, "relu", layout, config=cfg)
+        assert npref.rel_err(out, npref.gemv_ref(x, w, b, "relu", layout)) < 1e-5
+    with pytest.raises(ValueError, match="block_m"):
+        tri.gemv(x, w, b, None, layout, config=tri.GemvConfig(32, 64, 1, 4, 2))  # a 16-row tile
 
 
 def test_bad_inputs_are_refused():
     x, w = jnp.ones((2, 8)), jnp.ones((8, 4))
-    with pytest.raises(ValueError, match="1 to 16 rows"):
-        pk.gemv(jnp.ones((17, 8)), w)
+    with pytest.raises(ValueError, match="1 to 32 rows"):
+        pk.gemv(jnp.ones((33, 8)), w)
     with pytest.raises(ValueError, match="layout"):
         pk.gemv(x, w, layout="nn")
     with pytest.raises(ValueError, match="its K is"):
@@ -90,8 +119,11 @@ def test_bad_inputs_are_refused():
 
 def test_gemv_rule_and_backend_choice():
     assert pk.prefers_gemv(1, "kn") and pk.prefers_gemv(1, "nk")  # measured faster end to end at B=1
-    assert not pk.prefers_gemv(4, "kn")  # every projection on the GEMV: slower at B=4
-    assert pk.prefers_gemv(16, "nk") and not pk.prefers_gemv(17, "nk")  # MLP up/gate: faster at B=8, 16
+    assert not pk.prefers_gemv(4, "kn") and not pk.prefers_gemv(16, "kn")  # every projection: slower at B=4
+    assert pk.prefers_gemv(16, "nk")  # MLP up/gate: faster at B=8, 16
+    # 17-32 rows (a 32-row tile): every projection, faster than XLA's split-K GEMMs at B=32 (H100)
+    assert all(pk.prefers_gemv(m, lay) for m in (17, 32) for lay in ("kn", "nk"))
+    assert not pk.prefers_gemv(33, "kn") and not pk.prefers_gemv(33, "nk")
     assert not pk.prefers_gemv(0, "nk")
     assert gemv_backend("auto", jnp.float32) is None  # no GPU here, and float32 is not a kernel GPU dtype
     assert gemv_backend("xla", jnp.bfloat16) is None
@@ -99,11 +131,13 @@ def test_gemv_rule_and_backend_choice():
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 20])
 def test_decode_with_gemv_equals_xla_dot(name, batch, monkeypatch):
     """Every projection through the GEMV and every norm through `row_norm` (the limits raised for B=3: a
-    batch of several rows and a ragged 16-row tile) against XLA."""
-    monkeypatch.setattr(dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 16})
+    batch of several rows and a ragged 16-row tile; B=20: the committed rule, a ragged 32-row tile) against XLA."""
+    if batch <= 16:
+        monkeypatch.setattr(dense_gemv, "GEMV_ROWS", {"nk": ((1, 16),), "kn": ((1, 16),)})
+    assert all(dense_gemv.prefers_gemv(batch, lay) for lay in ("kn", "nk"))
     monkeypatch.setattr(row_norm, "ROW_NORM_MAX_M", 16)  # the norms as one kernel per call too
     model, _ = load_cached(name)
     rng = np.random.default_rng(batch)
@@ -142,8 +176,8 @@ def test_unit_gemvs_lower_to_one_triton_kernel_each():
 def test_unit_gemvs_refuse_bad_inputs():
     x, w = jnp.ones((1, 64)), jnp.ones((64, 64))
     u = jnp.asarray([0, 1], jnp.int32)
-    with pytest.raises(ValueError, match="1 to 16 rows"):
-        pk.gemv_rows(jnp.ones((17, 64)), w, None, u, 1, 32)
+    with pytest.raises(ValueError, match="1 to 32 rows"):
+        pk.gemv_rows(jnp.ones((33, 64)), w, None, u, 1, 32)
     with pytest.raises(ValueError, match="multiple of 16"):
         pk.gemv_rows(x, w, None, u, 1, 24)
     with pytest.raises(ValueError, match="whole number of units"):

@@ -8,6 +8,7 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh b32        # OPT-6.7B B=32 tilings and cuBLAS GEMMs (2.2x goal)
 #   bash benchmarks/decode/issue10_gpu_run.sh goals_b32  # goals, then b32
 #   bash benchmarks/decode/issue10_gpu_run.sh sweep      # the other B >= 16 points (share of the Amdahl bound)
+#   bash benchmarks/decode/issue10_gpu_run.sh skinny     # the GEMV at 17-32 rows against XLA's GEMMs (A/B)
 # Then: merge the two goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`),
 # keep the raw files under benchmarks/results/raw_<date>_h200/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -54,6 +55,11 @@ bound_sweep() {
   $BENCH --shapes llama3.1-8b --batches 64 --contexts 4096 --variants dense heads --attn-density 0.5 --out /tmp/r/s3
   cp /tmp/r/s3/*.json "$OUT/sweep_llama3.json"
 }
+# the Pallas GEMV at 17-32 rows (a 32-row x tile) against the rule before (XLA's GEMMs there), and the (in, out)
+# weights alone on it
+variants_skinny() {
+  $V --points opt-6.7b:32:2048:dense,both --code base gemv_nk16 gemv_kn32 --out "$OUT/variants_skinny.json"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -64,8 +70,9 @@ short) goals_opt 1 32; goals_llama 16; variants_b1 ;;  # the four goal points fi
 b32) variants_b32_tiles; flags_b32 ;;
 goals_b32) goals_opt 1 8 32; goals_llama 1 16; variants_b32_tiles; flags_b32 ;;
 sweep) bound_sweep ;;
+skinny) variants_skinny ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny" >&2
   exit 2
   ;;
 esac

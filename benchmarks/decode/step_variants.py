@@ -209,10 +209,13 @@ def variants() -> dict:
         "chunk64": ((selective_attention_triton, "choose_attn_config", _min_chunk(64)),),
         "attn_st3": ((selective_attention_triton, "choose_attn_config", _small_batch_attn(num_stages=3)),),
         "attn_w8": ((selective_attention_triton, "choose_attn_config", _small_batch_attn(num_warps=8)),),
-        # the Pallas GEMV up to 16 rows: for the out-major MLP weights only, and for every projection
-        "gemv_nk16": ((dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 1}),),
-        "gemv_b1_only": ((dense_gemv, "GEMV_MAX_M", {"nk": 1, "kn": 1}),),
-        "gemv_all16": ((dense_gemv, "GEMV_MAX_M", {"nk": 16, "kn": 16}),),
+        # which projections take the Pallas GEMV (dense_gemv.GEMV_ROWS): the out-major MLP weights up to 16 rows
+        # (the rule until 2026-12-07), B=1 only, every projection up to 16 rows, and the (in, out) weights at
+        # 17-32 rows but not the out-major ones
+        "gemv_nk16": ((dense_gemv, "GEMV_ROWS", {"nk": ((1, 16),), "kn": ((1, 1),)}),),
+        "gemv_b1_only": ((dense_gemv, "GEMV_ROWS", {"nk": ((1, 1),), "kn": ((1, 1),)}),),
+        "gemv_all16": ((dense_gemv, "GEMV_ROWS", {"nk": ((1, 16),), "kn": ((1, 16),)}),),
+        "gemv_kn32": ((dense_gemv, "GEMV_ROWS", {"nk": ((1, 16),), "kn": ((1, 1), (17, 32))}),),
         # Q/K/V GEMV tilings at B=1 (192 programs of 64 columns are 1.45 waves on 132 SMs)
         "multi_bn32": ((unit_gemv_triton, "choose_multi_config", _multi(32)),),
         "multi_bn32_st6": ((unit_gemv_triton, "choose_multi_config", _multi(32, 6)),),
