@@ -617,6 +617,16 @@ def decode_1207(results: Path) -> str:
             f"{gain(_variant_ratio(h200_b16, 'llama2-7b', 16, 'heads', 'attn_t528'))}), and cuBLAS for XLA's GEMMs "
             f"(`--xla_gpu_enable_triton_gemm=false`, a fresh process: dense {gain(cub['dense'] / base3['dense'])}, "
             f"heads + MLP {gain(cub['both'] / base3['both'])} against the tiling run's base)"]
+    # the GEMV at 17-32 rows, adopted after the table above was timed (call 7: A/B, then end to end)
+    skinny = rv("call7_variants_skinny")
+    after = {r["variant"]: r for r in load(results, f"{RAW_1207}/call7_goals_opt32.json")["rows"]}
+    out += [f"- adopted after the table above was timed: the Pallas GEMV for every projection at 17-32 rows (a 32-row "
+            f"x tile) instead of XLA's split-K GEMMs: OPT-6.7B B=32 dense {gain(1 / _variant_ratio(skinny, 'opt-6.7b', 32, 'dense', 'gemv_nk16'))}, "
+            f"heads + MLP {gain(1 / _variant_ratio(skinny, 'opt-6.7b', 32, 'both', 'gemv_nk16'))} (kept); end to end "
+            f"after it ({after['dense']['processes']} fresh processes): dense {1e3 * after['dense']['step_s']:.2f} ms "
+            f"({100 * after['dense']['roofline_fraction']:.0f} % of the roofline), heads + MLP "
+            f"{1e3 * after['both']['step_s']:.2f} ms, {after['both']['speedup']:.2f}x: both steps faster, the ratio "
+            "lower, since the dense step gained more"]
     return "\n".join(out) + "\n"
 
 
