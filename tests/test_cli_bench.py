@@ -9,7 +9,9 @@ import json
 import pytest
 
 from cli_helpers import assert_refused, run_cli, tree_digest
+import polar_jax.policy
 from polar_jax.bench import decode_bench
+from polar_jax.bench.shapes import SHAPES
 from polar_jax.policy import PATH as POLICY_PATH
 
 
@@ -76,6 +78,32 @@ def test_files_read_and_written_are_checked_before_measuring(tmp_path, capsys, m
     assert_refused(capsys, ["bench", "decode", "--merge", notes], "not a report of `polar-jax bench decode`")
     assert_refused(capsys, ["bench", "decode", "--merge", text], "not valid JSON")
     assert tree_digest(tmp_path) == before
+
+
+def test_write_policy_keeps_the_points_and_devices_it_did_not_measure(tmp_path):
+    """A run on one GPU adds its points to the committed table: another device's entries and the points it
+    did not measure stay (with their own run's provenance), a point measured again takes the new entry."""
+    committed = json.loads(POLICY_PATH.read_text())
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(committed))
+    h200 = committed["entries"][0]
+    again = dict(h200, speedup={"dense": 1.0, "heads": 1.5}, source="a second run", date="2026-12-08")
+    other = dict(h200, device="NVIDIA H100 80GB HBM3", speedup={"dense": 1.0, "mlp": 1.2}, source="an H100 run",
+                 date="2026-12-08")
+    new = {"source": "the newest run", "date": "2026-12-08", "jax_version": "0.11.2", "entries": [again, other]}
+    decode_bench.write_policy(path, new)
+    written = json.loads(path.read_text())
+    key = lambda e: (e["device"], e["shape"], e["batch"], e["context"])  # noqa: E731
+    by = {key(e): e for e in written["entries"]}
+    assert len(written["entries"]) == len(committed["entries"]) + 1  # one point replaced, one added
+    assert by[key(h200)] == again and by[key(other)] == other
+    for e in committed["entries"][1:]:  # kept, now naming the run that measured them
+        assert by[key(e)] == {**{k: committed[k] for k in ("source", "date", "jax_version")}, **e}
+    assert written["source"] == "the newest run"
+    for e in written["entries"]:
+        v = polar_jax.policy.choose_variant(SHAPES[e["shape"]], e["batch"], e["context"], True,
+                                            table=written, device=e["device"])
+        assert v == "dense" or e["speedup"][v] >= polar_jax.policy.MARGIN
 
 
 def test_write_policy_replaces_only_a_policy_table(tmp_path):

@@ -380,17 +380,35 @@ def _router_bytes(cfg: ModelConfig, rank: int, parts: tuple[bool, bool], itemsiz
     return (cfg.num_layers - 1) * per * itemsize
 
 
+PROVENANCE_KEYS = ("source", "date", "jax_version")
+
+
 def policy_table(merged: dict) -> dict:
-    """The step-level policy's table from a run: per point, each variant's speedup over dense."""
+    """The step-level policy's table from a run: per point, each variant's speedup over dense (each entry
+    names its run, as entries of several runs and devices end up in one file)."""
+    run = {"source": merged.get("command"), "date": merged["date"], "jax_version": merged["jax_version"]}
     entries = {}
     for r in merged["rows"]:
         if r["variant"] in PARTS and "speedup" in r:
             e = entries.setdefault((r["shape"], r["batch"], r["context"]), {
                 "device": merged["device"], "model_class": r["model_class"], "shape": r["shape"],
-                "batch": r["batch"], "context": r["context"], "speedup": {}})
+                "batch": r["batch"], "context": r["context"], "speedup": {}, **run})
             e["speedup"][r["variant"]] = round(r["speedup"], 4)
-    return {"source": merged.get("command"), "date": merged["date"], "jax_version": merged["jax_version"],
-            "entries": list(entries.values())}
+    return {**run, "entries": list(entries.values())}
+
+
+def _policy_key(e: dict) -> tuple:
+    return e["device"], e["shape"], e["batch"], e["context"]
+
+
+def merged_policy(old: dict | None, new: dict) -> dict:
+    """`new`, plus the entries of the earlier table `old` for the points `new` did not measure (another device,
+    shape, batch or context): a run on one GPU never erases what was measured on another. A point measured
+    again takes the new entry. Carried entries keep their run's source, date and jax version."""
+    fresh = {_policy_key(e) for e in new["entries"]}
+    kept = [{**{k: old[k] for k in PROVENANCE_KEYS if k in old}, **e}
+            for e in (old or {}).get("entries", []) if _policy_key(e) not in fresh]
+    return {**new, "entries": kept + new["entries"]}
 
 
 def merge_reports(paths: list[Path], argv: list[str]) -> dict:
@@ -447,9 +465,10 @@ def check_policy_target(path: Path) -> None:
 
 
 def write_policy(path: Path, table: dict[str, Any]) -> None:
-    """Writes the policy table to `path`, replacing only an earlier policy table (any other file is refused),
-    through a temporary file renamed at the end."""
+    """Writes the policy table to `path`, through a temporary file renamed at the end. An earlier policy table
+    there keeps its other points (`merged_policy`); any other file is refused."""
     check_policy_target(path)
+    table = merged_policy(read_policy(path) if path.exists() else None, table)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(json.dumps(table, indent=1) + "\n")
