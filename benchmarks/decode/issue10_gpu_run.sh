@@ -9,6 +9,7 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh goals_b32  # goals, then b32
 #   bash benchmarks/decode/issue10_gpu_run.sh sweep      # the other B >= 16 points (share of the Amdahl bound)
 #   bash benchmarks/decode/issue10_gpu_run.sh skinny     # the GEMV at 17-32 rows against XLA's GEMMs (A/B)
+#   bash benchmarks/decode/issue10_gpu_run.sh policy     # every variant at the `auto` grid (a table for this card)
 # Then: merge the two goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`),
 # keep the raw files under benchmarks/results/raw_<date>_h200/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -60,6 +61,16 @@ bound_sweep() {
 variants_skinny() {
   $V --points opt-6.7b:32:2048:dense,both --code base gemv_nk16 gemv_kn32 --out "$OUT/variants_skinny.json"
 }
+# every variant at the `auto` policy's grid on this card (sizes that fit 80 GB); then, here:
+#   polar-jax bench decode --merge policy_*.json --write-policy polar_jax/decode_policy.json  (adds this card's entries)
+policy_grid() {
+  $BENCH --shapes opt-6.7b --batches 1 8 32 --contexts 2048 --variants dense heads mlp both --out /tmp/r/p1
+  cp /tmp/r/p1/*.json "$OUT/policy_opt.json"
+  $BENCH --shapes llama2-7b --batches 1 16 --contexts 4096 --variants dense heads --attn-density 0.5 --out /tmp/r/p2
+  cp /tmp/r/p2/*.json "$OUT/policy_llama2.json"
+  $BENCH --shapes llama3.1-8b --batches 16 64 --contexts 4096 --variants dense heads --attn-density 0.5 --out /tmp/r/p3
+  cp /tmp/r/p3/*.json "$OUT/policy_llama3.json"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -71,8 +82,9 @@ b32) variants_b32_tiles; flags_b32 ;;
 goals_b32) goals_opt 1 8 32; goals_llama 1 16; variants_b32_tiles; flags_b32 ;;
 sweep) bound_sweep ;;
 skinny) variants_skinny ;;
+policy) policy_grid ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy" >&2
   exit 2
   ;;
 esac
