@@ -246,6 +246,49 @@ def test_bench_decode_runs_tiny_and_refuses_large_shapes_on_cpu(capsys):
     assert "need a GPU" in capsys.readouterr().err
 
 
+def test_bench_adaptive_budgets_keep_the_fixed_mean_with_per_sequence_counts():
+    """The benchmark's adaptive-head variants: thresholds calibrated on the router inputs (calibrate_heads)
+    give per-row counts within [floor, cap] whose mean over those rows is the fixed budget k, and rows
+    differ; the fixed selector gives every row k."""
+    from polar_jax.bench.shapes import SHAPES
+    from polar_jax.bench.synthetic import calibrate_heads, random_bundle
+    from polar_jax.routers.config import budget_bounds
+
+    cfg = SHAPES["tiny-opt"]
+    bundle = random_bundle(cfg, 16, jnp.float32)
+    x = np.random.default_rng(3).standard_normal((cfg.num_layers, 64, cfg.hidden_size)).astype(np.float32)
+    adaptive = calibrate_heads(bundle, x)
+    live = jnp.ones((64,), bool)
+    fixed_sel = router_selector(adaptive, attn_density=0.5, mlp=False)
+    adaptive_sel = router_selector(adaptive, attn_density=0.5, mlp=False, adaptive=True)
+    for layer in range(1, cfg.num_layers):
+        k = fixed_sel.attn_k[layer]
+        floor, cap = budget_bounds(k, cfg.num_heads, 0.5, 2.0)
+        assert 1 < k < cfg.num_heads
+        assert np.asarray(fixed_sel.attention(layer, jnp.asarray(x[layer]), live).n_active).tolist() == [k] * 64
+        n = np.asarray(adaptive_sel.attention(layer, jnp.asarray(x[layer]), live).n_active)
+        assert n.min() >= floor and n.max() <= cap and n.min() < n.max()
+        assert abs(n.mean() - k) <= 2 / 64  # one row's count is the bisection's resolution
+
+
+def test_bench_decode_times_adaptive_head_budgets_beside_fixed_ones(capsys, tmp_path):
+    """`heads-adaptive` runs the heads variant with per-sequence budgets (the probe of its step sees rows keep
+    different counts), beside the fixed top-k."""
+    import json
+
+    from polar_jax.cli import main
+
+    assert main(["bench", "decode", "--tiny", "--shapes", "tiny-opt", "--batches", "8", "--variants", "dense",
+                 "heads", "heads-adaptive", "--attn-density", "0.5", "--sizes", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| tiny-opt | 8 | 32 | heads (heads) |" in out and "| tiny-opt | 8 | 32 | heads-adaptive (heads) |" in out
+    (report,) = tmp_path.glob("*.json")
+    counts = {r["variant"]: np.asarray(r["sizes"]["attn_n_active"]) for r in json.loads(report.read_text())["rows"]
+              if r["variant"] != "dense"}
+    assert counts["heads"].min() == counts["heads"].max()  # every row k
+    assert counts["heads-adaptive"].min() < counts["heads-adaptive"].max()
+
+
 def test_attention_selection_for_dead_rows():
     sel = AttentionSelection.all_groups(3, 4).for_live(jnp.asarray([True, False, True]))
     assert np.asarray(sel.n_active).tolist() == [4, 0, 4]

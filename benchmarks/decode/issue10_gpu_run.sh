@@ -10,6 +10,7 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh sweep      # the other B >= 16 points (share of the Amdahl bound)
 #   bash benchmarks/decode/issue10_gpu_run.sh skinny     # the GEMV at 17-32 rows against XLA's GEMMs (A/B)
 #   bash benchmarks/decode/issue10_gpu_run.sh policy     # every variant at the `auto` grid (a table for this card)
+#   bash benchmarks/decode/issue10_gpu_run.sh adaptive   # adaptive head budgets against fixed ones (speed)
 # Then: merge the two goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`),
 # keep the raw files under benchmarks/results/raw_<date>_h200/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -71,6 +72,14 @@ policy_grid() {
   $BENCH --shapes llama3.1-8b --batches 16 64 --contexts 4096 --variants dense heads --attn-density 0.5 --out /tmp/r/p3
   cp /tmp/r/p3/*.json "$OUT/policy_llama3.json"
 }
+# input-adaptive head budgets against the fixed top-k at the same mean (issue 10, item 5's speed side)
+adaptive_speed() {
+  $BENCH --shapes llama2-7b --batches 16 --contexts 4096 --variants dense heads heads-adaptive --attn-density 0.5 \
+     --sizes --out /tmp/r/a1
+  cp /tmp/r/a1/*.json "$OUT/adaptive_llama2.json"
+  $BENCH --shapes opt-6.7b --batches 32 --contexts 2048 --variants dense both both-adaptive --sizes --out /tmp/r/a2
+  cp /tmp/r/a2/*.json "$OUT/adaptive_opt.json"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -83,8 +92,9 @@ goals_b32) goals_opt 1 8 32; goals_llama 1 16; variants_b32_tiles; flags_b32 ;;
 sweep) bound_sweep ;;
 skinny) variants_skinny ;;
 policy) policy_grid ;;
+adaptive) adaptive_speed ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive" >&2
   exit 2
   ;;
 esac

@@ -44,7 +44,7 @@ from polar_jax.bench import breakdown as bd
 from polar_jax.bench.report import print_table, write_report
 from polar_jax.bench.shapes import LARGE, SHAPES
 from polar_jax.bench.sharded import decode_loop, sharded_cache, sharded_model_state, steps_on_mesh
-from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
+from polar_jax.bench.synthetic import calibrate_heads, calibrate_union, paper_union, random_bundle, random_cache
 from polar_jax.config import ModelConfig
 from polar_jax.cli_common import DefaultsFormatter, Parser
 from polar_jax.errors import InputError, PolarError
@@ -58,11 +58,15 @@ from polar_jax.tensor_parallel import DEFAULT_HEAD_TOPK, HEAD_TOPK
 from polar_jax.validate import arg_type
 from polar_jax.graph import merge as merge_graph, split as split_graph
 
-VARIANTS = ("dense", "heads", "mlp", "both", "auto", "dense-xla")
+DEFAULT_VARIANTS = ("dense", "heads", "mlp", "both", "auto", "dense-xla")
+VARIANTS = DEFAULT_VARIANTS + ("heads-adaptive", "both-adaptive")
 MESH_VARIANTS = ("dense", "heads", "mlp", "both")  # with --tensor/--data (no policy table, no GEMV switch)
 # "dense-xla": the dense step with every projection through XLA's dot (no Pallas GEMV at small batch),
 # to measure what the GEMV buys in the same process.
 GEMV_OFF = {"dense-xla": "dense"}
+# input-adaptive head budgets (per-sequence counts from a threshold calibrated on the step's own router
+# inputs, the same mean as the fixed top-k), to time them against the fixed budget in the same process
+ADAPTIVE = {"heads-adaptive": "heads", "both-adaptive": "both"}
 MEMORY_LIMIT = 120e9  # bytes of weights + KV the benchmark allows on one GPU (H200: ~141 GB)
 
 
@@ -133,7 +137,7 @@ def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int,
                    dtype, policy_table: dict | None, balance: int = 1) -> list[Variant]:
     out = []
     for name in names:
-        chose = GEMV_OFF.get(name, name)
+        chose = ADAPTIVE.get(name) or GEMV_OFF.get(name, name)
         if name == "auto":
             chose = choose_variant(cfg, batch, context, cfg.relu_mlp, table=policy_table)
         attn, mlp = PARTS[chose]
@@ -142,7 +146,8 @@ def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int,
         sel = None
         if attn or mlp:
             sel = router_selector(bundle, attn_density=attn_density, mlp_recall=0.99 if mlp else None, attn=attn,
-                                  mlp=mlp, dtype=dtype, balance=balance, fuse_routers=fuse_routers_for(batch))
+                                  mlp=mlp, dtype=dtype, balance=balance, fuse_routers=fuse_routers_for(batch),
+                                  adaptive=name in ADAPTIVE)
         out.append(Variant(name, sel, chose, gemv_impl="xla" if name in GEMV_OFF else "auto"))
     return out
 
@@ -167,10 +172,15 @@ def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, arg
     else:
         run_steps = run_steps_on_device
         cache = random_cache(cfg, batch, context + args.steps + 8, context, dtype)
-        if cfg.relu_mlp:  # thresholds from this step's own router inputs
+        adaptive = any(v in ADAPTIVE for v in args.variants)
+        if cfg.relu_mlp or adaptive:  # thresholds from this step's own router inputs
             _, cache, inter = probe_step(graphdef, state, cache, tokens, None)
             cache = _reset(cache, context)
-            bundle = calibrate_union(bundle, np.asarray(inter["router_input"][:, :, 0], np.float32), batch, density)
+            x = np.asarray(inter["router_input"][:, :, 0], np.float32)
+            if cfg.relu_mlp:
+                bundle = calibrate_union(bundle, x, batch, density)
+            if adaptive:
+                bundle = calibrate_heads(bundle, x)
         balance = 1
     variants = build_variants(cfg, args.variants, batch, context, bundle, args.attn_density, dtype, policy_table,
                               balance)
@@ -500,8 +510,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"batch sizes (default: {_words(d['batches'])}; with --tiny: {_words(TINY['batches'])})")
     p.add_argument("--contexts", nargs="+", type=arg_type("context"), default=None,
                    help=f"context lengths (default: {_words(d['contexts'])}; with --tiny: {_words(TINY['contexts'])})")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
-                   help=f"variants timed (default: all: {' '.join(VARIANTS)})")
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
+                   help=f"variants timed (default: {' '.join(DEFAULT_VARIANTS)}); "
+                        f"{' and '.join(ADAPTIVE)}: input-adaptive head budgets")
     p.add_argument("--attn-density", type=arg_type("attn_density"), default=0.3, help="fraction of heads / KV groups kept")
     p.add_argument("--mlp-density", type=arg_type("mlp_density"), default=None,
                    help="MLP union density (default: PAPER.md's OPT table by batch size)")

@@ -1,9 +1,10 @@
 """Random-weight stand-ins for the benchmark: a filled KV cache and sparsity bundles whose routers have
 the paper's architecture and rank (so their cost is real), calibrated on the step's own router inputs to
-keep a target MLP union density."""
+keep a target MLP union density, or (input-adaptive head budgets) a mean head count."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 from polar_jax.cache import KVCache
 from polar_jax.config import ModelConfig
 from polar_jax.routers.bundle import SparsityBundle
+from polar_jax.routers.calibrate import adaptive_thresholds
 from polar_jax.routers.config import MLPTable, SparsityConfig
 from polar_jax.routers.config import attention_units
 from polar_jax.bench.shapes import PAPER_UNION
@@ -89,3 +91,20 @@ def calibrate_union(bundle: SparsityBundle, router_inputs: np.ndarray, batch: in
         ks.append((min(n, int(math.ceil(target / MLP_TILE)) * MLP_TILE),))
     table = MLPTable(recall, (batch,), tuple(ks), tuple(thresholds), tuple(capacity), None)
     return SparsityBundle(c.with_tables([table]), bundle.params, bundle.signature)
+
+
+def calibrate_heads(bundle: SparsityBundle, router_inputs: np.ndarray) -> SparsityBundle:
+    """Input-adaptive head budgets from the step's own router inputs [L, B, d]: per layer and k = 1..U the
+    router-logit threshold whose clipped per-row count averages k over these rows (`polar-jax calibrate`
+    does the same over a text's tokens). With one row the budget is exactly k: adaptive equals fixed."""
+    c = bundle.config
+    thresholds = []
+    for i in range(c.num_layers):
+        if i in c.dense_layers:
+            thresholds.append(tuple([float("-inf")] * c.attn_units))
+            continue
+        w = np.asarray(bundle.params[f"attn.{i}.w"], np.float32)
+        b = np.asarray(bundle.params[f"attn.{i}.b"], np.float32)
+        logits = router_inputs[i].astype(np.float32) @ w + b
+        thresholds.append(tuple(adaptive_thresholds(logits, c.attn_budget_floor, c.attn_budget_cap)))
+    return SparsityBundle(dataclasses.replace(c, attn_thresholds=tuple(thresholds)), bundle.params, bundle.signature)
