@@ -27,7 +27,10 @@ Array = jax.Array
 _IMPLS = {"xla": union_select_xla, "triton": tri.union_select}
 
 
-def check_union_select(u, w, live, threshold, capacity, u_offset: int = 0) -> None:
+W_LAYOUTS = ("rn", "nr")  # w stored [r, N] (rank-major) or [N, r] (neuron-major: each neuron's row contiguous)
+
+
+def check_union_select(u, w, live, threshold, capacity, u_offset: int = 0, w_layout: str = "rn") -> None:
     check_ndim("u", u, 2)
     check_ndim("w", w, 2)
     check_float("u", u)
@@ -36,23 +39,28 @@ def check_union_select(u, w, live, threshold, capacity, u_offset: int = 0) -> No
         check_same_dtype(u=u, w=w)
     if not isinstance(u_offset, int) or u_offset < 0:
         raise ValueError(f"u_offset must be a non-negative int, got {u_offset!r}")
-    if u.shape[1] - u_offset != w.shape[0]:
-        raise ValueError(f"u[:, u_offset:] is [B, r] and w [r, N]: got u {u.shape} (u_offset {u_offset}) "
-                         f"and w {w.shape}")
+    if w_layout not in W_LAYOUTS:
+        raise ValueError(f"w_layout must be one of {W_LAYOUTS}, got {w_layout!r}")
+    r, n = w.shape if w_layout == "rn" else w.shape[::-1]
+    if u.shape[1] - u_offset != r:
+        raise ValueError(f"u[:, u_offset:] is [B, r] and w ({w_layout}) {'[r, N]' if w_layout == 'rn' else '[N, r]'}: "
+                         f"got u {u.shape} (u_offset {u_offset}) and w {w.shape}")
     check_ndim("live", live, 1)
     if live.shape[0] != u.shape[0]:
         raise ValueError(f"live must have shape ({u.shape[0]},), got {live.shape}")
     if jnp.ndim(threshold) != 0:
         raise ValueError(f"threshold must be a scalar, got shape {jnp.shape(threshold)}")
-    if not isinstance(capacity, int) or not 1 <= capacity <= w.shape[1]:
-        raise ValueError(f"capacity must be an int in [1, N={w.shape[1]}], got {capacity!r}")
+    if not isinstance(capacity, int) or not 1 <= capacity <= n:
+        raise ValueError(f"capacity must be an int in [1, N={n}], got {capacity!r}")
 
 
 def union_select(u: Array, w: Array, live: Array, threshold: Array | float, capacity: int,
-                 impl: str = "auto", *, u_offset: int = 0, clamp_count: bool = False) -> tuple[Array, Array]:
+                 impl: str = "auto", *, u_offset: int = 0, clamp_count: bool = False,
+                 w_layout: str = "rn") -> tuple[Array, Array]:
     """(ascending indices of the neurons whose logit `u @ w` passes `threshold` in some live row, their
-    count). u [B, u_offset + r] (w's dtype, or float32), w [r, N], live [B] bool, threshold scalar,
-    capacity static; `clamp_count`: the count is min(count, capacity)."""
-    check_union_select(u, w, live, threshold, capacity, u_offset)
+    count). u [B, u_offset + r] (w's dtype, or float32), w [r, N] (`w_layout` "rn") or [N, r] ("nr"),
+    live [B] bool, threshold scalar, capacity static; `clamp_count`: the count is min(count, capacity)."""
+    check_union_select(u, w, live, threshold, capacity, u_offset, w_layout)
     fn = dispatch("union_select", _IMPLS, impl)
-    return fn(u, w, jnp.asarray(live, bool), jnp.asarray(threshold, jnp.float32), capacity, u_offset, bool(clamp_count))
+    return fn(u, w, jnp.asarray(live, bool), jnp.asarray(threshold, jnp.float32), capacity, u_offset, bool(clamp_count),
+              w_layout)

@@ -2,7 +2,8 @@
 
 Two small kernels, no sort:
 1. `union_mask`: one program per block of `block_n` neurons computes the logits of every row for its
-   neurons (u [B, r] @ w[:, block] in f32, r streamed in `block_r` steps, rows in tiles of at most 64),
+   neurons (u [B, r] @ w[:, block] in f32, r streamed in `block_r` steps, rows in tiles of at most 64;
+   w rank-major [r, N], or neuron-major [N, r] where each neuron's rank vector is one contiguous run),
    takes the maximum over live rows, compares it with the threshold, and writes the block's keep flags
    and their count. The w read (r x N) is the whole cost; the [B, N] logits never reach memory.
 2. `union_compact`: one program per block sums the counts of the blocks before it (its output offset)
@@ -56,7 +57,8 @@ def choose_select_config(B: int, r: int, N: int, device: DeviceClass | None = No
     return fit_tiling(cfg, mask_smem, dev.smem_per_block, "block_r", 16)
 
 
-def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, u_offset, cfg: SelectConfig):
+def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, u_offset, w_layout,
+                 cfg: SelectConfig):
     bn, br, bb = cfg.block_n, cfg.block_r, cfg.block_b
     i = pl.program_id(0)
     cols = i * bn + jnp.arange(bn, dtype=jnp.int32)
@@ -73,6 +75,10 @@ def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, u
             k_ok = ks < R
             ut = plgpu.load(u_ref.at[rows[:, None], u_offset + ks[None, :]],
                             mask=jnp.broadcast_to(r_ok[:, None] & k_ok[None, :], (bb, br)), other=0.0)
+            if w_layout == "nr":  # [bn, br]: each neuron's rank vector is one contiguous run
+                wt = plgpu.load(w_ref.at[cols[:, None], ks[None, :]],
+                                mask=jnp.broadcast_to(c_ok[:, None] & k_ok[None, :], (bn, br)), other=0.0)
+                return acc + plgpu.dot(ut.astype(wt.dtype), wt, trans_b=True)
             wt = plgpu.load(w_ref.at[ks[:, None], cols[None, :]],
                             mask=jnp.broadcast_to(k_ok[:, None] & c_ok[None, :], (br, bn)), other=0.0)
             return acc + plgpu.dot(ut.astype(wt.dtype), wt)  # a float32 u is rounded to w's dtype here
@@ -115,17 +121,17 @@ def _compact_kernel(keep_ref, cnt_ref, idx_ref, total_ref, *, N, cap, n_blocks, 
         total_ref[0] = jnp.minimum(total, cap) if clamp else total
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "cfg", "interpret", "u_offset", "clamp"))
+@functools.partial(jax.jit, static_argnames=("capacity", "cfg", "interpret", "u_offset", "clamp", "w_layout"))
 def union_select_triton(u, w, live, threshold, *, capacity: int, cfg: SelectConfig, interpret: bool,
-                        u_offset: int = 0, clamp: bool = False):
+                        u_offset: int = 0, clamp: bool = False, w_layout: str = "rn"):
     B = u.shape[0]
-    R, N = w.shape
+    R, N = w.shape if w_layout == "rn" else w.shape[::-1]
     n_blocks = cdiv(N, cfg.block_n)
     if n_blocks * cfg.block_n < capacity:
         raise ValueError("capacity larger than the padded neuron count")
     params = plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     keep, counts = pl.pallas_call(
-        functools.partial(_mask_kernel, B=B, R=R, N=N, u_offset=u_offset, cfg=cfg),
+        functools.partial(_mask_kernel, B=B, R=R, N=N, u_offset=u_offset, w_layout=w_layout, cfg=cfg),
         out_shape=(jax.ShapeDtypeStruct((n_blocks * cfg.block_n,), jnp.int32),
                    jax.ShapeDtypeStruct((n_blocks,), jnp.int32)),
         grid=(n_blocks,), interpret=interpret, compiler_params=params, name="union_mask",
@@ -140,9 +146,10 @@ def union_select_triton(u, w, live, threshold, *, capacity: int, cfg: SelectConf
 
 
 def union_select(u, w, live, threshold, capacity: int, u_offset: int = 0, clamp: bool = False,
-                 config: SelectConfig | None = None):
+                 w_layout: str = "rn", config: SelectConfig | None = None):
     """Backend entry point (validated by union_select.union_select); `config` for benchmarks."""
     check_kernel_dtype(w.dtype, use_interpret())
-    cfg = config or choose_select_config(u.shape[0], w.shape[0], w.shape[1])
+    R, N = w.shape if w_layout == "rn" else w.shape[::-1]
+    cfg = config or choose_select_config(u.shape[0], R, N)
     return union_select_triton(u, w, live, threshold, capacity=capacity, cfg=cfg, interpret=use_interpret(),
-                               u_offset=u_offset, clamp=clamp)
+                               u_offset=u_offset, clamp=clamp, w_layout=w_layout)

@@ -18,7 +18,8 @@ def compact(mask: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
 
 
 def union_select_xla(u: jax.Array, w: jax.Array, live: jax.Array, threshold: jax.Array, capacity: int,
-                     u_offset: int = 0, clamp: bool = False):
+                     u_offset: int = 0, clamp: bool = False, w_layout: str = "rn"):
+    w = w if w_layout == "rn" else w.T  # [r, N]
     u = u[:, u_offset:u_offset + w.shape[0]].astype(w.dtype)
     logits = jnp.dot(u, w, preferred_element_type=jnp.float32)  # [B, N]
     logits = jnp.where(live[:, None], logits, -jnp.inf)

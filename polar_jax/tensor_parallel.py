@@ -152,11 +152,11 @@ class ShardSelector:
 
 def selector_specs(selector: Any) -> Any:
     """PartitionSpecs of a selector's arrays: a threshold-rule RouterSelector's second MLP router matrix
-    [rank, N] by neurons over "tensor" (the per-shard union), everything else replicated."""
+    ([rank, N] or [N, rank]) by neurons over "tensor" (the per-shard union), everything else replicated."""
     specs = jax.tree.map(lambda _: P(), selector)
     if isinstance(selector, RouterSelector) and selector.use_mlp and selector.mlp_rule == "threshold":
-        specs = dataclasses.replace(specs, mlp_b=tuple(None if b is None else P(None, TENSOR)
-                                                       for b in selector.mlp_b))
+        by_neuron = P(None, TENSOR) if selector.mlp_b_layout == "rn" else P(TENSOR, None)
+        specs = dataclasses.replace(specs, mlp_b=tuple(None if b is None else by_neuron for b in selector.mlp_b))
     return specs
 
 

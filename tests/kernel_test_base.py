@@ -225,19 +225,25 @@ class KernelOpTests:
         want[: min(cap, ids.size)] = ids[:cap]
         return want, ids.size
 
-    def check_union(self, B, R, N, cap, live, t):
+    def check_union(self, B, R, N, cap, live, t, w_layout="rn"):
         rng = fresh_rng()
         u, w = self.arr(rng, (B, R)), self.arr(rng, (R, N), R**-0.5)
         maxes = (npref.f64(u) @ npref.f64(w))[np.asarray(live)].max(axis=0) if any(live) else np.array([])
         while np.any(np.abs(maxes - t) < 0.03):  # keep rounding (bf16 inputs) away from the decision
             t += 0.0137
-        idx, count = pk.union_select(u, w, jnp.asarray(live), jnp.float32(t), cap, impl=self.impl)
+        stored = w if w_layout == "rn" else jnp.asarray(w.T)  # "nr": the same matrix, neuron-major
+        idx, count = pk.union_select(u, stored, jnp.asarray(live), jnp.float32(t), cap, impl=self.impl,
+                                     w_layout=w_layout)
         want, n = self._union_ref(u, w, live, t, cap)
         assert int(count) == n
         np.testing.assert_array_equal(np.asarray(idx), want)
 
     def test_union_select_matches_reference(self):
         self.check_union(5, 64, 300, 300, [True, False, True, True, False], 1.0)
+
+    def test_union_select_reads_a_neuron_major_router(self):
+        self.check_union(5, 64, 300, 300, [True, False, True, True, False], 1.0, w_layout="nr")
+        self.check_union(9, 40, 130, 20, [True] * 9, 0.0, w_layout="nr")  # ragged rank steps, overflow
 
     def test_union_select_overflow_keeps_first_ids(self):
         self.check_union(9, 32, 130, 20, [True] * 9, 0.0)  # far more than 20 pass: count > capacity

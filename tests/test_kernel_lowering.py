@@ -162,19 +162,21 @@ def test_every_recorded_gpu_config_lowers():
         assert count_triton_calls(text) == 1, (op, model, items)
 
 
+@pytest.mark.parametrize("layout", ["rn", "nr"])
 @pytest.mark.parametrize("B,R,N,cap", [(1, 1024, 16384, 2048), (32, 1024, 16384, 8192), (256, 128, 11008, 11008),
                                        (7, 96, 1000, 333)])
-def test_union_select_lowers_for_cuda(B, R, N, cap):
-    """The fused router selection: mask kernel + compaction kernel, for paper-sized routers."""
+def test_union_select_lowers_for_cuda(B, R, N, cap, layout):
+    """The fused router selection: mask kernel + compaction kernel, for paper-sized routers, with the second
+    router matrix stored rank-major [R, N] or neuron-major [N, R]."""
     from pallas_kernels.union_select_triton import choose_select_config, union_select_triton
 
     cfg = choose_select_config(B, R, N)
 
     def f(u, w, live, t):
-        return union_select_triton(u, w, live, t, capacity=cap, cfg=cfg, interpret=False)
+        return union_select_triton(u, w, live, t, capacity=cap, cfg=cfg, interpret=False, w_layout=layout)
 
-    text = lower_for_cuda(f, SDS((B, R), jnp.bfloat16), SDS((R, N), jnp.bfloat16), SDS((B,), jnp.bool_),
-                          SDS((), jnp.float32))
+    w = SDS((R, N) if layout == "rn" else (N, R), jnp.bfloat16)
+    text = lower_for_cuda(f, SDS((B, R), jnp.bfloat16), w, SDS((B,), jnp.bool_), SDS((), jnp.float32))
     assert count_triton_calls(text) == 2
 
 

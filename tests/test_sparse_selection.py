@@ -120,6 +120,36 @@ def test_threshold_rule_and_adaptive_heads_decode_equals_masked(opt_default, imp
     assert float(jnp.max(jnp.abs(decoded - model(toks)[:, p - 1: -1]))) > 1e-2
 
 
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_neuron_major_mlp_router_decodes_like_the_rank_major_one(opt_default, impl, monkeypatch):
+    """MLP_ROUTER_LAYOUT "nr": the selector stores the second router matrix transposed ([N, rank]) and the
+    union reads it so; the decode steps keep the same neurons and give the same logits."""
+    from polar_jax.routers import sparsify
+
+    model, _, bundle = opt_default
+    toks = _tokens(model, 4, 10, seed=12)
+    graphdef, state = split_model(model)
+    outs = {}
+    for layout in ("rn", "nr"):
+        monkeypatch.setattr(sparsify, "MLP_ROUTER_LAYOUT", layout)
+        sel = router_selector(bundle, 0.5, 0.99, select_impl=impl)
+        b = next(m for m in sel.mlp_b if m is not None)
+        assert sel.mlp_b_layout == layout and b.shape[0 if layout == "nr" else 1] == model.config.intermediate_size
+        cache = KVCache.create(model.config, 4, 32, model.dtype)
+        logits, cache = prefill(graphdef, state, toks[:, :6], jnp.full((4,), 6, jnp.int32), cache)
+        steps = []
+        for i in range(6, toks.shape[1]):
+            logits, cache = decode_step(graphdef, state, cache, toks[:, i], sel, impl, impl)
+            steps.append(np.asarray(logits))
+        chosen = [sel.mlp(layer, jnp.asarray(np.random.default_rng(layer).standard_normal(
+            (4, model.config.hidden_size)), jnp.float32), jnp.ones((4,), bool)) for layer in (1, 2)]
+        outs[layout] = (np.stack(steps), [(np.asarray(c.idx), int(c.n_active)) for c in chosen])
+    np.testing.assert_allclose(outs["nr"][0], outs["rn"][0], rtol=1e-5, atol=1e-5)
+    for (a_idx, a_n), (b_idx, b_n) in zip(outs["nr"][1], outs["rn"][1]):
+        assert a_n == b_n and 0 < a_n
+        np.testing.assert_array_equal(a_idx, b_idx)
+
+
 def test_sparse_generation_triton_equals_xla(opt_default):
     model, tok, _ = opt_default
     prompts = [tok.encode("The history of the city"), tok.encode("KING RICHARD : I will")]

@@ -120,6 +120,23 @@ def test_bad_tensor_parallel_settings_give_clear_errors(opt_default):
         make_mesh(tensor=1, data=2)
 
 
+@pytest.mark.parametrize("layout", ["rn", "nr"])
+def test_the_mlp_routers_second_matrix_is_split_by_neurons_in_either_layout(opt_default, layout, monkeypatch):
+    """Under tensor parallelism each shard scores its own neurons: the second MLP router matrix is split
+    along N, its columns when stored [rank, N], its rows when stored neuron-major [N, rank]."""
+    from jax.sharding import PartitionSpec as P
+
+    from polar_jax import tensor_parallel as tp
+    from polar_jax.routers import router_selector, sparsify
+
+    monkeypatch.setattr(sparsify, "MLP_ROUTER_LAYOUT", layout)
+    _, bundle = opt_default
+    sel = router_selector(bundle, 0.5, 0.99)
+    specs = tp.selector_specs(sel)
+    want = P(None, tp.TENSOR) if layout == "rn" else P(tp.TENSOR, None)
+    assert [s for s in specs.mlp_b if s is not None] == [want] * sum(b is not None for b in sel.mlp_b) != []
+
+
 def test_shard_imbalance_is_the_slowest_shard_over_the_mean():
     from polar_jax.tensor_parallel import shard_imbalance
 

@@ -162,7 +162,8 @@ def check_mlp_union_per_shard(model: Any, selector: Any, mesh: Any, router_input
         raise AssertionError("the threshold-rule router selector does not compute its union per shard")
     specs = tp.selector_specs(selector)
     layers = [i for i, b in enumerate(selector.mlp_b) if b is not None]
-    if not layers or any(specs.mlp_b[i] != P(None, TENSOR) for i in layers):
+    by_neuron = P(None, TENSOR) if selector.mlp_b_layout == "rn" else P(TENSOR, None)
+    if not layers or any(specs.mlp_b[i] != by_neuron for i in layers):
         raise AssertionError(f"the MLP router's second matrix is not split by neurons: {specs.mlp_b}")
     b = router_inputs.shape[1]
     live = jnp.asarray(np.arange(b) != 1)

@@ -43,8 +43,14 @@ from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_coun
 
 _ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b", "attn_w1", "attn_b1"]
 _ROUTER_META = ["attn_k", "budgets", "units", "plan", "mlp_recall", "mlp_rule", "use_attn", "use_mlp", "start",
-                "select_impl", "balance", "fused_first"]
+                "select_impl", "balance", "fused_first", "mlp_b_layout"]
 MLP_RULES = ("threshold", "topk")
+# How selectors store the MLP router's second matrix: "rn" [rank, N] as the bundle holds it, or "nr" [N, rank]
+# (transposed once when the selector is built). `union_mask` reads a block of neurons per program: rank-major,
+# that is `rank` runs of 128 bytes (64 bf16 neurons) 2N bytes apart; neuron-major, one contiguous run. On the
+# H100 it read the rank-major matrix at ~73 % of the bandwidth (14.4 us per OPT-6.7B layer at B=32,
+# benchmarks/results/decode_1207_h100/notes.md); neuron-major is not measured yet (step_variants `router_nr`).
+MLP_ROUTER_LAYOUT = "rn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +60,7 @@ class _Routers:
     attn_w: tuple
     attn_b: tuple
     mlp_a: tuple  # per layer [rank, d] (transposed from the bundle's [d, rank])
-    mlp_b: tuple  # per layer [rank, N]
+    mlp_b: tuple  # per layer [rank, N], or [N, rank] with mlp_b_layout "nr"
     attn_k: tuple[int, ...]
     budgets: tuple[tuple[float, int, int] | None, ...] | None  # adaptive heads: (threshold, floor, cap)
     units: int
@@ -72,6 +78,11 @@ class _Routers:
     # hidden-layer attention routers: per layer w1 [d, h] and b1 [h] (then attn_w is [h, U]); None: linear
     attn_w1: tuple | None = None
     attn_b1: tuple | None = None
+    mlp_b_layout: str = "rn"  # see MLP_ROUTER_LAYOUT
+
+    def _mlp_width(self, layer: int) -> int:
+        """Neurons the MLP router scores (a tensor-parallel shard's own under shard_map)."""
+        return self.mlp_b[layer].shape[1 if self.mlp_b_layout == "rn" else 0]
 
     def _attn_on(self, layer: int) -> bool:
         return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
@@ -137,7 +148,8 @@ class _Routers:
         return jnp.einsum("...d,rd->...r", x.astype(a.dtype), a, preferred_element_type=jnp.float32).astype(a.dtype)
 
     def _mlp_logits(self, layer: int, x: jax.Array) -> jax.Array:
-        return jnp.dot(self._mlp_hidden(layer, x), self.mlp_b[layer], preferred_element_type=jnp.float32)
+        spec = "...r,rn->...n" if self.mlp_b_layout == "rn" else "...r,nr->...n"
+        return jnp.einsum(spec, self._mlp_hidden(layer, x), self.mlp_b[layer], preferred_element_type=jnp.float32)
 
     def _by_live_count(self, layer: int, batch: int, kind: str) -> np.ndarray:
         """A constant [batch + 1] table indexed by the number of live rows: thresholds or k."""
@@ -208,15 +220,15 @@ class RouterSelector(_Routers):
         n_live = jnp.sum(live, dtype=jnp.int32)
         if self.mlp_rule == "threshold":
             cap = self.plan.mlp_table(self.mlp_recall).capacity_for(layer, batch, self.plan.ffn)
-            # under tensor parallelism mlp_b holds this shard's neurons (columns): a per-shard union
-            cap = min(cap, self.mlp_b[layer].shape[1])
+            # under tensor parallelism mlp_b holds this shard's neurons: a per-shard union
+            cap = min(cap, self._mlp_width(layer))
             threshold = jnp.asarray(self._by_live_count(layer, batch, "threshold"))[n_live]
             if self.fused_first:  # the shared float32 product's MLP columns, read (and rounded) in the kernel
                 u, offset = self._first_stage(layer, router_input), self.attn_w[layer].shape[1]
             else:
                 u, offset = self._mlp_hidden(layer, router_input), 0
             idx, count = union_select(u, self.mlp_b[layer], live, threshold, cap, impl=self.select_impl,
-                                      u_offset=offset, clamp_count=True)
+                                      u_offset=offset, clamp_count=True, w_layout=self.mlp_b_layout)
             return MLPSelection(idx, count)
         ks = self._by_live_count(layer, batch, "k")
         return union_topk(self._mlp_logits(layer, router_input), jnp.asarray(ks)[n_live], int(ks[batch]), live)
@@ -282,7 +294,8 @@ def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recal
     hidden = {}
     if c.attn_hidden:
         hidden = dict(attn_w1=arrays(bundle.attn, 2), attn_b1=arrays(bundle.attn, 3))
-    mlp_arrays = dict(mlp_a=arrays(bundle.mlp, 0, transpose=True), mlp_b=arrays(bundle.mlp, 1))
+    neuron_major = MLP_ROUTER_LAYOUT == "nr"
+    mlp_arrays = dict(mlp_a=arrays(bundle.mlp, 0, transpose=True), mlp_b=arrays(bundle.mlp, 1, transpose=neuron_major))
     # a hidden layer has its own first product; a layer with only one of the routers keeps them apart
     fused = bool(fuse_first and attn and use_mlp and not c.attn_hidden
                  and all((w is None) == (a is None) for w, a in zip(attn_w, mlp_arrays["mlp_a"])))
@@ -298,6 +311,7 @@ def _router_fields(bundle: SparsityBundle, attn_density: float | None, mlp_recal
         plan=dataclasses.replace(c, train=None),  # hashable static copy
         mlp_recall=mlp_recall if use_mlp else None, mlp_rule=rule,
         use_attn=attn, use_mlp=use_mlp, select_impl=select_impl, balance=int(balance),
+        mlp_b_layout=MLP_ROUTER_LAYOUT,
     )
 
 
