@@ -11,6 +11,8 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh skinny     # the GEMV at 17-32 rows against XLA's GEMMs (A/B)
 #   bash benchmarks/decode/issue10_gpu_run.sh policy     # every variant at the `auto` grid (a table for this card)
 #   bash benchmarks/decode/issue10_gpu_run.sh adaptive   # adaptive head budgets against fixed ones (speed)
+#   bash benchmarks/decode/issue10_gpu_run.sh router     # the MLP router's second matrix neuron-major (A/B)
+#   bash benchmarks/decode/issue10_gpu_run.sh next       # router, then adaptive: what is still untimed
 # Then: merge the two goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`),
 # keep the raw files under benchmarks/results/raw_<date>_h200/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -80,6 +82,10 @@ adaptive_speed() {
   $BENCH --shapes opt-6.7b --batches 32 --contexts 2048 --variants dense both both-adaptive --sizes --out /tmp/r/a2
   cp /tmp/r/a2/*.json "$OUT/adaptive_opt.json"
 }
+# the MLP router's second matrix neuron-major (union_mask's reads one contiguous run per block of neurons)
+variants_router() {
+  $V --points opt-6.7b:1:2048:both opt-6.7b:32:2048:both --code base router_nr --out "$OUT/variants_router.json"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -93,8 +99,10 @@ sweep) bound_sweep ;;
 skinny) variants_skinny ;;
 policy) policy_grid ;;
 adaptive) adaptive_speed ;;
+router) variants_router ;;
+next) variants_router; adaptive_speed ;;  # what the 2026-12-07 session left untimed
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next" >&2
   exit 2
   ;;
 esac

@@ -240,6 +240,8 @@ def variants() -> dict:
         # the heads' top-k: XLA's ranking (before pallas_kernels.unit_top_k), XLA's TopK
         "head_topk_xla": ((sparsify, "unit_top_k", _unit_top_k_xla),),
         "head_topk_lax": ((sparsify, "unit_top_k", _unit_top_k_lax),),
+        # the MLP router's second matrix stored neuron-major ([N, rank]: one contiguous run per neuron block)
+        "router_nr": ((sparsify, "MLP_ROUTER_LAYOUT", "nr"),),
         # flash-decoding split targets at B >= 8
         "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),
         "attn_t528": ((selective_attention_triton, "choose_attn_config", _attn_target(528)),),
