@@ -12,7 +12,7 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh policy     # every variant at the `auto` grid (a table for this card)
 #   bash benchmarks/decode/issue10_gpu_run.sh adaptive   # adaptive head budgets against fixed ones (speed)
 #   bash benchmarks/decode/issue10_gpu_run.sh router     # the MLP router's second matrix neuron-major (A/B)
-#   bash benchmarks/decode/issue10_gpu_run.sh next       # router, then adaptive: what is still untimed
+#   bash benchmarks/decode/issue10_gpu_run.sh next       # router, LLaMA's GEMV at B=32, adaptive: still untimed
 # Then: merge the two goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`),
 # keep the raw files under benchmarks/results/raw_<date>_h200/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -64,6 +64,9 @@ bound_sweep() {
 variants_skinny() {
   $V --points opt-6.7b:32:2048:dense,both --code base gemv_nk16 gemv_kn32 --out "$OUT/variants_skinny.json"
 }
+variants_skinny_llama() {  # the same for a gated MLP (timed on OPT-6.7B only so far)
+  $V --points llama2-7b:32:2048:dense,heads --code base gemv_nk16 --out "$OUT/variants_skinny_llama.json"
+}
 # every variant at the `auto` policy's grid on this card (sizes that fit 80 GB); then, here:
 #   polar-jax bench decode --merge policy_*.json --write-policy polar_jax/decode_policy.json  (adds this card's entries)
 policy_grid() {
@@ -100,7 +103,7 @@ skinny) variants_skinny ;;
 policy) policy_grid ;;
 adaptive) adaptive_speed ;;
 router) variants_router ;;
-next) variants_router; adaptive_speed ;;  # what the 2026-12-07 session left untimed
+next) variants_router; variants_skinny_llama; adaptive_speed ;;  # what the 2026-12-07 session left untimed
 *)
   echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next" >&2
   exit 2
