@@ -546,8 +546,9 @@ def decode_1207(results: Path) -> str:
     out = [f"Source: `benchmarks/results/{DECODE_1207}.md` ({d['device']}, jax {d['jax_version']}, {d['date']}; "
            f"{min(r['processes'] for r in d['rows'])}-{max(r['processes'] for r in d['rows'])} fresh processes per "
            f"point from {len(calls)} device calls). The goals were set on an H200; this card's measured bandwidth is "
-           f"{100 * d['bandwidth_Bps'] / h200['bandwidth_Bps']:.0f} % of the H200's ({h200['device']}), so the fixed "
-           "cost of each kernel weighs less against the bytes here and these ratios are not the H200's.", "",
+           f"{100 * d['bandwidth_Bps'] / h200['bandwidth_Bps']:.0f} % of the H200's ({d['bandwidth_Bps'] / 1e12:.2f} "
+           f"against {h200['bandwidth_Bps'] / 1e12:.2f} TB/s), so the fixed cost of each kernel weighs less against "
+           "the bytes here and these ratios are not the H200's.", "",
            "| shape | B | context | dense step (% of roofline) | sparse variant | sparse step | speedup (per call) "
            "| goal | % of its Amdahl bound |",
            "|---|---|---|---|---|---|---|---|---|"]
