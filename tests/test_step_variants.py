@@ -91,3 +91,17 @@ def test_the_issue10_gpu_run_names_variants_and_shapes_that_exist():
     assert usage.returncode == 2 and "usage" in usage.stderr
     unset = subprocess.run(["bash", str(script), "variants"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     assert unset.returncode != 0 and "set OUT" in unset.stderr
+
+
+def test_diagnose_step_runs_its_sparse_steps_on_cpu(tmp_path):
+    """benchmarks/decode/diagnose_step.py (the first diagnosis of the step; its selectors come from the
+    benchmark's synthetic bundles): the tiny run times the dense step and the three sparse variants."""
+    script = REPO / "benchmarks" / "decode" / "diagnose_step.py"
+    cmd = [sys.executable, str(script), "--tiny", "--parts", "steps", "--batches", "1", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                         env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    steps = json.loads((tmp_path / "diag.json").read_text())["steps"]
+    assert [s["name"] for s in steps] == ["tiny-opt dense", "tiny-opt heads.3+mlp r1024 f32", "tiny-opt mlp r1024 f32",
+                                         "tiny-opt heads.3"]
+    assert all(s["step_ms"] > 0 and len(s["step_ms_all"]) == 2 for s in steps)

@@ -35,8 +35,8 @@ from polar_jax.bench.decode_bench import SHAPES, random_cache
 from polar_jax.config import ModelConfig
 from polar_jax.decode import decode_step, split_model
 from polar_jax.models import build_model
-from polar_jax.routers.config import MLPTable, SparsityConfig
-from polar_jax.routers.sparsify import RouterSelector
+from polar_jax.bench.synthetic import calibrate_union, random_bundle
+from polar_jax.routers.sparsify import RouterSelector, router_selector
 
 OPT_6_7B = ModelConfig(
     model_type="opt", vocab_size=50272, hidden_size=4096, intermediate_size=16384, num_layers=32,
@@ -75,24 +75,16 @@ class Cupti:
 
 def random_selector(cfg: ModelConfig, batch: int, rank: int, attn_density: float, mlp_density: float,
                     router_dtype) -> RouterSelector:
-    """A RouterSelector with random weights of the paper's shapes (d -> H with bias; d -> rank -> N)."""
-    key = jax.random.key(7)
-    L, d, H, N = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
-    k_mlp = int(round(mlp_density * N / 128)) * 128
-    table = MLPTable(0.99, (batch,), tuple((N,) if i == 0 else (k_mlp,) for i in range(L)))
-    plan = SparsityConfig(num_layers=L, attn_units=H, unit="head", ffn=N, mlp_router=True, mlp_rank=rank,
-                          attn_density=attn_density, mlp_tables=(table,), mlp_dense_threshold=0.95)
-    ws = []
-    for i in range(L):
-        key, *ks = jax.random.split(key, 5)
-        ws.append((jax.random.normal(ks[0], (d, H), router_dtype) * d ** -0.5,
-                   jax.random.normal(ks[1], (H,), router_dtype),
-                   jax.random.normal(ks[2], (d, rank), router_dtype) * d ** -0.5,
-                   jax.random.normal(ks[3], (rank, N), router_dtype) * rank ** -0.5))
-    none = lambda j: tuple(None if i == 0 else ws[i][j] for i in range(L))  # noqa: E731
-    return RouterSelector(attn_w=none(0), attn_b=none(1), mlp_a=none(2), mlp_b=none(3),
-                          attn_k=plan.attn_k(attn_density), units=H, plan=plan, mlp_recall=0.99,
-                          use_attn=attn_density < 1.0, use_mlp=mlp_density < 1.0)
+    """A RouterSelector with random weights of the paper's shapes (d -> H with bias; d -> rank -> N), its MLP
+    thresholds calibrated to keep `mlp_density` of the neurons for Gaussian router inputs (the benchmark's
+    `polar_jax.bench.synthetic` bundles)."""
+    bundle = random_bundle(cfg, rank, router_dtype)
+    mlp = mlp_density < 1.0
+    if mlp:
+        x = np.asarray(jax.random.normal(jax.random.key(5), (cfg.num_layers, batch, cfg.hidden_size)), np.float32)
+        bundle = calibrate_union(bundle, x, batch, mlp_density)
+    return router_selector(bundle, attn_density=attn_density, mlp_recall=0.99 if mlp else None,
+                           attn=attn_density < 1.0, mlp=mlp, dtype=router_dtype)
 
 
 def time_and_profile(name: str, model, batch: int, context: int, selector, steps: int, repeats: int,
