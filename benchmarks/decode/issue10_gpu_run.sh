@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements issue 10 is waiting for (H200), as two device calls of under 10 minutes each, from the
-# repository root (the device tool's `run`; results under $OUT, at most 8 files per call):
+# The GPU measurements of issue 10 (its goals were set on an H200), each mode one device call of under 10 minutes,
+# from the repository root (the device tool's `run`; results under $OUT, at most 8 files per call):
 #   bash benchmarks/decode/issue10_gpu_run.sh variants   # same-process A/B of the untimed B=1 changes
 #   bash benchmarks/decode/issue10_gpu_run.sh goals      # the goal points end to end, fresh processes
 #   bash benchmarks/decode/issue10_gpu_run.sh all        # both, goals first, in one call
@@ -13,8 +13,8 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh adaptive   # adaptive head budgets against fixed ones (speed)
 #   bash benchmarks/decode/issue10_gpu_run.sh router     # the MLP router's second matrix neuron-major (A/B)
 #   bash benchmarks/decode/issue10_gpu_run.sh next       # router, LLaMA's GEMV at B=32, adaptive: still untimed
-# Then: merge the two goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`),
-# keep the raw files under benchmarks/results/raw_<date>_h200/, and write the README block from them
+# Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
+# the raw files under benchmarks/results/raw_<date>_<card>/, and write the README block from them
 # (benchmarks/readme_claims.py).
 set -euo pipefail
 export PYTHONPATH=.
