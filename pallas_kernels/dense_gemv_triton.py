@@ -44,6 +44,12 @@ class GemvConfig:
     block_m: int = 16  # rows of the x tile (>= M; `row_tile`)
 
 
+def check_tile(cfg: GemvConfig, M: int) -> None:
+    """ValueError unless the config's x tile holds every one of the M rows."""
+    if cfg.block_m < M:
+        raise ValueError(f"the x tile has {cfg.block_m} rows (block_m), fewer than M={M}")
+
+
 def gemv_smem(cfg: GemvConfig) -> int:
     """Shared memory: per k-step an x tile [block_m, block_k] and a weight tile [block_n, block_k]."""
     return staged_bytes(cfg.num_stages, (cfg.block_m + cfg.block_n) * cfg.block_k)
@@ -156,8 +162,7 @@ def gemv(x, w, bias=None, activation=None, layout: str = "kn", config: GemvConfi
     M, K = x.shape
     N = w.shape[1] if layout == "kn" else w.shape[0]
     cfg = config or choose_gemv_config(M, K, N, layout)
-    if cfg.block_m < M:
-        raise ValueError(f"the x tile has {cfg.block_m} rows (block_m), fewer than M={M}")
+    check_tile(cfg, M)
     if cfg.split_k < 1 or (K + cfg.block_k - 1) // cfg.block_k % cfg.split_k:
         raise ValueError(f"split_k={cfg.split_k} must divide the {cdiv(K, cfg.block_k)} k-blocks")
     return gemv_triton(x, w, bias, activation=activation, layout=layout, cfg=cfg, interpret=use_interpret(),

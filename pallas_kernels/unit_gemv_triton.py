@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .backends import use_interpret
-from .dense_gemv_triton import MAX_M, GemvConfig, gemv_smem, load_tile, row_tile
+from .dense_gemv_triton import MAX_M, GemvConfig, check_tile, gemv_smem, load_tile, row_tile
 from .devices import DeviceClass, current_device_class
 from .grid import cdiv, pow2_at_least
 from .smem import fit_tiling
@@ -201,18 +201,13 @@ def gemv_rows_triton(x, w, bias, units, n_active, *, width, cfg: GemvConfig, int
     return y.astype(x.dtype)
 
 
-def _check_tile(cfg: GemvConfig, M: int) -> None:
-    if cfg.block_m < M:
-        raise ValueError(f"the x tile has {cfg.block_m} rows (block_m), fewer than M={M}")
-
-
 def gemv_multi(x, ws, biases, units=None, n_active=None, width: int | None = None,
                config: GemvConfig | None = None):
     """Backend entry point (the public op in unit_gemv.py validates first)."""
     check_kernel_dtype(x.dtype, use_interpret())
     columns = sum(w.shape[1] for w in ws)
     cfg = config or choose_multi_config(x.shape[1], columns, rows=x.shape[0])
-    _check_tile(cfg, x.shape[0])
+    check_tile(cfg, x.shape[0])
     if units is not None and width % cfg.block_n:
         cfg = dataclasses.replace(cfg, block_n=16 if width % 32 else 32)
     return gemv_multi_triton(x, tuple(ws), tuple(biases), units, n_active, width=width, cfg=cfg,
@@ -222,6 +217,6 @@ def gemv_multi(x, ws, biases, units=None, n_active=None, width: int | None = Non
 def gemv_rows(x, w, bias, units, n_active, width: int, config: GemvConfig | None = None, defer: bool = False):
     check_kernel_dtype(x.dtype, use_interpret())
     cfg = config or choose_rows_config(width, w.shape[1], units.shape[0], rows=x.shape[0])
-    _check_tile(cfg, x.shape[0])
+    check_tile(cfg, x.shape[0])
     return gemv_rows_triton(x, w, bias, units, n_active, width=width, cfg=cfg, interpret=use_interpret(),
                             defer=defer)

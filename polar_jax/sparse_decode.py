@@ -60,8 +60,7 @@ def check_selector(model: CausalLM, selector: Any) -> None:
     attn_in = selector.attn_w1 if selector.attn_w1 is not None else selector.attn_w
     for name, arrays, axis, want in (("attention router", attn_in, 0, cfg.hidden_size),
                                      ("MLP router", selector.mlp_a, 1, cfg.hidden_size),
-                                     ("MLP router", selector.mlp_b, 1 if selector.mlp_b_layout == "rn" else 0,
-                                      cfg.intermediate_size)):
+                                     ("MLP router", selector.mlp_b, selector.mlp_neuron_axis, cfg.intermediate_size)):
         shapes = {a.shape[axis] for a in arrays if a is not None}
         if shapes and shapes != {want}:
             problems.append(f"{name} dimension {sorted(shapes)} vs the model's {want}")

@@ -155,7 +155,7 @@ def selector_specs(selector: Any) -> Any:
     ([rank, N] or [N, rank]) by neurons over "tensor" (the per-shard union), everything else replicated."""
     specs = jax.tree.map(lambda _: P(), selector)
     if isinstance(selector, RouterSelector) and selector.use_mlp and selector.mlp_rule == "threshold":
-        by_neuron = P(None, TENSOR) if selector.mlp_b_layout == "rn" else P(TENSOR, None)
+        by_neuron = P(*(TENSOR if i == selector.mlp_neuron_axis else None for i in range(2)))
         specs = dataclasses.replace(specs, mlp_b=tuple(None if b is None else by_neuron for b in selector.mlp_b))
     return specs
 

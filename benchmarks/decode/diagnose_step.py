@@ -35,7 +35,7 @@ from polar_jax.bench.decode_bench import SHAPES, random_cache
 from polar_jax.config import ModelConfig
 from polar_jax.decode import decode_step, split_model
 from polar_jax.models import build_model
-from polar_jax.bench.synthetic import calibrate_union, random_bundle
+from polar_jax.bench.synthetic import calibrate_union, gaussian_router_inputs, random_bundle
 from polar_jax.routers.sparsify import RouterSelector, router_selector
 
 OPT_6_7B = ModelConfig(
@@ -81,7 +81,7 @@ def random_selector(cfg: ModelConfig, batch: int, rank: int, attn_density: float
     bundle = random_bundle(cfg, rank, router_dtype)
     mlp = mlp_density < 1.0
     if mlp:
-        x = np.asarray(jax.random.normal(jax.random.key(5), (cfg.num_layers, batch, cfg.hidden_size)), np.float32)
+        x = gaussian_router_inputs(cfg, batch)
         bundle = calibrate_union(bundle, x, batch, mlp_density)
     return router_selector(bundle, attn_density=attn_density, mlp_recall=0.99 if mlp else None,
                            attn=attn_density < 1.0, mlp=mlp, dtype=router_dtype)

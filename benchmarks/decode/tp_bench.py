@@ -49,7 +49,7 @@ from polar_jax import tensor_parallel as tp
 from polar_jax.bench.decode_bench import measure_bandwidth, step_bytes
 from polar_jax.bench.shapes import _OPT
 from polar_jax.bench.sharded import sharded_cache, sharded_model_state, steps_on_mesh
-from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle
+from polar_jax.bench.synthetic import calibrate_union, gaussian_router_inputs, paper_union, random_bundle
 from polar_jax.config import ModelConfig, RopeConfig
 from polar_jax.distributed import add_distributed_args, config_from_args, initialize
 from polar_jax.routers.config import units_kept
@@ -103,8 +103,7 @@ def selectors(cfg, batch: int, density: float, tensor: int, rank: int, dtype) ->
     union, calibrated for the paper's union density at this batch size."""
     bundle = random_bundle(cfg, rank, dtype)
     if cfg.relu_mlp:
-        x = np.asarray(jax.random.normal(jax.random.key(5), (cfg.num_layers, batch, cfg.hidden_size)), np.float32)
-        bundle = calibrate_union(bundle, x, batch, paper_union(batch))
+        bundle = calibrate_union(bundle, gaussian_router_inputs(cfg, batch), batch, paper_union(batch))
     kw = dict(attn_density=density, mlp_recall=0.99 if cfg.relu_mlp else None, mlp=cfg.relu_mlp, dtype=dtype)
     return {"sparse-global": router_selector(bundle, **kw),
             "sparse-balanced": router_selector(bundle, **kw, balance=tensor)}

@@ -44,7 +44,8 @@ from polar_jax.bench import breakdown as bd
 from polar_jax.bench.report import print_table, write_report
 from polar_jax.bench.shapes import LARGE, SHAPES
 from polar_jax.bench.sharded import decode_loop, sharded_cache, sharded_model_state, steps_on_mesh
-from polar_jax.bench.synthetic import calibrate_heads, calibrate_union, paper_union, random_bundle, random_cache
+from polar_jax.bench.synthetic import (calibrate_heads, calibrate_union, gaussian_router_inputs, paper_union,
+                                       random_bundle, random_cache)
 from polar_jax.config import ModelConfig
 from polar_jax.cli_common import DefaultsFormatter, Parser
 from polar_jax.errors import InputError, PolarError
@@ -166,7 +167,7 @@ def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, arg
             return steps_on_mesh(graphdef, state, cache, tokens, selector, steps, mesh)
 
         if cfg.relu_mlp:  # no probe step under shard_map: thresholds for Gaussian router inputs (LayerNorm'd)
-            x = np.asarray(jax.random.normal(jax.random.key(5), (cfg.num_layers, batch, cfg.hidden_size)), np.float32)
+            x = gaussian_router_inputs(cfg, batch)
             bundle = calibrate_union(bundle, x, batch, density)
         balance = mesh_shape(mesh)[1] if args.head_topk == "balanced" else 1
     else:

@@ -68,6 +68,12 @@ def random_bundle(cfg: ModelConfig, rank: int, dtype=jnp.bfloat16, seed: int = 7
     return SparsityBundle(plan, params, {})
 
 
+def gaussian_router_inputs(cfg: ModelConfig, batch: int, seed: int = 5) -> np.ndarray:
+    """[L, batch, d] standard-normal stand-ins for the routers' (LayerNorm'd) inputs, where no step of the model
+    can be probed for its own (a step under shard_map, a selector built before the model runs)."""
+    return np.asarray(jax.random.normal(jax.random.key(seed), (cfg.num_layers, batch, cfg.hidden_size)), np.float32)
+
+
 def calibrate_union(bundle: SparsityBundle, router_inputs: np.ndarray, batch: int, density: float,
                     recall: float = 0.99) -> SparsityBundle:
     """MLP tables for one batch size from the step's own router inputs [L, B, d]: per layer the logit

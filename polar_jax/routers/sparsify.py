@@ -80,9 +80,14 @@ class _Routers:
     attn_b1: tuple | None = None
     mlp_b_layout: str = "rn"  # see MLP_ROUTER_LAYOUT
 
+    @property
+    def mlp_neuron_axis(self) -> int:
+        """The axis of each mlp_b that runs over the neurons: 1 for [rank, N], 0 for [N, rank]."""
+        return 1 if self.mlp_b_layout == "rn" else 0
+
     def _mlp_width(self, layer: int) -> int:
         """Neurons the MLP router scores (a tensor-parallel shard's own under shard_map)."""
-        return self.mlp_b[layer].shape[1 if self.mlp_b_layout == "rn" else 0]
+        return self.mlp_b[layer].shape[self.mlp_neuron_axis]
 
     def _attn_on(self, layer: int) -> bool:
         return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
