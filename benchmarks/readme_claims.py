@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from polar_jax.bench.breakdown import part_ms
 from polar_jax.bench.report import readme_block
 from polar_jax.routers.config import units_kept
 
@@ -535,6 +536,25 @@ def _speedups(results: Path, name: str) -> dict[tuple, float]:
     return {(r["shape"], r["batch"], r["context"], r["variant"]): r["speedup"] for r in rows if r["variant"] != "dense"}
 
 
+ROUTER_SHARE_GOAL = 0.05  # issue 10, item 2: router matmuls + selection at most 5 % of the dense step, every B
+
+
+def _router_share_line(rows: dict[tuple, dict]) -> str:
+    """Router + selection kernel time of every profiled sparse point with an MLP router, against the wall time
+    of the dense step at the same point (issue 10's measure of selection cost)."""
+    shares = []
+    for (shape, b, ctx, var), r in sorted(rows.items(), key=lambda kv: kv[0][1]):
+        if var == "dense" or not r.get("kernels") or not r.get("breakdown_ms"):
+            continue
+        dense = rows[(shape, b, ctx, "dense")]
+        ms = part_ms(r["kernels"], "router")
+        shares.append((f"{shape} B={b} {var}", ms, ms / (1e3 * dense["step_s"])))
+    met = sum(s <= ROUTER_SHARE_GOAL for *_, s in shares)
+    return (f"- Router + selection against the dense step (goal: at most {100 * ROUTER_SHARE_GOAL:.0f} % at every B): "
+            + ", ".join(f"{name} {ms:.2f} ms = {100 * s:.1f} %" for name, ms, s in shares)
+            + f" (met at {met} of {len(shares)}).")
+
+
 @claim("decode-1207")
 def decode_1207(results: Path) -> str:
     d = load(results, f"{DECODE_1207}.json")
@@ -587,6 +607,7 @@ def decode_1207(results: Path) -> str:
                + ", ".join([part("attn_proj", "attention projections"), part("kv", "attention over the cache", "attention"),
                             part("mlp", "MLP"), part("router", "router + selection")])
                + f", other {ms['other']:.2f} ms.")
+    out.append(_router_share_line(rows))
     rv = lambda name: load(results, f"{RAW_1207}/{name}.json")["rows"]  # noqa: E731
     gain = lambda r: f"{100 * (1 / r - 1):+.1f} %"  # noqa: E731 - speed change from applying a change
     b1v, bigv, tiles = rv("call2_variants_b1"), rv("call2_variants_b16_b32"), rv("call3_variants_b32_tiles")

@@ -1,6 +1,6 @@
 """The decode benchmark's profile breakdown: kernels mapped to the step's parts through HLO scopes."""
 
-from polar_jax.bench.breakdown import breakdown, hlo_scopes, kernel_stem, kernel_table, part_of
+from polar_jax.bench.breakdown import breakdown, hlo_scopes, kernel_stem, kernel_table, part_ms, part_of
 
 HLO = """
   %gemm_fusion_dot.162 = f32[4,32,8192]{2,1,0} fusion(%a, %b), kind=kCustom, calls=%c, metadata={op_name="jit(run)/while/body/polar_attn_proj/dot_general" deduplicated_name="gemm_fusion_dot.162"}
@@ -17,6 +17,7 @@ def test_kernel_names_map_to_their_scopes():
     assert part_of("loop_add_fusion_64", scopes) == "other"
     assert part_of("select_decode_finish", scopes) == "attention"
     assert part_of("gather_down", scopes) == "mlp" and part_of("union_compact", scopes) == "router"
+    assert part_of("unit_top_k", scopes) == "router"  # the heads' top-k is selection
     assert part_of("unknown_kernel", scopes) == "other"
     assert part_of("gemv_multi", scopes) == "attn_proj" and part_of("gemv_rows", scopes) == "attn_proj"
 
@@ -39,3 +40,16 @@ def test_kernel_table_groups_layers_by_stem():
     assert by[("loop_add_fusion", "other")]["per_step"] == 2 and by[("loop_add_fusion", "other")]["ms_per_step"] == 1.0
     assert by[("fusion", "attn_proj")]["per_step"] == 1  # the split-K reduction keeps its GEMM's part
     assert kernel_stem("sort_63_1__2") == "sort" and kernel_stem("gather_down") == "gather_down"
+
+
+def test_part_ms_rereads_pallas_kernels_by_name_and_keeps_xla_kernels_stored_parts():
+    """A kernel table written when `unit_top_k` was still "other" counts it as router + selection; XLA fusions
+    keep the part their HLO scope gave them."""
+    kernels = [{"kernel": "union_mask", "part": "router", "per_step": 31, "ms_per_step": 0.43},
+               {"kernel": "unit_top_k", "part": "other", "per_step": 31, "ms_per_step": 0.05},
+               {"kernel": "gemm_fusion_dot", "part": "router", "per_step": 31, "ms_per_step": 0.06},
+               {"kernel": "gemm_fusion_dot", "part": "attn_proj", "per_step": 96, "ms_per_step": 1.86},
+               {"kernel": "loop_add_fusion", "part": "other", "per_step": 33, "ms_per_step": 0.07}]
+    assert abs(part_ms(kernels, "router") - 0.54) < 1e-12
+    assert abs(part_ms(kernels, "other") - 0.07) < 1e-12
+    assert abs(part_ms(kernels, "attn_proj") - 1.86) < 1e-12

@@ -13,6 +13,8 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh adaptive   # adaptive head budgets against fixed ones (speed)
 #   bash benchmarks/decode/issue10_gpu_run.sh router     # the MLP router's second matrix neuron-major (A/B)
 #   bash benchmarks/decode/issue10_gpu_run.sh next       # router, LLaMA's GEMV at B=32, adaptive: still untimed
+#   bash benchmarks/decode/issue10_gpu_run.sh resweep    # the B >= 16 points again since the GEMV at 17-32 rows
+#   bash benchmarks/decode/issue10_gpu_run.sh rank       # OPT-6.7B heads + MLP with MLP routers of rank 512 and 256
 # Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
 # the raw files under benchmarks/results/raw_<date>_<card>/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -89,6 +91,15 @@ adaptive_speed() {
 variants_router() {
   $V --points opt-6.7b:1:2048:both opt-6.7b:32:2048:both --code base router_nr --out "$OUT/variants_router.json"
 }
+# the MLP router's rank (the paper's 1024 reads 33.5 MB per layer: over 5 % of the dense step at B=1 by bytes
+# alone); the union density stays the paper's, so this times the router's cost only (accuracy: router_rank.py)
+rank_speed() {
+  for r in 512 256; do
+    $BENCH --shapes opt-6.7b --batches 1 8 32 --contexts 2048 --variants dense both --rank "$r" --breakdown \
+       --out "/tmp/r/rank$r"
+    cp "/tmp/r/rank$r"/*.json "$OUT/rank${r}_opt.json"
+  done
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -104,8 +115,10 @@ policy) policy_grid ;;
 adaptive) adaptive_speed ;;
 router) variants_router ;;
 next) variants_router; variants_skinny_llama; adaptive_speed ;;  # what the 2026-12-07 session left untimed
+resweep) goals_opt 32; bound_sweep ;;  # OPT-6.7B B=32 with its profile first, then the other B >= 16 points
+rank) rank_speed ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank" >&2
   exit 2
   ;;
 esac

@@ -21,9 +21,10 @@ PARTS = ("attn_proj", "attention", "mlp", "router", "other")
 _SCOPE_PART = {SCOPES["router"]: "router", SCOPES["attention"]: "attention", SCOPES["proj"]: "attn_proj",
                SCOPES["mlp"]: "mlp"}
 # Pallas kernels are named by their op, not by an HLO instruction; the dense GEMVs (gemv_kn / gemv_nk) serve
-# both the attention and the MLP projections, so their names alone leave them in "other".
-_KERNEL_PART = (("union_", "router"), ("select_decode", "attention"), ("gather_", "mlp"), ("gemv_multi", "attn_proj"),
-                ("gemv_rows", "attn_proj"))
+# both the attention and the MLP projections, so their names alone leave them in "other". `unit_top_k` is the
+# heads' selection (the decode step uses it for nothing else).
+_KERNEL_PART = (("union_", "router"), ("unit_top_k", "router"), ("select_decode", "attention"), ("gather_", "mlp"),
+                ("gemv_multi", "attn_proj"), ("gemv_rows", "attn_proj"))
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
 _FIELD = re.compile(r'(\w+)="([^"]*)"')
 
@@ -135,3 +136,14 @@ def kernel_table(records: list[tuple[str, float]], scopes: dict[str, str], steps
     rows = [{"kernel": k, "part": p, "per_step": n / steps, "ms_per_step": t / steps} for (k, p), (n, t) in acc.items()]
     rows.sort(key=lambda r: -r["ms_per_step"])
     return rows[:top]
+
+
+def part_ms(kernels: list[dict], part: str) -> float:
+    """Milliseconds per step of one part from a `kernel_table`, with each Pallas kernel's part re-derived
+    from its name, so files written before a name was mapped (`unit_top_k` sat in "other") read the same
+    as new ones."""
+    total = 0.0
+    for k in kernels:
+        named = part_of(k["kernel"], {})
+        total += k["ms_per_step"] if (k["part"] if named == "other" else named) == part else 0.0
+    return total
