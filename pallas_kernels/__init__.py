@@ -2,7 +2,8 @@
 
 - gather_up / gather_up_gated / gather_down: selective GEMMs over neuron-major MLP weights.
 - select_decode: head/group-selective flash decoding over the [B, S, Hkv, D] KV cache.
-- gemv: the dense decode projections at small batch (weight streams), either weight layout.
+- gemv: the dense decode projections at small batch (weight streams), either weight layout; gemv_f32: a
+  narrow product left in float32 (the routers' first product).
 - gemv_multi / gemv_rows: B=1 attention projections in one launch, over the selected heads only.
 - union_select: fused MLP router selection (logits, threshold union over live rows, ascending ids).
 - unit_top_k: each sequence's top-k attention units from its router's raw product, in one kernel.
@@ -17,7 +18,7 @@ tilings per GPU class (devices.py: H100/H200, A100, L4, other), fitted to its sh
 from .backends import BACKENDS, cuda_capability, resolve_impl, triton_gpu_available
 from .crossover import density_threshold, load_crossover, mlp_prefers_dense, thresholds_for
 from .devices import DeviceClass, current_device_class
-from .dense_gemv import gemv, prefers_gemv
+from .dense_gemv import gemv, gemv_f32, prefers_gemv
 from .unit_gemv import gemv_multi, gemv_rows
 from .selective_attention import select_decode
 from .selective_attention_xla import dense_decode_xla
@@ -29,7 +30,7 @@ from .split_sum import SplitSum
 from .kv_append import kv_append, prefers_kv_append
 
 __all__ = [
-    "gemv", "prefers_gemv", "gemv_multi", "gemv_rows", "gather_up", "gather_up_gated", "gather_down", "select_decode", "union_select", "unit_top_k", "row_norm", "add_row_norm", "SplitSum", "prefers_row_norm", "kv_append", "prefers_kv_append", "dense_decode_xla",
+    "gemv", "gemv_f32", "prefers_gemv", "gemv_multi", "gemv_rows", "gather_up", "gather_up_gated", "gather_down", "select_decode", "union_select", "unit_top_k", "row_norm", "add_row_norm", "SplitSum", "prefers_row_norm", "kv_append", "prefers_kv_append", "dense_decode_xla",
     "mlp_prefers_dense", "density_threshold", "load_crossover", "thresholds_for", "resolve_impl",
     "triton_gpu_available", "cuda_capability", "current_device_class", "DeviceClass", "BACKENDS",
 ]

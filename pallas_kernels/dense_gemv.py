@@ -9,6 +9,7 @@ projection), "nk" is [N, K] (out-major: the neuron-major MLP up/gate projections
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from . import dense_gemv_triton as tri
 from .activations import ACTIVATIONS
@@ -51,6 +52,19 @@ def gemv(x: Array, w: Array, bias: Array | None = None, activation: str | None =
     if split_sum and activation is not None:
         raise ValueError(f"split_sum leaves the epilogue to the consumer: no activation, got {activation!r}")
     return dispatch("gemv", _SPLIT if split_sum else _IMPLS, impl)(x, w, bias, activation, layout)
+
+
+_F32 = {"xla": lambda x, w, lay: jnp.einsum("mk,kn->mn" if lay == "kn" else "mk,nk->mn", x, w,
+                                             preferred_element_type=jnp.float32),
+        "triton": lambda x, w, lay: tri.gemv_f32(x, w, lay)}
+
+
+def gemv_f32(x: Array, w: Array, layout: str = "nk", impl: str = "auto") -> Array:
+    """x @ W in float32, not rounded to x's dtype: x [M, K] (M <= 32), W [K, N] ("kn") or [N, K] ("nk"). For
+    narrow products whose consumers read float32 scores (the routers' first product): the Pallas kernel splits
+    the reduction over enough programs to fill the GPU and sums the float32 partials once."""
+    check_gemv(x, w, None, None, layout)
+    return dispatch("gemv_f32", _F32, impl)(x, w, layout)
 
 
 # Where the decode step is faster with the Pallas GEMV: per layout, the (first, last) row counts of each range.

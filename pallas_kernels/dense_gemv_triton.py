@@ -82,6 +82,26 @@ def choose_gemv_config(M: int, K: int, N: int, layout: str, device: DeviceClass 
     return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 32)
 
 
+def choose_f32_config(M: int, K: int, N: int, layout: str, device: DeviceClass | None = None) -> GemvConfig:
+    """Tiling for a narrow product whose consumer wants float32 (`gemv_f32`, the routers' first product): 32
+    columns per program and the reduction split over at least two programs (their float32 partials are the
+    output before the sum), as many splits as keep the programs within about one per SM. Rank 1024 + 32 head
+    columns at d=4096: 33 column blocks x 4 splits of 4 k-steps."""
+    dev = device or current_device_class()
+    block_k = 256
+    while block_k > 16 and cdiv(K, block_k) < 2:  # at least two k-blocks to split where K allows
+        block_k //= 2
+    n_kb = cdiv(K, block_k)
+    cols = cdiv(N, 32)
+    split = 1
+    for s in range(2, n_kb + 1):
+        if n_kb % s == 0 and (split == 1 or cols * s <= dev.num_sms * 9 // 8):
+            split = s
+    cfg = GemvConfig(min(32, pow2_at_least(N, 16)), block_k, split, num_warps=4,
+                     num_stages=3 if layout == "nk" else 4, block_m=row_tile(M))
+    return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 32)
+
+
 def load_tile(ref, mask):
     # Unmasked where the tiling divides the weight: Triton refuses `other` without a mask.
     return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=0.0)
@@ -128,14 +148,16 @@ def _gemv_kernel(x_ref, w_ref, *rest, M, K, N, cfg: GemvConfig, layout, activati
         plgpu.store(o_ref.at[s, pl.ds(0, bm), pl.ds(n0, bn)], acc, mask=store_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "layout", "cfg", "interpret", "defer"))
-def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpret: bool, defer: bool = False):
-    """`defer`: return a `SplitSum` (the partials and the bias, no epilogue; activation None)."""
+@functools.partial(jax.jit, static_argnames=("activation", "layout", "cfg", "interpret", "defer", "out_dtype"))
+def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpret: bool, defer: bool = False,
+                out_dtype=None):
+    """`defer`: return a `SplitSum` (the partials and the bias, no epilogue; activation None). `out_dtype`: the
+    dtype an unsplit kernel writes (default x's)."""
     M, K = x.shape
     N = w.shape[1] if layout == "kn" else w.shape[0]
     has_bias = bias is not None
     direct = cfg.split_k == 1
-    out_shape = (jax.ShapeDtypeStruct((M, N), x.dtype) if direct
+    out_shape = (jax.ShapeDtypeStruct((M, N), out_dtype or x.dtype) if direct
                  else jax.ShapeDtypeStruct((cfg.split_k, M, N), jnp.float32))
     kernel = functools.partial(_gemv_kernel, M=M, K=K, N=N, cfg=cfg, layout=layout, activation=activation,
                                has_bias=has_bias, direct=direct)
@@ -153,6 +175,26 @@ def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpr
     if has_bias:
         y = y + bias.astype(jnp.float32)[None, :]
     return get_activation(activation)(y).astype(x.dtype)
+
+
+def gemv_f32(x, w, layout: str = "nk", config: GemvConfig | None = None):
+    """x @ W in float32 (no rounding to x's dtype): the sum of the split-K partials (backend entry point)."""
+    check_kernel_dtype(x.dtype, use_interpret())
+    M, K = x.shape
+    N = w.shape[1] if layout == "kn" else w.shape[0]
+    cfg = config or choose_f32_config(M, K, N, layout)
+    check_tile(cfg, M)
+    if cfg.split_k < 1 or cdiv(K, cfg.block_k) % cfg.split_k:
+        raise ValueError(f"split_k={cfg.split_k} must divide the {cdiv(K, cfg.block_k)} k-blocks")
+    return gemv_f32_triton(x, w, layout=layout, cfg=cfg, interpret=use_interpret())
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "cfg", "interpret"))
+def gemv_f32_triton(x, w, *, layout: str, cfg: GemvConfig, interpret: bool):
+    """The kernel's float32 partials summed by XLA (or, unsplit, its float32 output): never rounded."""
+    out = gemv_triton(x, w, None, activation=None, layout=layout, cfg=cfg, interpret=interpret, defer=True,
+                      out_dtype=jnp.float32)
+    return jnp.sum(out.parts, axis=0)
 
 
 def gemv(x, w, bias=None, activation=None, layout: str = "kn", config: GemvConfig | None = None,

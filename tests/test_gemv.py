@@ -3,6 +3,7 @@ decode step (the Pallas path and XLA's dot give the same logits and tokens). The
 backends is in kernel_test_base (test_gemv_*)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -99,6 +100,53 @@ def test_32_row_tile_matches_reference(M, layout):
         assert npref.rel_err(out, npref.gemv_ref(x, w, b, "relu", layout)) < 1e-5
     with pytest.raises(ValueError, match="block_m"):
         tri.gemv(x, w, b, None, layout, config=tri.GemvConfig(32, 64, 1, 4, 2))  # a 16-row tile
+
+
+@pytest.mark.parametrize("M", [1, 17, 32])
+@pytest.mark.parametrize("N", [288, 300])
+@pytest.mark.parametrize("impl", ["triton", "xla"])
+def test_gemv_f32_is_the_float32_product_not_rounded(M, N, impl):
+    """The routers' first product: bf16 inputs, a float32 result equal to the exact product of those bf16
+    values (a result rounded to bf16 is off by ~2**-9 relative; this asks for 1e-5). N=300: a ragged last
+    column block."""
+    rng = np.random.default_rng(M + N)
+    K = 512
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((N, K)) * K**-0.5, jnp.bfloat16)
+    out = pk.gemv_f32(x, w, layout="nk", impl=impl)
+    assert out.dtype == jnp.float32 and out.shape == (M, N)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    assert npref.rel_err(out, want) < 1e-5
+
+
+def test_gemv_f32_splits_narrow_products_over_about_one_program_per_sm():
+    pick = lambda M, N: tri.choose_f32_config(M, 4096, N, "nk", SM90)  # noqa: E731
+    for M, N, split in [(32, 1056, 4), (17, 544, 8), (32, 288, 16), (1, 1056, 4)]:
+        cfg = pick(M, N)
+        assert (cfg.block_n, cfg.block_k, cfg.split_k) == (32, 256, split)
+        assert cfg.block_m == (16 if M <= 16 else 32)
+        assert -(-N // cfg.block_n) * cfg.split_k <= SM90.num_sms * 9 // 8
+    assert (tri.choose_f32_config(32, 256, 1056, "nk", SM90).block_k, tri.choose_f32_config(32, 256, 1056, "nk", SM90).split_k) == (128, 2)
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((3, 16)), rng.standard_normal((40, 16))  # one k-block of 16: no split, direct f32
+    cfg = tri.choose_f32_config(3, 16, 40, "nk")
+    assert cfg.split_k == 1
+    out = tri.gemv_f32(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), "nk", cfg)
+    assert out.dtype == jnp.float32 and npref.rel_err(out, x @ w.T) < 1e-6
+    with pytest.raises(ValueError, match="split_k=3"):
+        tri.gemv_f32(jnp.ones((2, 512), jnp.float32), jnp.ones((64, 512), jnp.float32), "nk",
+                     dataclasses.replace(cfg, block_k=256, split_k=3))
+    with pytest.raises(ValueError, match="1 to 32 rows"):
+        pk.gemv_f32(jnp.ones((33, 8)), jnp.ones((4, 8)))
+
+
+@pytest.mark.parametrize("M", [1, 32])
+def test_gemv_f32_lowers_to_one_triton_kernel(M):
+    cfg = tri.choose_f32_config(M, 4096, 1056, "nk")
+    f = lambda x, w: tri.gemv_f32_triton(x, w, layout="nk", cfg=cfg, interpret=False)  # noqa: E731
+    text = lower_for_cuda(f, jax.ShapeDtypeStruct((M, 4096), jnp.bfloat16),
+                          jax.ShapeDtypeStruct((1056, 4096), jnp.bfloat16))
+    assert count_triton_calls(text) == 1
 
 
 def test_bad_inputs_are_refused():

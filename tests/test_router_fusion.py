@@ -1,4 +1,5 @@
-"""One product for both routers' first stage (router_selector(fuse_routers=True)), used at B=1."""
+"""One product for both routers' first stage (router_selector(fuse_routers=True)), used at B=1 (XLA) and at
+17-32 rows (the split-K GEMV, pallas_kernels.gemv_f32)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -8,6 +9,8 @@ import pytest
 import polar_jax
 from conftest import load_cached
 from polar_jax.routers import router_selector
+from polar_jax.bench.synthetic import calibrate_union, random_bundle
+from polar_jax.routers import sparsify
 from polar_jax.routers.sparsify import fuse_routers_for
 from polar_jax.sparse_decode import sparse_selector
 
@@ -51,11 +54,47 @@ def test_fused_first_stage_selects_what_separate_routers_select(opt_default, imp
     assert not router_selector(bundle, 0.5, 0.99, attn=False, fuse_routers=True).fused_first
 
 
-def test_sparse_selector_fuses_the_routers_at_one_sequence_only(opt_default):
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_fused_first_stage_at_20_rows_runs_the_split_k_gemv_and_selects_the_same(opt_default, impl, monkeypatch):
+    """At 17-32 rows the fused product is `gemv_f32`'s (float32, split-K): the heads and the neuron union equal
+    those of the two separate products. The default bundle runs a dense MLP at 20 rows, so the MLP tables here
+    are calibrated for 20 rows on random router inputs (the decode benchmark's way)."""
+    model, _ = opt_default
+    cfg = model.config
+    rows = 20
+    rng = np.random.default_rng(9)
+    inputs = rng.standard_normal((cfg.num_layers, rows, cfg.hidden_size)).astype(np.float32)
+    bundle = calibrate_union(random_bundle(cfg, 16, jnp.float32), inputs, rows, 0.3)
+    calls = []
+    real = sparsify.gemv_f32
+    monkeypatch.setattr(sparsify, "gemv_f32", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    ref = router_selector(bundle, 0.5, 0.99, select_impl=impl)
+    fused = router_selector(bundle, 0.5, 0.99, select_impl=impl, fuse_routers=True)
+    live = jnp.asarray(np.arange(rows) != 3)
+    checked = 0
+    for layer in range(1, cfg.num_layers):
+        x = jnp.asarray(inputs[layer], jnp.float32)
+        np.testing.assert_allclose(fused._attn_logits(layer, x), ref._attn_logits(layer, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(ref.attention(layer, x, live).groups, fused.attention(layer, x, live).groups)
+        m, n = ref.mlp(layer, x, live), fused.mlp(layer, x, live)
+        assert 0 < int(m.n_active) < bundle.config.ffn
+        assert int(m.n_active) == int(n.n_active)
+        np.testing.assert_array_equal(np.asarray(m.idx)[: int(m.n_active)], np.asarray(n.idx)[: int(n.n_active)])
+        checked += 1
+    assert checked == cfg.num_layers - 1 and calls and all(shape == (rows, cfg.hidden_size) for shape in calls)
+
+
+@pytest.mark.parametrize("at_17_32", [False, True])
+def test_sparse_selector_fuses_the_routers_at_one_sequence_and_where_switched_on_at_17_to_32(opt_default, at_17_32,
+                                                                                            monkeypatch):
+    """One sequence: always. 17-32 rows (the split-K GEMV's product): only with FUSE_AT_FIRST_GEMV_ROWS, off until
+    timed."""
+    monkeypatch.setattr(sparsify, "FUSE_AT_FIRST_GEMV_ROWS", at_17_32)
     model, bundle = opt_default
     one = sparse_selector(model, bundle, batch=1, context=64, attn_density=0.5, policy="both")
     four = sparse_selector(model, bundle, batch=4, context=64, attn_density=0.5, policy="both")
-    assert fuse_routers_for(1) and not fuse_routers_for(2)
-    assert one.fused_first and not four.fused_first
+    twenty = sparse_selector(model, bundle, batch=20, context=64, attn_density=0.5, policy="both")
+    assert [b for b in range(1, 66) if fuse_routers_for(b)] == [1, *(range(17, 33) if at_17_32 else ())]
+    assert one.fused_first and not four.fused_first and twenty.fused_first == at_17_32
     heads_only = sparse_selector(model, bundle, batch=1, context=64, attn_density=0.5, policy="heads")
     assert not heads_only.fused_first

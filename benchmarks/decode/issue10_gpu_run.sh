@@ -15,6 +15,7 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh next       # router, LLaMA's GEMV at B=32, adaptive: still untimed
 #   bash benchmarks/decode/issue10_gpu_run.sh resweep    # the B >= 16 points again since the GEMV at 17-32 rows
 #   bash benchmarks/decode/issue10_gpu_run.sh rank       # OPT-6.7B heads + MLP with MLP routers of rank 512 and 256
+#   bash benchmarks/decode/issue10_gpu_run.sh first_gemv # the routers' fused first product on the GEMV at 17-32 rows
 # Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
 # the raw files under benchmarks/results/raw_<date>_<card>/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -100,6 +101,12 @@ rank_speed() {
     cp "/tmp/r/rank$r"/*.json "$OUT/rank${r}_opt.json"
   done
 }
+# at 17-32 rows, one split-K GEMV for both routers' first products (sparsify.FUSE_AT_FIRST_GEMV_ROWS) against XLA's
+# two split-K GEMMs; then where the kernels go with it (the profile counts one GEMV launch per layer if XLA
+# deduplicates the two routers' identical calls)
+variants_first_gemv() {
+  $V --points opt-6.7b:32:2048:both opt-6.7b:24:2048:both --code base first_gemv --out "$OUT/variants_first_gemv.json"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -117,8 +124,9 @@ router) variants_router ;;
 next) variants_router; variants_skinny_llama; adaptive_speed ;;  # what the 2026-12-07 session left untimed
 resweep) goals_opt 32; bound_sweep ;;  # OPT-6.7B B=32 with its profile first, then the other B >= 16 points
 rank) rank_speed ;;
+first_gemv) variants_first_gemv ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv" >&2
   exit 2
   ;;
 esac

@@ -230,6 +230,8 @@ def variants() -> dict:
         "fuse_routers": ((db, "router_selector", _router_selector(fuse_routers=True)),),
         "no_fuse_routers": ((db, "router_selector", _router_selector(fuse_routers=False)),),
         "fuse_routers_b8": ((sparsify, "FUSE_ROUTERS_MAX_BATCH", 8),),
+        # at 17-32 rows one product for both routers through the split-K GEMV (pallas_kernels.gemv_f32)
+        "first_gemv": ((sparsify, "FUSE_AT_FIRST_GEMV_ROWS", True),),
         # the decode-step norms as one Pallas kernel per call: off, and up to 16 rows
         "no_row_norm": ((row_norm_mod, "ROW_NORM_MAX_M", 0),),
         "row_norm16": ((row_norm_mod, "ROW_NORM_MAX_M", 16),),

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import union_select, unit_top_k
+from pallas_kernels import gemv_f32, union_select, unit_top_k
 from pallas_kernels.unit_top_k import MAX_UNITS as UNIT_TOP_K_MAX_UNITS
 from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
@@ -112,8 +112,11 @@ class _Routers:
         return logits if bias is None else logits + bias.astype(jnp.float32)
 
     def _first_stage(self, layer: int, x: jax.Array) -> jax.Array:
-        """x @ mlp_a[layer].T in float32 (the same traced op from both routers: XLA computes it once)."""
+        """x @ mlp_a[layer].T in float32 (the same traced op from both routers: XLA computes it once). At
+        FIRST_GEMV_ROWS the fused product is one split-K GEMV (XLA ran it as split-K GEMMs there)."""
         a = self.mlp_a[layer]
+        if self.fused_first and x.ndim == 2 and FIRST_GEMV_ROWS[0] <= x.shape[0] <= FIRST_GEMV_ROWS[1]:
+            return gemv_f32(x.astype(a.dtype), a, layout="nk", impl=self.select_impl)
         return jnp.einsum("...d,rd->...r", x.astype(a.dtype), a, preferred_element_type=jnp.float32)
 
     def _attn_counts(self, layer: int, logits: jax.Array) -> tuple[jax.Array, int]:
@@ -336,11 +339,20 @@ def router_sparsifier(bundle: SparsityBundle, attn_density: float | None = None,
 # product made the step much slower: 31 % at B=8 and 18 % at B=32, with the same selections
 # (benchmarks/results/raw_2026-11-29c_h200/call3_*, call4_* variants fuse_routers*), so B=1 only.
 FUSE_ROUTERS_MAX_BATCH = 1
+# At 17-32 rows the fused product runs through the Pallas GEMV instead (`pallas_kernels.gemv_f32`: one launch,
+# the reduction split over ~one program per SM). Since the attention projections moved to the GEMV there,
+# XLA ran the two routers' products at OPT-6.7B B=32 as two split-K GEMMs and a reduction, ~11 us per layer
+# for 8.6 MB (H100, 2026-12-07: benchmarks/results/raw_2026-12-07b_h100/call2_goals_opt.json); before, it had
+# merged them into the Q/K/V GEMM.
+FIRST_GEMV_ROWS = (17, 32)
+# Off until timed (step_variants `first_gemv`, issue10_gpu_run.sh `first_gemv`): the device time of the session
+# that wrote it ran out first. The selectors then keep XLA's two products at 2-32 rows.
+FUSE_AT_FIRST_GEMV_ROWS = False
 
 
 def fuse_routers_for(batch: int) -> bool:
     """Whether a decode selector built for `batch` sequences fuses its routers' first products."""
-    return batch <= FUSE_ROUTERS_MAX_BATCH
+    return batch <= FUSE_ROUTERS_MAX_BATCH or (FUSE_AT_FIRST_GEMV_ROWS and FIRST_GEMV_ROWS[0] <= batch <= FIRST_GEMV_ROWS[1])
 
 
 def router_selector(bundle: SparsityBundle, attn_density: float | None = None, mlp_recall: float | None = 0.99,
