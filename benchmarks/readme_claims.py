@@ -652,6 +652,83 @@ def decode_1207(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+# ---- the H100 again, same day (2026-12-07, ninth session) ---------------------------------------------------
+DECODE_1207B = "decode_1207b_h100/decode_sparse_2026-12-07"
+RAW_1207B = "raw_2026-12-07b_h100"
+
+
+def _points(results: Path, name: str) -> dict[tuple, dict]:
+    return {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in load(results, name)["rows"]}
+
+
+@claim("decode-1207b")
+def decode_1207b(results: Path) -> str:
+    d = load(results, f"{DECODE_1207B}.json")
+    rows = {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in d["rows"]}
+    calls = sorted(set(re.findall(r"(call\d+)_", d["command"])))
+    out = [f"Source: `benchmarks/results/{DECODE_1207B}.md` ({d['device']}, jax {d['jax_version']}, {d['date']}; "
+           f"{min(r['processes'] for r in d['rows'])}-{max(r['processes'] for r in d['rows'])} fresh processes per "
+           f"point, {len(calls)} device calls on one machine lease; {d['bandwidth_Bps'] / 1e12:.2f} TB/s measured).", "",
+           "| shape | B | context | dense step (% of roofline) | sparse variant | sparse step | speedup | goal | % of its Amdahl bound |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    missed, met = [], []
+    for key, r in sorted(rows.items()):
+        shape, b, ctx, var = key
+        if var == "dense":
+            continue
+        dense = rows[(shape, b, ctx, "dense")]
+        goal = SPEEDUP_GOALS.get(key)
+        ok = goal is not None and r["speedup"] >= goal
+        if goal is not None:
+            (met if ok else missed).append(f"{shape} B={b} {var} {r['speedup']:.2f}x of {goal:.2f}x")
+        status = "" if goal is None else f">= {goal:.2f}x: {'met' if ok else 'missed'}"
+        out.append(f"| {shape} | {b} | {ctx} | {1e3 * dense['step_s']:.2f} ms ({100 * dense['roofline_fraction']:.0f} %) | "
+                   f"{var} | {1e3 * r['step_s']:.2f} ms | {r['speedup']:.2f}x | {status} | "
+                   f"{100 * r['bound_fraction']:.0f} % of {r['amdahl_bound']:.2f}x |")
+    b1 = sorted((r for k, r in rows.items() if k[1] == 1 and k[3] == "dense"), key=lambda r: r["shape"])
+    big = [r for k, r in rows.items() if k[1] >= 16 and k[3] != "dense"]
+    within = [r for r in big if r["bound_fraction"] >= 0.9]
+    low = min(big, key=lambda r: r["bound_fraction"])
+    out += ["", "- Dense step at B=1: " + ", ".join(f"{r['shape']} {100 * r['roofline_fraction']:.0f} %" for r in b1)
+            + f" of the memory roofline (goal 75 %). Speedup goals met: {len(met)} of {len(met) + len(missed)}"
+            + (f"; missed: {'; '.join(missed)}." if missed else "."),
+            f"- Sparse points at B >= 16 within 90 % of their Amdahl bound: {len(within)} of {len(big)} (lowest: "
+            f"{low['shape']} B={low['batch']} {low['variant']} at {100 * low['bound_fraction']:.0f} %)."]
+    # the MLP router's rank: its cost (router + selection kernels against the dense step) and the speedup
+    policy = _points(results, f"{RAW_1207B}/call3_policy_opt.json")
+    ranks = [(1024, {**policy, **{k: v for k, v in _points(results, f"{RAW_1207B}/call2_goals_opt.json").items()}})]
+    ranks += [(r, _points(results, f"{RAW_1207B}/call2_rank{r}_opt.json")) for r in (512, 256)]
+    out.append(f"- OPT-6.7B heads + MLP with MLP routers of lower rank (the union density unchanged; the paper's rank "
+               f"is 1024): speedup at B=1 / 8 / 32, and router + selection against the dense step (goal at most "
+               f"{100 * ROUTER_SHARE_GOAL:.0f} %):")
+    for rank, pts in ranks:
+        cells = []
+        for b in (1, 8, 32):
+            r, dn = pts[("opt-6.7b", b, 2048, "both")], pts[("opt-6.7b", b, 2048, "dense")]
+            share = (f", router {100 * part_ms(r['kernels'], 'router') / (1e3 * dn['step_s']):.1f} %"
+                     if r.get("kernels") else "")
+            cells.append(f"B={b} {r['speedup']:.2f}x{share}")
+        out.append(f"  - rank {rank}: " + "; ".join(cells))
+    rv = lambda name: load(results, f"{RAW_1207B}/{name}.json")["rows"]  # noqa: E731
+    gain = lambda r: f"{100 * (1 / r - 1):+.1f} %"  # noqa: E731 - speed change from applying a change
+    router, skinny = rv("call1_variants_router"), rv("call1_variants_skinny_llama")
+    a_ll, a_opt = _points(results, f"{RAW_1207B}/call1_adaptive_llama2.json"), _points(results, f"{RAW_1207B}/call1_adaptive_opt.json")
+    ll = lambda v: a_ll[("llama2-7b", 16, 4096, v)]  # noqa: E731
+    op = lambda v: a_opt[("opt-6.7b", 32, 2048, v)]  # noqa: E731
+    out += ["", "Same-process A/B (speed change from applying each):",
+            "- the MLP router's second matrix neuron-major (`MLP_ROUTER_LAYOUT = \"nr\"`): OPT-6.7B heads + MLP B=1 "
+            f"{gain(_variant_ratio(router, 'opt-6.7b', 1, 'both', 'router_nr'))}, B=32 "
+            f"{gain(_variant_ratio(router, 'opt-6.7b', 32, 'both', 'router_nr'))} (not adopted)",
+            "- the Pallas GEMV at 17-32 rows on a gated MLP, against the rule before it (XLA's GEMMs there): LLaMA-2-7B "
+            f"B=32 dense {gain(1 / _variant_ratio(skinny, 'llama2-7b', 32, 'dense', 'gemv_nk16'))}, heads "
+            f"{gain(1 / _variant_ratio(skinny, 'llama2-7b', 32, 'heads', 'gemv_nk16'))} (kept)",
+            f"- input-adaptive head budgets against fixed top-k at the same mean (fresh processes): LLaMA-2-7B B=16 "
+            f"heads {ll('heads-adaptive')['speedup']:.2f}x against {ll('heads')['speedup']:.2f}x, OPT-6.7B B=32 "
+            f"heads + MLP {op('both-adaptive')['speedup']:.2f}x against {op('both')['speedup']:.2f}x (heads kept "
+            f"{op('both-adaptive')['attn_fraction']:.2f} against {op('both')['attn_fraction']:.2f})"]
+    return "\n".join(out) + "\n"
+
+
 # ---- Polar Sparsity on SmolLM2 (CPU) ---------------------------------------------------------------------
 @claim("smollm2-accuracy")
 def smollm2_accuracy(results: Path) -> str:

@@ -49,7 +49,8 @@ MLP_RULES = ("threshold", "topk")
 # (transposed once when the selector is built). `union_mask` reads a block of neurons per program: rank-major,
 # that is `rank` runs of 128 bytes (64 bf16 neurons) 2N bytes apart; neuron-major, one contiguous run. On the
 # H100 it read the rank-major matrix at ~73 % of the bandwidth (14.4 us per OPT-6.7B layer at B=32,
-# benchmarks/results/decode_1207_h100/notes.md); neuron-major is not measured yet (step_variants `router_nr`).
+# benchmarks/results/decode_1207_h100/notes.md). Neuron-major was no faster there: OPT-6.7B heads + MLP B=1
+# -0.3 %, B=32 -0.0 % (step_variants `router_nr`, benchmarks/results/raw_2026-12-07b_h100/call1_variants_router.json).
 MLP_ROUTER_LAYOUT = "rn"
 
 
