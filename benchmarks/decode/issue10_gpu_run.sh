@@ -16,6 +16,7 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh resweep    # the B >= 16 points again since the GEMV at 17-32 rows
 #   bash benchmarks/decode/issue10_gpu_run.sh rank       # OPT-6.7B heads + MLP with MLP routers of rank 512 and 256
 #   bash benchmarks/decode/issue10_gpu_run.sh first_gemv # the routers' fused first product on the GEMV at 17-32 rows
+#   bash benchmarks/decode/issue10_gpu_run.sh auto       # `auto` against dense at the policy grid (>= 0.98x wanted)
 # Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
 # the raw files under benchmarks/results/raw_<date>_<card>/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -107,6 +108,13 @@ rank_speed() {
 variants_first_gemv() {
   $V --points opt-6.7b:32:2048:both opt-6.7b:24:2048:both --code base first_gemv --out "$OUT/variants_first_gemv.json"
 }
+# `auto` (the committed policy table's choice for this card) against dense at the grid `policy` timed
+auto_check() {
+  $BENCH --shapes opt-6.7b --batches 1 8 32 --contexts 2048 --variants dense auto --out /tmp/r/au1
+  cp /tmp/r/au1/*.json "$OUT/auto_opt.json"
+  $BENCH --shapes llama2-7b --batches 1 16 --contexts 4096 --variants dense auto --attn-density 0.5 --out /tmp/r/au2
+  cp /tmp/r/au2/*.json "$OUT/auto_llama2.json"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -125,8 +133,9 @@ next) variants_router; variants_skinny_llama; adaptive_speed ;;  # what the 2026
 resweep) goals_opt 32; bound_sweep ;;  # OPT-6.7B B=32 with its profile first, then the other B >= 16 points
 rank) rank_speed ;;
 first_gemv) variants_first_gemv ;;
+auto) auto_check ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv|auto" >&2
   exit 2
   ;;
 esac
