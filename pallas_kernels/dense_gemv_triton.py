@@ -84,9 +84,9 @@ def choose_gemv_config(M: int, K: int, N: int, layout: str, device: DeviceClass 
 
 def choose_f32_config(M: int, K: int, N: int, layout: str, device: DeviceClass | None = None) -> GemvConfig:
     """Tiling for a narrow product whose consumer wants float32 (`gemv_f32`, the routers' first product): 32
-    columns per program and the reduction split over at least two programs (their float32 partials are the
-    output before the sum), as many splits as keep the programs within about one per SM. Rank 1024 + 32 head
-    columns at d=4096: 33 column blocks x 4 splits of 4 k-steps."""
+    columns per program and, wherever K has two k-blocks or more, the reduction split over at least two
+    programs (float32 partials), as many splits as keep the programs within about one per SM. Rank 1024 + 32
+    head columns at d=4096: 33 column blocks x 4 splits of 4 k-steps."""
     dev = device or current_device_class()
     block_k = 256
     while block_k > 16 and cdiv(K, block_k) < 2:  # at least two k-blocks to split where K allows
