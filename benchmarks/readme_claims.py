@@ -729,6 +729,29 @@ def decode_1207b(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+# ---- the MLP router's rank (CPU, tiny OPT models) --------------------------------------------------------
+@claim("router-rank")
+def router_rank(results: Path) -> str:
+    """The union the threshold rule keeps at recall 0.99 per router rank, the top-k rule's perplexity, and the
+    OPT-6.7B bytes projection, from router_rank_<model>.json."""
+    out = []
+    for model in ("tiny-opt", "polar-tiny-opt"):
+        d = load(results, f"router_rank_{model}.json")
+        ranks = sorted(d["ranks"], key=lambda r: -r["rank_ratio"])
+        ratio = lambda r: f"d/{round(1 / r['rank_ratio'])}"  # noqa: E731
+        ppl = [v["ppl"] / d["dense_ppl"] for r in ranks for v in r["ppl"].values()]
+        out += [f"- {model} (d = {d['d']}, ffn {d['ffn']}; {d['device']}, {d['date']}): neurons kept by the threshold rule "
+                f"at recall 0.99, B=1 / 8 / 32, and the projected OPT-6.7B router + MLP megabytes per layer at B=1:"]
+        for r in ranks:
+            t = r["tables"]["0.99"]["threshold_rule_kept_mean"]
+            mb = r["opt67b_threshold_rule"]["router_plus_mlp_bytes_per_layer"]["1"] / 1e6
+            out.append(f"  - rank {r['rank']} ({ratio(r)}): {t['1']:.3f} / {t['8']:.3f} / {t['32']:.3f}; {mb:.1f} MB")
+        union = d["true_union_density"]
+        out.append(f"  - the true union: {union['1']:.3f} / {union['8']:.3f} / {union['32']:.3f}. Top-k rule "
+                   f"perplexity / dense at every rank and B: {min(ppl):.4f} to {max(ppl):.4f}.")
+    return "\n".join(out) + "\n"
+
+
 # ---- Polar Sparsity on SmolLM2 (CPU) ---------------------------------------------------------------------
 @claim("smollm2-accuracy")
 def smollm2_accuracy(results: Path) -> str:
