@@ -103,8 +103,8 @@ rank_speed() {
   done
 }
 # at 17-32 rows, one split-K GEMV for both routers' first products (sparsify.FUSE_AT_FIRST_GEMV_ROWS) against XLA's
-# two split-K GEMMs; then where the kernels go with it (the profile counts one GEMV launch per layer if XLA
-# deduplicates the two routers' identical calls)
+# two split-K GEMMs (it pays only if XLA deduplicates the two routers' identical GEMV calls, as it does their
+# identical products at B=1; a `bench decode --breakdown` with the switch on counts the launches)
 variants_first_gemv() {
   $V --points opt-6.7b:32:2048:both opt-6.7b:24:2048:both --code base first_gemv --out "$OUT/variants_first_gemv.json"
 }
