@@ -555,10 +555,49 @@ def _router_share_line(rows: dict[tuple, dict]) -> str:
             + f" (met at {met} of {len(shares)}).")
 
 
+def _points(results: Path, name: str) -> dict[tuple, dict]:
+    """A results file's rows by (shape, batch, context, variant)."""
+    return {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in load(results, name)["rows"]}
+
+
+def _goal_table(rows: dict[tuple, dict], per_call: list[dict[tuple, float]] = ()) -> list[str]:
+    """A merged decode run's table (every sparse point against its dense step, goal and bound share) and its two
+    goal lines. `per_call`: speedups of the same points in each device call, shown beside the merged one; a goal
+    then counts as met only where every call met it."""
+    speedup_head = "speedup (per call) " if per_call else "speedup "
+    out = [f"| shape | B | context | dense step (% of roofline) | sparse variant | sparse step | {speedup_head}"
+           "| goal | % of its Amdahl bound |", "|---|---|---|---|---|---|---|---|---|"]
+    missed, met = [], []
+    for key, r in sorted(rows.items()):
+        shape, b, ctx, var = key
+        if var == "dense":
+            continue
+        dense = rows[(shape, b, ctx, "dense")]
+        goal = SPEEDUP_GOALS.get(key)
+        calls = [c[key] for c in per_call if key in c]
+        ok = goal is not None and min([r["speedup"], *calls]) >= goal
+        status = "" if goal is None else f">= {goal:.2f}x: {'met' if ok else 'missed'}"
+        if goal is not None:
+            (met if ok else missed).append(f"{shape} B={b} {var} {r['speedup']:.2f}x of {goal:.2f}x")
+        each = f" ({', '.join(f'{c:.2f}x' for c in calls)})" if calls else ""
+        out.append(f"| {shape} | {b} | {ctx} | {1e3 * dense['step_s']:.2f} ms ({100 * dense['roofline_fraction']:.0f} %) | "
+                   f"{var} | {1e3 * r['step_s']:.2f} ms | {r['speedup']:.2f}x{each} | {status} | "
+                   f"{100 * r['bound_fraction']:.0f} % of {r['amdahl_bound']:.2f}x |")
+    b1 = sorted((r for k, r in rows.items() if k[1] == 1 and k[3] == "dense"), key=lambda r: r["shape"])
+    big = [r for k, r in rows.items() if k[1] >= 16 and k[3] != "dense"]
+    within = [r for r in big if r["bound_fraction"] >= 0.9]
+    low = min(big, key=lambda r: r["bound_fraction"])
+    return out + ["", "- Dense step at B=1: " + ", ".join(f"{r['shape']} {100 * r['roofline_fraction']:.0f} %" for r in b1)
+                  + f" of the memory roofline (goal 75 %). Speedup goals met: {len(met)} of {len(met) + len(missed)}"
+                  + (f"; missed: {'; '.join(missed)}." if missed else "."),
+                  f"- Sparse points at B >= 16 within 90 % of their Amdahl bound: {len(within)} of {len(big)} (lowest: "
+                  f"{low['shape']} B={low['batch']} {low['variant']} at {100 * low['bound_fraction']:.0f} %)."]
+
+
 @claim("decode-1207")
 def decode_1207(results: Path) -> str:
     d = load(results, f"{DECODE_1207}.json")
-    rows = {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in d["rows"]}
+    rows = _points(results, f"{DECODE_1207}.json")
     per_lease = [{**_speedups(results, f"{RAW_1207}/{c}_goals_opt.json"),
                   **_speedups(results, f"{RAW_1207}/{c}_goals_llama.json")} for c in LEASES_1207]
     calls = sorted(set(re.findall(r"(call\d+)_", d["command"])))
@@ -568,36 +607,7 @@ def decode_1207(results: Path) -> str:
            f"point from {len(calls)} device calls). The goals were set on an H200; this card's measured bandwidth is "
            f"{100 * d['bandwidth_Bps'] / h200['bandwidth_Bps']:.0f} % of the H200's ({d['bandwidth_Bps'] / 1e12:.2f} "
            f"against {h200['bandwidth_Bps'] / 1e12:.2f} TB/s), so the fixed cost of each kernel weighs less against "
-           "the bytes here and these ratios are not the H200's.", "",
-           "| shape | B | context | dense step (% of roofline) | sparse variant | sparse step | speedup (per call) "
-           "| goal | % of its Amdahl bound |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    missed, met = [], []
-    for key, r in sorted(rows.items()):
-        shape, b, ctx, var = key
-        if var == "dense":
-            continue
-        dense = rows[(shape, b, ctx, "dense")]
-        goal = SPEEDUP_GOALS.get(key)
-        calls = [lease[key] for lease in per_lease if key in lease]
-        # a goal counts as met only where every call met it
-        ok = goal is not None and min([r["speedup"], *calls]) >= goal
-        status = "" if goal is None else f">= {goal:.2f}x: {'met' if ok else 'missed'}"
-        if goal is not None:
-            (met if ok else missed).append(f"{shape} B={b} {var} {r['speedup']:.2f}x of {goal:.2f}x")
-        each = f" ({', '.join(f'{c:.2f}x' for c in calls)})" if calls else ""
-        out.append(f"| {shape} | {b} | {ctx} | {1e3 * dense['step_s']:.2f} ms ({100 * dense['roofline_fraction']:.0f} %) | "
-                   f"{var} | {1e3 * r['step_s']:.2f} ms | {r['speedup']:.2f}x{each} | {status} | "
-                   f"{100 * r['bound_fraction']:.0f} % of {r['amdahl_bound']:.2f}x |")
-    b1 = [r for k, r in rows.items() if k[1] == 1 and k[3] == "dense"]
-    roof = ", ".join(f"{r['shape']} {100 * r['roofline_fraction']:.0f} %" for r in sorted(b1, key=lambda r: r["shape"]))
-    big = [r for k, r in rows.items() if k[1] >= 16 and k[3] != "dense"]
-    within = [r for r in big if r["bound_fraction"] >= 0.9]
-    low = min(big, key=lambda r: r["bound_fraction"])
-    out += ["", f"- Dense step at B=1: {roof} of the memory roofline (goal 75 %). Speedup goals met: "
-            f"{len(met)} of {len(met) + len(missed)}" + (f"; missed: {'; '.join(missed)}." if missed else "."),
-            f"- Sparse points at B >= 16 within 90 % of their Amdahl bound: {len(within)} of {len(big)} (lowest: "
-            f"{low['shape']} B={low['batch']} {low['variant']} at {100 * low['bound_fraction']:.0f} %)."]
+           "the bytes here and these ratios are not the H200's.", ""] + _goal_table(rows, per_lease)
     # where the missed goal's step goes: each part's kernel time against its bytes at the measured bandwidth
     r32 = rows[("opt-6.7b", 32, 2048, "both")]
     bw, ms, nb = d["bandwidth_Bps"], r32["breakdown_ms"], r32["bytes"]
@@ -657,46 +667,18 @@ DECODE_1207B = "decode_1207b_h100/decode_sparse_2026-12-07"
 RAW_1207B = "raw_2026-12-07b_h100"
 
 
-def _points(results: Path, name: str) -> dict[tuple, dict]:
-    return {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in load(results, name)["rows"]}
-
-
 @claim("decode-1207b")
 def decode_1207b(results: Path) -> str:
     d = load(results, f"{DECODE_1207B}.json")
-    rows = {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in d["rows"]}
+    rows = _points(results, f"{DECODE_1207B}.json")
     calls = sorted(set(re.findall(r"(call\d+)_", d["command"])))
     out = [f"Source: `benchmarks/results/{DECODE_1207B}.md` ({d['device']}, jax {d['jax_version']}, {d['date']}; "
            f"{min(r['processes'] for r in d['rows'])}-{max(r['processes'] for r in d['rows'])} fresh processes per "
-           f"point, {len(calls)} device calls on one machine lease; {d['bandwidth_Bps'] / 1e12:.2f} TB/s measured).", "",
-           "| shape | B | context | dense step (% of roofline) | sparse variant | sparse step | speedup | goal | % of its Amdahl bound |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    missed, met = [], []
-    for key, r in sorted(rows.items()):
-        shape, b, ctx, var = key
-        if var == "dense":
-            continue
-        dense = rows[(shape, b, ctx, "dense")]
-        goal = SPEEDUP_GOALS.get(key)
-        ok = goal is not None and r["speedup"] >= goal
-        if goal is not None:
-            (met if ok else missed).append(f"{shape} B={b} {var} {r['speedup']:.2f}x of {goal:.2f}x")
-        status = "" if goal is None else f">= {goal:.2f}x: {'met' if ok else 'missed'}"
-        out.append(f"| {shape} | {b} | {ctx} | {1e3 * dense['step_s']:.2f} ms ({100 * dense['roofline_fraction']:.0f} %) | "
-                   f"{var} | {1e3 * r['step_s']:.2f} ms | {r['speedup']:.2f}x | {status} | "
-                   f"{100 * r['bound_fraction']:.0f} % of {r['amdahl_bound']:.2f}x |")
-    b1 = sorted((r for k, r in rows.items() if k[1] == 1 and k[3] == "dense"), key=lambda r: r["shape"])
-    big = [r for k, r in rows.items() if k[1] >= 16 and k[3] != "dense"]
-    within = [r for r in big if r["bound_fraction"] >= 0.9]
-    low = min(big, key=lambda r: r["bound_fraction"])
-    out += ["", "- Dense step at B=1: " + ", ".join(f"{r['shape']} {100 * r['roofline_fraction']:.0f} %" for r in b1)
-            + f" of the memory roofline (goal 75 %). Speedup goals met: {len(met)} of {len(met) + len(missed)}"
-            + (f"; missed: {'; '.join(missed)}." if missed else "."),
-            f"- Sparse points at B >= 16 within 90 % of their Amdahl bound: {len(within)} of {len(big)} (lowest: "
-            f"{low['shape']} B={low['batch']} {low['variant']} at {100 * low['bound_fraction']:.0f} %)."]
+           f"point, {len(calls)} device calls on one machine lease; {d['bandwidth_Bps'] / 1e12:.2f} TB/s measured).", ""]
+    out += _goal_table(rows)
     # the MLP router's rank: its cost (router + selection kernels against the dense step) and the speedup
     policy = _points(results, f"{RAW_1207B}/call3_policy_opt.json")
-    ranks = [(1024, {**policy, **{k: v for k, v in _points(results, f"{RAW_1207B}/call2_goals_opt.json").items()}})]
+    ranks = [(1024, {**policy, **_points(results, f"{RAW_1207B}/call2_goals_opt.json")})]
     ranks += [(r, _points(results, f"{RAW_1207B}/call2_rank{r}_opt.json")) for r in (512, 256)]
     out.append(f"- OPT-6.7B heads + MLP with MLP routers of lower rank (the union density unchanged; the paper's rank "
                f"is 1024): speedup at B=1 / 8 / 32, and router + selection against the dense step (goal at most "
