@@ -9,12 +9,11 @@ projection), "nk" is [N, K] (out-major: the neuron-major MLP up/gate projections
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from . import dense_gemv_triton as tri
 from .activations import ACTIVATIONS
 from .backends import dispatch
-from .dense_gemv_xla import LAYOUTS, gemv_xla
+from .dense_gemv_xla import LAYOUTS, gemv_xla, product_f32
 from .split_sum import SplitSum
 from .validation import check_float, check_ndim, check_same_dtype
 
@@ -54,9 +53,7 @@ def gemv(x: Array, w: Array, bias: Array | None = None, activation: str | None =
     return dispatch("gemv", _SPLIT if split_sum else _IMPLS, impl)(x, w, bias, activation, layout)
 
 
-_F32 = {"xla": lambda x, w, lay: jnp.einsum("mk,kn->mn" if lay == "kn" else "mk,nk->mn", x, w,
-                                             preferred_element_type=jnp.float32),
-        "triton": lambda x, w, lay: tri.gemv_f32(x, w, lay)}
+_F32 = {"xla": product_f32, "triton": lambda x, w, lay: tri.gemv_f32(x, w, lay)}
 
 
 def gemv_f32(x: Array, w: Array, layout: str = "nk", impl: str = "auto") -> Array:
