@@ -106,7 +106,7 @@ def _equivalent_table() -> dict[tuple[str, str, str], str]:
         "`pos < capacity` is redundant: where mask is True, pos >= 0, and a pos >= capacity is out of range of "
         "idx, which the scatter (mode='drop') drops just as it drops dest = capacity; where mask is False the "
         "mutated condition is still False (pos < capacity holds there) or pos >= capacity is dropped anyway")
-    spec = 'spec = "mk,kn->mn" if layout == "kn" else "mk,nk->mn"'
+    spec = 'return jnp.einsum("mk,kn->mn" if layout == "kn" else "mk,nk->mn", x, w, preferred_element_type=jnp.float32)'
     add("gemv-reference", spec, (spec.replace("==", "<="),),
         "layout is 'kn' or 'nk' (dense_gemv.check_gemv refuses anything else before dispatch), and "
         "'kn' <= 'kn' is True, 'nk' <= 'kn' False: the same branch as ==")
