@@ -133,6 +133,9 @@ def check_tokens(model: Any, on_mesh: Any, prompts: list, sparse_kw: dict, name:
                   balanced_ref[tensor], f"{name} sparse balanced top-k {label}")
 
 
+_UNION_PROGRAMS: dict = {}
+
+
 def _shard_unions(selector: Any, mesh: Any, cfg: Any, layer: int, x: jax.Array, live: jax.Array) -> list:
     """Each shard's MLP union (neuron ids of the whole layer), computed inside the shard_map."""
     tensor = mesh_shape(mesh)[1]
@@ -145,7 +148,10 @@ def _shard_unions(selector: Any, mesh: Any, cfg: Any, layer: int, x: jax.Array, 
         return jnp.pad(got.idx, (0, per - got.idx.shape[0]))[None], got.n_active[None]
 
     specs = tp.selector_specs(selector)
-    idx, n = tp.on_mesh(run, mesh, (specs, P("data"), P("data")), (P(TENSOR), P(TENSOR)))(selector, x, live)
+    key = (id(selector), mesh, layer)
+    if key not in _UNION_PROGRAMS:  # one compiled program per layer (an eager shard_map runs op by op: slow)
+        _UNION_PROGRAMS[key] = jax.jit(tp.on_mesh(run, mesh, (specs, P("data"), P("data")), (P(TENSOR), P(TENSOR))))
+    idx, n = _UNION_PROGRAMS[key](selector, x, live)
     return [np.asarray(idx[s])[: int(n[s])] + s * per for s in range(tensor)]
 
 
