@@ -31,8 +31,18 @@ def test_bench_decode_runs_on_a_mesh(tmp_path):
         hkv = {"tiny-opt": 4, "tiny-llama": 2}[r["shape"]]
         assert r["kv_shard"][0] == 2 and r["kv_shard"][2] == hkv // 2  # the stepped cache: rows over data, KV heads over tensor
         assert r["step_s"] > 0 and 0 < r["roofline_fraction"] < 1
-        if r["variant"] != "dense":
-            assert math.isfinite(r["logits_rel_diff_vs_dense"]) and r["logits_rel_diff_vs_dense"] > 0  # really sparse
+        if r["variant"] == "dense":
+            continue
+        diff = r["logits_rel_diff_vs_dense"]
+        assert math.isfinite(diff)
+        if r["shape"] == "tiny-llama":
+            # 2 KV groups over 2 shards: ceil(1 / 2) = 1 group per shard keeps both. The row must say its
+            # attention is dense (it once claimed 0.5 of the groups) and its logits are the dense step's
+            assert r["attn_fraction"] == 1.0 and diff < 1e-5, (r["attn_fraction"], diff)
+        else:  # tiny-opt: 4 heads, 1 of 2 kept per shard
+            assert r["attn_fraction"] == (0.5 if r["variant"] in ("heads", "both") else 1.0)
+            assert diff > 1e-2  # really sparse
+    assert "B=4 L=32 heads: the head budget keeps every one of the 2 attention units" in res.stdout
 
 
 @pytest.mark.parametrize("flags, words", [

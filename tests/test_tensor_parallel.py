@@ -108,6 +108,24 @@ def test_balanced_decode_equals_its_masked_evaluation(opt_default, balance, adap
     assert float(jnp.max(jnp.abs(masked - glob))) > 1e-3
 
 
+def test_a_balanced_budget_that_reaches_every_head_runs_dense_attention(opt_default):
+    """ceil(k / n) heads per shard on n shards can be every head (polar-tiny-opt: 8 heads, k = 1 on 8 shards):
+    such a layer selects nothing and says so (`attn_kept`), where a smaller budget stays sparse."""
+    model, bundle = opt_default
+    units = model.config.num_heads
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, model.config.hidden_size)), jnp.float32)
+    live = jnp.ones((3,), bool)
+    for density, balance, kept in ((1 / units, 8, 8), (2 / units, 4, 4), (1 / units, 2, 2), (2 / units, 1, 2)):
+        sel = router_selector(bundle, density, select_impl="xla", balance=balance)
+        layers = [i for i, w in enumerate(sel.attn_w) if w is not None]
+        assert layers and [sel.attn_kept(i) for i in layers] == [kept] * len(layers), (density, balance)
+        got = sel.attention(layers[0], x, live)
+        if kept == units:
+            assert got is None  # dense attention, no router work
+        else:
+            assert got.groups.shape == (3, kept) and np.asarray(got.n_active).tolist() == [kept] * 3
+
+
 def test_bad_tensor_parallel_settings_give_clear_errors(opt_default):
     model, bundle = opt_default
     with pytest.raises(InputError, match="head_topk"):

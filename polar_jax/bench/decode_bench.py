@@ -208,7 +208,12 @@ def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, arg
                 v.sizes["mlp_n_active"] = [max(1, int(round(density * cfg.intermediate_size)))]
     for v in variants:
         if v.selector is not None and v.selector.use_attn and "attn_n_active" not in v.sizes:
-            v.sizes["attn_n_active"] = [v.selector.attn_k[1]]
+            sel = v.selector
+            v.sizes["attn_n_active"] = kept = [sel.attn_kept(i) for i, w in enumerate(sel.attn_w) if w is not None]
+            if kept and min(kept) >= sel.units:  # the row would otherwise claim a head saving it does not make
+                print(f"  B={batch} L={context} {v.name}: the head budget keeps every one of the {sel.units} "
+                      f"attention units (ceil(k / {sel.balance}) per shard on {sel.balance} shards): its attention "
+                      "is dense", flush=True)
     for _ in range(args.repeats):  # interleaved: every variant once per round
         for v in variants:
             c = _reset(cache, context)

@@ -90,8 +90,21 @@ class _Routers:
         """Neurons the MLP router scores (a tensor-parallel shard's own under shard_map)."""
         return self.mlp_b[layer].shape[self.mlp_neuron_axis]
 
+    def attn_kept(self, layer: int) -> int:
+        """Attention units each row keeps at `layer` with the fixed budget. Balanced over n shards that is
+        ceil(k / n) per shard, n times, which can be every unit (LLaMA-3.1-8B's 8 KV groups at k = 4 on 8
+        shards keep 1 + 1 + ... = 8): the layer's attention is then dense."""
+        if not (self.use_attn and self.attn_w[layer] is not None):
+            return self.units
+        n = self.balance
+        if n > 1:
+            return min(shard_budget(self.attn_k[layer], n), self.units // n) * n
+        return min(self.attn_k[layer], self.units)
+
     def _attn_on(self, layer: int) -> bool:
-        return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
+        if self.budgets is not None:  # adaptive: per-row counts, which the mean k does not bound
+            return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
+        return self.attn_kept(layer) < self.units
 
     def _attn_product(self, layer: int, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """(float32 scores whose first U columns, plus the bias, are the head router's logits; that bias or
