@@ -24,6 +24,10 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 # many times over (the default model's generate: 5.3 s cold, 2.2 s from the cache on the 2-core CI machine).
 # A hit needs the same HLO and compile options, so it is the same executable.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax"))
+# Cache every program, not only those that took >= 1 s to compile (jax's default): the suite compiles thousands
+# of small programs, many again in another worker or a CLI subprocess (cold cache, 2 cores: test_generate +
+# test_cli_routers 137 -> 120 s, test_sparse_selection + test_lm_eval_adapter 186 -> 179 s).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def require(path: Path) -> Path:
