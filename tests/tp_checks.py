@@ -133,11 +133,10 @@ def check_tokens(model: Any, on_mesh: Any, prompts: list, sparse_kw: dict, name:
                   balanced_ref[tensor], f"{name} sparse balanced top-k {label}")
 
 
-_UNION_PROGRAMS: dict = {}
-
-
-def _shard_unions(selector: Any, mesh: Any, cfg: Any, layer: int, x: jax.Array, live: jax.Array) -> list:
-    """Each shard's MLP union (neuron ids of the whole layer), computed inside the shard_map."""
+def _shard_unions(selector: Any, mesh: Any, cfg: Any, layer: int, x: jax.Array, live: jax.Array,
+                  programs: dict) -> list:
+    """Each shard's MLP union (neuron ids of the whole layer), computed inside the shard_map. `programs`
+    keeps one compiled program per layer (an eager shard_map runs op by op: slow)."""
     tensor = mesh_shape(mesh)[1]
     per = cfg.intermediate_size // tensor
 
@@ -148,10 +147,9 @@ def _shard_unions(selector: Any, mesh: Any, cfg: Any, layer: int, x: jax.Array, 
         return jnp.pad(got.idx, (0, per - got.idx.shape[0]))[None], got.n_active[None]
 
     specs = tp.selector_specs(selector)
-    key = (id(selector), mesh, layer)
-    if key not in _UNION_PROGRAMS:  # one compiled program per layer (an eager shard_map runs op by op: slow)
-        _UNION_PROGRAMS[key] = jax.jit(tp.on_mesh(run, mesh, (specs, P("data"), P("data")), (P(TENSOR), P(TENSOR))))
-    idx, n = _UNION_PROGRAMS[key](selector, x, live)
+    if layer not in programs:
+        programs[layer] = jax.jit(tp.on_mesh(run, mesh, (specs, P("data"), P("data")), (P(TENSOR), P(TENSOR))))
+    idx, n = programs[layer](selector, x, live)
     return [np.asarray(idx[s])[: int(n[s])] + s * per for s in range(tensor)]
 
 
@@ -174,19 +172,19 @@ def check_mlp_union_per_shard(model: Any, selector: Any, mesh: Any, router_input
     b = router_inputs.shape[1]
     live = jnp.asarray(np.arange(b) != 1)
     noise = jnp.asarray(np.random.default_rng(1).normal(size=(b, cfg.hidden_size)), jnp.float32)
-    overflowed = 0
+    overflowed, programs = 0, {}
     for layer in layers:
         want = selector.mlp(layer, router_inputs[layer], live)
         ids = np.asarray(want.idx)[: int(want.n_active)]
         if not 0 < ids.size < want.idx.shape[0]:
             raise AssertionError(f"layer {layer}: a union of {ids.size} of {want.idx.shape[0]} slots tests nothing")
-        for s, got in enumerate(_shard_unions(selector, mesh, cfg, layer, router_inputs[layer], live)):
+        for s, got in enumerate(_shard_unions(selector, mesh, cfg, layer, router_inputs[layer], live, programs)):
             mine = np.sort(ids[(ids >= s * per) & (ids < (s + 1) * per)])
             if not np.array_equal(got, mine):
                 raise AssertionError(f"layer {layer} shard {s}: union {got}, expected {mine}")
         full = selector.mlp(layer, noise, live)
         one = set(np.asarray(full.idx)[: int(full.n_active)].tolist())
-        sharded = set(np.concatenate(_shard_unions(selector, mesh, cfg, layer, noise, live)).tolist())
+        sharded = set(np.concatenate(_shard_unions(selector, mesh, cfg, layer, noise, live, programs)).tolist())
         overflowed += len(sharded) > len(one)
         if not one <= sharded:
             raise AssertionError(f"layer {layer}: an overflowing union kept {sorted(one - sharded)} on one "
