@@ -211,9 +211,9 @@ def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, arg
             sel = v.selector
             v.sizes["attn_n_active"] = kept = [sel.attn_kept(i) for i, w in enumerate(sel.attn_w) if w is not None]
             if kept and min(kept) >= sel.units:  # the row would otherwise claim a head saving it does not make
+                why = f"ceil(k / {sel.balance}) per shard on {sel.balance} shards" if sel.balance > 1 else "k"
                 print(f"  B={batch} L={context} {v.name}: the head budget keeps every one of the {sel.units} "
-                      f"attention units (ceil(k / {sel.balance}) per shard on {sel.balance} shards): its attention "
-                      "is dense", flush=True)
+                      f"attention units ({why}): its attention is dense", flush=True)
     for _ in range(args.repeats):  # interleaved: every variant once per round
         for v in variants:
             c = _reset(cache, context)
