@@ -555,9 +555,13 @@ def _router_share_line(rows: dict[tuple, dict]) -> str:
             + f" (met at {met} of {len(shares)}).")
 
 
+def _keyed(d: dict) -> dict[tuple, dict]:
+    """A loaded results file's rows by (shape, batch, context, variant)."""
+    return {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in d["rows"]}
+
+
 def _points(results: Path, name: str) -> dict[tuple, dict]:
-    """A results file's rows by (shape, batch, context, variant)."""
-    return {(r["shape"], r["batch"], r["context"], r["variant"]): r for r in load(results, name)["rows"]}
+    return _keyed(load(results, name))
 
 
 def _goal_table(rows: dict[tuple, dict], per_call: list[dict[tuple, float]] = ()) -> list[str]:
@@ -597,7 +601,7 @@ def _goal_table(rows: dict[tuple, dict], per_call: list[dict[tuple, float]] = ()
 @claim("decode-1207")
 def decode_1207(results: Path) -> str:
     d = load(results, f"{DECODE_1207}.json")
-    rows = _points(results, f"{DECODE_1207}.json")
+    rows = _keyed(d)
     per_lease = [{**_speedups(results, f"{RAW_1207}/{c}_goals_opt.json"),
                   **_speedups(results, f"{RAW_1207}/{c}_goals_llama.json")} for c in LEASES_1207]
     calls = sorted(set(re.findall(r"(call\d+)_", d["command"])))
@@ -670,7 +674,7 @@ RAW_1207B = "raw_2026-12-07b_h100"
 @claim("decode-1207b")
 def decode_1207b(results: Path) -> str:
     d = load(results, f"{DECODE_1207B}.json")
-    rows = _points(results, f"{DECODE_1207B}.json")
+    rows = _keyed(d)
     calls = sorted(set(re.findall(r"(call\d+)_", d["command"])))
     out = [f"Source: `benchmarks/results/{DECODE_1207B}.md` ({d['device']}, jax {d['jax_version']}, {d['date']}; "
            f"{min(r['processes'] for r in d['rows'])}-{max(r['processes'] for r in d['rows'])} fresh processes per "
