@@ -126,6 +126,31 @@ def test_a_balanced_budget_that_reaches_every_head_runs_dense_attention(opt_defa
             assert got.groups.shape == (3, kept) and np.asarray(got.n_active).tolist() == [kept] * 3
 
 
+def test_an_adaptive_budget_whose_floor_reaches_every_head_runs_dense_attention(opt_default):
+    """Adaptive budgets keep [floor, cap] units per row (per shard when balanced). Once ceil(floor / n) is all of
+    a shard's heads every row keeps every head, so the layer selects nothing; a smaller floor stays adaptive."""
+    model, bundle = opt_default
+    units = model.config.num_heads
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, model.config.hidden_size)), jnp.float32)
+    live = jnp.ones((3,), bool)
+    for balance in (1, 2, 8):
+        sel = router_selector(bundle, 0.25, select_impl="xla", balance=balance, adaptive=True)
+        layers = [i for i, w in enumerate(sel.attn_w) if w is not None]
+        assert layers and sel.budgets is not None
+        for i in layers:
+            floor = sel.budgets[i][1]
+            assert 1 <= floor < units  # so only the split over 8 shards (1 head each) reaches every head
+            per_shard = units // balance
+            assert sel.attn_floor(i) == min(shard_budget(floor, balance), per_shard) * balance
+            got = sel.attention(i, x, live)
+            if balance == 8:
+                assert sel.attn_floor(i) == units and got is None  # dense attention, no router work
+            else:
+                n = np.asarray(got.n_active)
+                assert got.groups.shape == (3, min(shard_budget(sel.budgets[i][2], balance), per_shard) * balance)
+                assert (n >= sel.attn_floor(i)).all() and (n < units).any()
+
+
 def test_bad_tensor_parallel_settings_give_clear_errors(opt_default):
     model, bundle = opt_default
     with pytest.raises(InputError, match="head_topk"):

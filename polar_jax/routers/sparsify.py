@@ -101,9 +101,21 @@ class _Routers:
             return min(shard_budget(self.attn_k[layer], n), self.units // n) * n
         return min(self.attn_k[layer], self.units)
 
+    def attn_floor(self, layer: int) -> int:
+        """Attention units every row keeps at least at `layer`: `attn_kept` for a fixed budget; for an adaptive one
+        its floor (per shard when balanced, where ceil(floor / n) can be all of a shard's units)."""
+        if self.budgets is None or not (self.use_attn and self.attn_w[layer] is not None):
+            return self.attn_kept(layer)
+        _, floor, cap = self.budgets[layer]
+        n = self.balance
+        if n > 1:
+            return min(shard_budget(floor, n), shard_budget(cap, n), self.units // n) * n
+        return min(floor, cap, self.units)
+
     def _attn_on(self, layer: int) -> bool:
         if self.budgets is not None:  # adaptive: per-row counts, which the mean k does not bound
-            return self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
+            return (self.use_attn and self.attn_w[layer] is not None and self.attn_k[layer] < self.units
+                    and self.attn_floor(layer) < self.units)
         return self.attn_kept(layer) < self.units
 
     def _attn_product(self, layer: int, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
