@@ -115,8 +115,8 @@ def test_tokenizer_structure_equals_hf(smollm2, tok_golden):
 
 
 def test_wikitext_tokens_and_prefix_perplexity(smollm2, wikitext_test, tok_golden):
-    """Whole-file tokenization equals HF's; perplexity of the first window of 2048 tokens (the report's
-    protocol) is HF's to 0.05 % (both float32)."""
+    """Whole-file tokenization equals HF's; perplexity of the first window of 1024 tokens (the report's
+    protocol, whose windows are 2048 long) is HF's to 0.05 % (both float32)."""
     model, tok = smollm2
     ref = json.loads(require(GOLDEN / f"ppl_{NAME}.json").read_text())
     ids = np.asarray(tok.encode(wikitext_test.read_text(encoding="utf-8")), np.int32)
