@@ -17,6 +17,7 @@ import pytest
 
 import polar_jax
 from conftest import load_cached, model_dir
+from polar_jax.bench.decode_bench import heads_kept
 from polar_jax.cache import KVCache
 from polar_jax.decode import decode_step, prefill, split_model
 from polar_jax.errors import InputError
@@ -145,10 +146,18 @@ def test_an_adaptive_budget_whose_floor_reaches_every_head_runs_dense_attention(
             got = sel.attention(i, x, live)
             if balance == 8:
                 assert sel.attn_floor(i) == units and got is None  # dense attention, no router work
+                assert heads_kept(sel)[layers.index(i)] == units  # and `bench decode` reports it so
             else:
                 n = np.asarray(got.n_active)
                 assert got.groups.shape == (3, min(shard_budget(sel.budgets[i][2], balance), per_shard) * balance)
                 assert (n >= sel.attn_floor(i)).all() and (n < units).any()
+    # a mean of 7 of 8 heads on 2 shards: the fixed rule's ceil(7 / 2) = 4 per shard would be every head, but the
+    # adaptive floor (3, so 2 per shard) is not: the layers stay sparse, and the benchmark reports the mean
+    sel = router_selector(bundle, 7 / units, select_impl="xla", balance=2, adaptive=True)
+    layers = [i for i, w in enumerate(sel.attn_w) if w is not None]
+    assert [sel.attn_kept(i) for i in layers] == [units] * len(layers)
+    assert heads_kept(sel) == [7] * len(layers)
+    assert all(sel.attention(i, x, live) is not None for i in layers)
 
 
 def test_bad_tensor_parallel_settings_give_clear_errors(opt_default):

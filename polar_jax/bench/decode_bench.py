@@ -153,6 +153,22 @@ def build_variants(cfg: ModelConfig, names: list[str], batch: int, context: int,
     return out
 
 
+def heads_kept(sel: Any) -> list[int]:
+    """Attention units a row keeps at each layer the selector has a head router for. A fixed budget: its count
+    (`attn_kept`, every unit where the balanced rule reaches them all). An adaptive one: every unit where its
+    floor does (the layer runs dense), else the calibrated mean k; `attn_kept` would round the mean up per shard,
+    and the rows of an adaptive budget vary between the floor and the cap around that mean."""
+    out = []
+    for i, w in enumerate(sel.attn_w):
+        if w is None:
+            continue
+        if sel.budgets is None:
+            out.append(sel.attn_kept(i))
+        else:
+            out.append(sel.units if sel.attn_floor(i) >= sel.units else min(sel.attn_k[i], sel.units))
+    return out
+
+
 def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, args: argparse.Namespace, bundle,
                 policy_table: dict | None, mesh: Any = None) -> list[dict]:
     """Every variant at one (batch, context): compiled, then timed interleaved. With a tensor-parallel
@@ -209,9 +225,10 @@ def bench_point(graphdef, state, cfg: ModelConfig, batch: int, context: int, arg
     for v in variants:
         if v.selector is not None and v.selector.use_attn and "attn_n_active" not in v.sizes:
             sel = v.selector
-            v.sizes["attn_n_active"] = kept = [sel.attn_kept(i) for i, w in enumerate(sel.attn_w) if w is not None]
+            v.sizes["attn_n_active"] = kept = heads_kept(sel)
             if kept and min(kept) >= sel.units:  # the row would otherwise claim a head saving it does not make
-                why = f"ceil(k / {sel.balance}) per shard on {sel.balance} shards" if sel.balance > 1 else "k"
+                k = "the floor" if sel.budgets is not None else "k"
+                why = f"ceil({k} / {sel.balance}) per shard on {sel.balance} shards" if sel.balance > 1 else k
                 print(f"  B={batch} L={context} {v.name}: the head budget keeps every one of the {sel.units} "
                       f"attention units ({why}): its attention is dense", flush=True)
     for _ in range(args.repeats):  # interleaved: every variant once per round
