@@ -218,11 +218,11 @@ def main() -> int:
         write_ppl(model, tok, n, REPO / "benchmarks" / "results" / "ppl_smollm2_hf_full.json", args.threads,
                   Path(args.log), full=True)
         return 0
+    mg._deterministic_torch()
     if args.ppl_prefix:
         write_ppl(model, tok, PPL_PREFIX_TOKENS, mg.GOLDEN_DIR / f"ppl_{NAME}.json", args.threads,
                   seq_len=PREFIX_SEQ_LEN)
         return 0
-    mg._deterministic_torch()
     print(f"{NAME}: decode goldens")
     write_decode_golden(model, tok, path)
     write_tokenizer_golden(tok)
