@@ -106,11 +106,18 @@ class _Routers:
         its floor (per shard when balanced, where ceil(floor / n) can be all of a shard's units)."""
         if self.budgets is None or not (self.use_attn and self.attn_w[layer] is not None):
             return self.attn_kept(layer)
-        _, floor, cap = self.budgets[layer]
+        _, floor, _ = self._adaptive_bounds(layer)
+        return floor * self.balance if self.balance > 1 else min(floor, self.units)
+
+    def _adaptive_bounds(self, layer: int) -> tuple[float, int, int]:
+        """(threshold, floor, cap) of an adaptive layer's per-row counts, floor <= cap. Balanced over n shards
+        they are per shard: ceil(floor / n) and ceil(cap / n), at most a shard's units. `attn_floor` (which
+        decides whether the layer runs sparse) and `_attn_counts` (the counts themselves) both read them here."""
+        t, floor, cap = self.budgets[layer]
         n = self.balance
         if n > 1:
-            return min(shard_budget(floor, n), shard_budget(cap, n), self.units // n) * n
-        return min(floor, cap, self.units)
+            floor, cap = shard_budget(floor, n), min(shard_budget(cap, n), self.units // n)
+        return t, min(floor, cap), cap
 
     def _attn_on(self, layer: int) -> bool:
         if self.budgets is not None:  # adaptive: per-row counts, which the mean k does not bound
@@ -152,13 +159,12 @@ class _Routers:
         if n > 1:
             per = logits.reshape(*logits.shape[:-1], n, self.units // n)
             if self.budgets is not None:
-                t, floor, cap = self.budgets[layer]
-                cap = min(shard_budget(cap, n), self.units // n)
-                return adaptive_counts(per, t, min(shard_budget(floor, n), cap), cap), cap
+                t, floor, cap = self._adaptive_bounds(layer)
+                return adaptive_counts(per, t, floor, cap), cap
             k = min(shard_budget(self.attn_k[layer], n), self.units // n)
             return jnp.full(per.shape[:-1], k, jnp.int32), k
         if self.budgets is not None:
-            t, floor, cap = self.budgets[layer]
+            t, floor, cap = self._adaptive_bounds(layer)
             return adaptive_counts(logits, t, floor, cap), cap
         k = self.attn_k[layer]
         return jnp.full(logits.shape[:-1], k, jnp.int32), k
