@@ -69,6 +69,8 @@ def test_tiling_variants_change_only_their_batch_range():
     d = down(32, 4096, 9216)
     assert (d.block_d, d.num_warps) == (64, 4) and d.split_j == sg.down_split(32, 4096, 9216, d.block_m, d.block_j, 64)
     assert down(8, 4096, 4352) == sg.choose_down_config(8, 4096, 4352)
+    direct = sv._mid_down(block_d=32, split_j=1)  # a split given in the fields is kept, not recomputed
+    assert direct(32, 4096, 9216).split_j == 1 and direct(8, 4096, 4352) == sg.choose_down_config(8, 4096, 4352)
     assert sv._multi(32, 6)(4096, 12288) == ug.choose_multi_config(4096, 12288).__class__(
         32, ug.choose_multi_config(4096, 12288).block_k, 1, 4, 6)
 

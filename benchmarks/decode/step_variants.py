@@ -158,7 +158,8 @@ def _mid_up(**fields):
 
 
 def _mid_down(**fields):
-    """gather_down's tiling with `fields` replaced for 16 < M <= 64, its split recomputed."""
+    """gather_down's tiling with `fields` replaced for 16 < M <= 64, its split recomputed unless `fields` sets
+    `split_j` (1: no neuron split, so no float32 partials; each program writes its bf16 output tile)."""
     choose = selective_gemm_triton.choose_down_config
 
     def pick(M, D, A, device=None):
@@ -166,6 +167,8 @@ def _mid_down(**fields):
         if not 16 < M <= 64:
             return cfg
         cfg = dataclasses.replace(cfg, **fields)
+        if "split_j" in fields:
+            return cfg
         return dataclasses.replace(cfg, split_j=selective_gemm_triton.down_split(M, D, A, cfg.block_m, cfg.block_j,
                                                                                  cfg.block_d))
     return pick
@@ -257,6 +260,10 @@ def variants() -> dict:
         "up_gemv": ((selective_gemm_triton, "choose_up_config", _mid_up(block_a=64, block_k=256, num_stages=3)),),
         "down_gemv": ((selective_gemm_triton, "choose_down_config",
                        _mid_down(block_j=256, block_d=64, num_warps=4, num_stages=4)),),
+        # no neuron split: 128 programs of 32 output columns, each over all kept neurons. The default's 8 splits
+        # write and re-read [8, 32, 4096] float32 partials (8 MB against the 50 MB of weights it reads)
+        "down_direct": ((selective_gemm_triton, "choose_down_config",
+                         _mid_down(block_j=256, block_d=32, num_warps=4, num_stages=4, split_j=1)),),
     }
 
 
