@@ -57,6 +57,14 @@ def test_tiny_run_times_every_variant(tmp_path):
         assert r["max_logit_diff_vs_first"] <= (1e-4 if code == "no_fuse_routers" else 0.0)
 
 
+def test_a_combined_code_applies_the_changes_of_each_part():
+    sv = _module()
+    table = sv.code_table(["base", "first_gemv+down_direct"])
+    assert table["first_gemv+down_direct"] == table["first_gemv"] + table["down_direct"]
+    with pytest.raises(SystemExit, match="no_such"):
+        sv.code_table(["first_gemv+no_such"])
+
+
 def test_tiling_variants_change_only_their_batch_range():
     from pallas_kernels import selective_gemm_triton as sg
     from pallas_kernels import unit_gemv_triton as ug
@@ -84,7 +92,8 @@ def test_the_issue10_gpu_run_names_variants_and_shapes_that_exist():
     text = script.read_text()
     codes = {c for line in text.splitlines() if "--code" in line
              for c in line.split("--code", 1)[1].split("--")[0].replace("\\", " ").split()}
-    assert {"base", "no_add_norm", "head_topk_xla"} <= codes and codes <= set(_module().variants())
+    parts = {part for c in codes for part in c.split("+")}  # a+b: both changes together
+    assert {"base", "no_add_norm", "head_topk_xla"} <= codes and parts <= set(_module().variants())
     points = {p.split(":")[0] for line in text.splitlines() if "--points" in line
               for p in line.split("--points", 1)[1].split("--")[0].replace("\\", " ").split()}
     shapes = {s for line in text.splitlines() if "--shapes" in line for s in line.split("--shapes", 1)[1].split("--")[0].split()}

@@ -267,18 +267,31 @@ def variants() -> dict:
     }
 
 
+def code_table(codes: list[str]) -> dict:
+    """`variants()` plus each combination in `codes`: "a+b" applies the changes of a and of b together."""
+    table = variants()
+    for code in codes:
+        if code not in table:
+            unknown = [part for part in code.split("+") if part not in table]
+            if unknown:
+                raise SystemExit(f"unknown code variant(s) {unknown}; known: {sorted(variants())}")
+            table[code] = tuple(change for part in code.split("+") for change in table[part])
+    return table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--points", nargs="+", default=["opt-6.7b:1:2048:dense,both", "llama2-7b:1:4096:dense,heads"],
                     help="shape:batch:context:selector variants")
-    ap.add_argument("--code", nargs="+", default=list(variants()), help="code variants (first: the reference)")
+    ap.add_argument("--code", nargs="+", default=list(variants()),
+                    help="code variants (first: the reference); a+b applies a's and b's changes together")
     ap.add_argument("--attn-density", type=float, default=None, help="default: 0.3 for OPT, 0.5 otherwise")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rank", type=int, default=1024, help="MLP router rank")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    table = variants()
+    table = code_table(args.code)
     rows, failed = [], []
     for point in args.points:
         shape, batch, context, sels = point.split(":")
