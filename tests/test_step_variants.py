@@ -36,6 +36,23 @@ def test_every_variant_patches_an_existing_attribute_and_is_undone():
     assert (box.a, box.b) == (1, 2)
 
 
+def test_every_replacement_function_takes_the_parameters_of_the_one_it_replaces():
+    """A tiling rule that gained a parameter (`rows`) leaves variants written before it failing on the GPU only,
+    with an unexpected keyword, after the machine's start-up has been paid for."""
+    import inspect
+
+    sv = _module()
+    for name, changes in sv.variants().items():
+        for obj, attr, new in changes:
+            old = getattr(obj, attr)
+            if not (inspect.isfunction(old) and callable(new)):
+                continue
+            params = list(inspect.signature(new).parameters.values())
+            if [p.kind for p in params] == [inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD]:
+                continue  # a pass-through wrapper
+            assert [p.name for p in params] == list(inspect.signature(old).parameters), f"variant {name}: {attr}"
+
+
 def test_tiny_run_times_every_variant(tmp_path):
     out = tmp_path / "v.json"
     codes = ["base", "old_qkv", "q_only", "no_fuse_routers", "head_topk_xla"]  # tilings: no GEMV kernel runs on CPU

@@ -96,8 +96,8 @@ def _small_batch_attn(**fields):
 def _rows_split(split, block_n=32):
     choose = unit_gemv_triton.choose_rows_config
 
-    def pick(width, N, slots=1, device=None):
-        return dataclasses.replace(choose(width, N, slots, device), split_k=split, block_n=block_n)
+    def pick(unit_width, N, slots=1, device=None, rows=1):
+        return dataclasses.replace(choose(unit_width, N, slots, device, rows), split_k=split, block_n=block_n)
     return pick
 
 
@@ -111,8 +111,8 @@ _committed_out = layers.Attention.out
 def _multi(block_n=None, stages=None, block_k=None):
     choose = unit_gemv_triton.choose_multi_config
 
-    def pick(K, columns, device=None):
-        cfg = choose(K, columns, device)
+    def pick(K, columns, device=None, rows=1):
+        cfg = choose(K, columns, device, rows)
         return dataclasses.replace(cfg, block_n=block_n or cfg.block_n, num_stages=stages or cfg.num_stages,
                                    block_k=block_k or cfg.block_k)
     return pick
@@ -129,8 +129,8 @@ def _gemv_stages(stages):
 def _rows_stages(stages):
     choose = unit_gemv_triton.choose_rows_config
 
-    def pick(width, N, slots=1, device=None):
-        return dataclasses.replace(choose(width, N, slots, device), num_stages=stages)
+    def pick(unit_width, N, slots=1, device=None, rows=1):
+        return dataclasses.replace(choose(unit_width, N, slots, device, rows), num_stages=stages)
     return pick
 
 
@@ -186,14 +186,15 @@ def _router_selector(**fixed):
 _committed_unit_top_k = sparsify.unit_top_k
 
 
-def _unit_top_k_xla(scores, k, bias=None, *, units=None, impl="auto"):
+def _unit_top_k_xla(scores, k, bias=None, *, offset=0, units=None, impl="auto"):
     """Heads' top-k as XLA's pairwise ranking (two reductions, the bias add fused in) instead of one kernel."""
-    return _committed_unit_top_k(scores, k, bias, units=units, impl="xla")
+    return _committed_unit_top_k(scores, k, bias, offset=offset, units=units, impl="xla")
 
 
-def _unit_top_k_lax(scores, k, bias=None, *, units=None, impl="auto"):
+def _unit_top_k_lax(scores, k, bias=None, *, offset=0, units=None, impl="auto"):
     """Heads' top-k by XLA's TopK (one kernel, a sort) on the biased logits."""
-    logits = scores[:, :units] + (0.0 if bias is None else bias.astype(jnp.float32))
+    units = scores.shape[1] - offset if units is None else units
+    logits = scores[:, offset:offset + units] + (0.0 if bias is None else bias.astype(jnp.float32))
     return jax.lax.top_k(logits, k)[1].astype(jnp.int32)
 
 
