@@ -106,10 +106,13 @@ rank_speed() {
 # two split-K GEMMs (it pays only if XLA deduplicates the two routers' identical GEMV calls, as it does their
 # identical products at B=1; a `bench decode --breakdown` with the switch on counts the launches); in the same
 # run, the gather kernels with the dense GEMV's tiles (up_gemv, down_gemv) and gather_down without float32
-# partials (down_direct); two combinations of them, and dense at B=32 for the same-process ratio
+# partials (down_direct); two combinations of them, and dense at B=32 for the same-process ratio. Last, the Q/K/V
+# GEMV with 2 stages or 128-wide k-steps: at 32 rows its 192 programs fit one per SM (147 KB of shared memory),
+# 1.45 waves, and it streams at 75 % (dense and sparse steps alike); these tiles fit two per SM
 variants_first_gemv() {
   $V --points opt-6.7b:32:2048:dense,both opt-6.7b:24:2048:both \
      --code base first_gemv up_gemv down_gemv down_direct first_gemv+up_gemv+down_gemv first_gemv+up_gemv+down_direct \
+     multi_st2 multi_k128 \
      --out "$OUT/variants_first_gemv.json"
 }
 # `auto` (the committed policy table's choice for this card) against dense at the grid `policy` timed
