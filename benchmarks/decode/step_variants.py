@@ -346,14 +346,20 @@ def main() -> int:
             print(f"{shape:10s} B={batch:3d} L={context:5d} {name:6s} {code:12s} {1e3 * med:8.3f} ms "
                   f"x{med / base_t:.3f} (logits diff {r['max_logit_diff']:.2e})", flush=True)
         del cache, graphdef, state
+        if args.out:  # after every point: a call stopped at its time limit keeps the points it finished
+            _write(args.out, rows, failed)
+    if args.out:
+        _write(args.out, rows, failed)
+    return 0
+
+
+def _write(path: str, rows: list, failed: list) -> None:
     meta = dict(device=str(jax.devices()[0].device_kind if hasattr(jax.devices()[0], "device_kind") else jax.devices()[0]),
                 jax_version=jax.__version__, date=datetime.date.today().isoformat(),
                 command="python benchmarks/decode/step_variants.py " + " ".join(sys.argv[1:]),
                 xla_flags=os.environ.get("XLA_FLAGS", ""), rows=rows, failed=failed)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(meta, f, indent=1)
-    return 0
+    with open(path, "w") as f:
+        json.dump(meta, f, indent=1)
 
 
 if __name__ == "__main__":
