@@ -87,8 +87,8 @@ def test_fused_first_stage_at_20_rows_runs_the_split_k_gemv_and_selects_the_same
 @pytest.mark.parametrize("at_17_32", [False, True])
 def test_sparse_selector_fuses_the_routers_at_one_sequence_and_where_switched_on_at_17_to_32(opt_default, at_17_32,
                                                                                             monkeypatch):
-    """One sequence: always. 17-32 rows (the split-K GEMV's product): only with FUSE_AT_FIRST_GEMV_ROWS, off until
-    timed."""
+    """One sequence: always. 17-32 rows (the split-K GEMV's product): only with FUSE_AT_FIRST_GEMV_ROWS (on since
+    the H100 A/B of 2026-12-07)."""
     monkeypatch.setattr(sparsify, "FUSE_AT_FIRST_GEMV_ROWS", at_17_32)
     model, bundle = opt_default
     one = sparse_selector(model, bundle, batch=1, context=64, attn_density=0.5, policy="both")

@@ -377,9 +377,10 @@ FUSE_ROUTERS_MAX_BATCH = 1
 # for 8.6 MB (H100, 2026-12-07: benchmarks/results/raw_2026-12-07b_h100/call2_goals_opt.json); before, it had
 # merged them into the Q/K/V GEMM.
 FIRST_GEMV_ROWS = (17, 32)
-# Off until timed (step_variants `first_gemv`, issue10_gpu_run.sh `first_gemv`): the device time of the session
-# that wrote it ran out first. The selectors then keep XLA's two products at 2-32 rows.
-FUSE_AT_FIRST_GEMV_ROWS = False
+# On since timed (H100, same-process A/B, step_variants `first_gemv`): OPT-6.7B heads + MLP 1.4 % faster at B=32
+# and 1.2 % at B=24 (benchmarks/results/raw_2026-12-07c_h100/call1_variants_first_gemv.json). Off, the selectors
+# keep XLA's two products at 2-32 rows.
+FUSE_AT_FIRST_GEMV_ROWS = True
 
 
 def fuse_routers_for(batch: int) -> bool:
