@@ -43,10 +43,15 @@ def choose_multi_config(K: int, columns: int, device: DeviceClass | None = None,
     HBM busy); 256-wide k-steps as in the dense GEMV's H200 sweep; 3 pipeline stages: in the B=1 decode
     step on the H200 they made OPT-6.7B's dense step 2.7 % and its heads + MLP step 5.7 % faster than 4
     stages (LLaMA-2-7B 2.1 % and 3.4 %), while 32-column programs or 6 stages were slower
-    (benchmarks/results/raw_2026-11-29c_h200/call1_b1_*_variants.json)."""
+    (benchmarks/results/raw_2026-11-29c_h200/call1_b1_*_variants.json). At 17-32 rows the 32-row x tile makes
+    those tiles 147 KB of shared memory, one program per SM (OPT-6.7B's 192 programs: 1.45 waves); 128-wide
+    k-steps with 4 stages fit two per SM: OPT-6.7B heads + MLP 0.7 % faster at B=32 and 0.8 % at B=24, dense
+    0.2 % (H100, benchmarks/results/raw_2026-12-07c_h100/call1_variants_first_gemv.json, variant multi_k128)."""
     dev = device or current_device_class()
     block_n = 64 if cdiv(columns, 64) >= dev.num_sms else 32
-    cfg = GemvConfig(block_n, min(256, pow2_at_least(K, 16)), 1, num_warps=4, num_stages=3, block_m=row_tile(rows))
+    block_k, stages = (128, 4) if 16 < rows <= 32 else (256, 3)
+    cfg = GemvConfig(block_n, min(block_k, pow2_at_least(K, 16)), 1, num_warps=4, num_stages=stages,
+                     block_m=row_tile(rows))
     return fit_tiling(cfg, gemv_smem, dev.smem_per_block, "block_k", 32)
 
 

@@ -74,6 +74,20 @@ def test_the_x_tile_has_16_rows_up_to_16_and_32_above(M):
     assert ut.choose_rows_config(128, 4096, 16, rows=M).block_m == want
 
 
+@pytest.mark.parametrize("M", [1, 16, 17, 24, 32])
+def test_the_qkv_gemv_fits_two_programs_per_sm_at_17_to_32_rows(M):
+    """Its 32-row x tile with 256-wide k-steps and 3 stages (the tiles up to 16 rows) leaves one program per SM;
+    at 17-32 rows 128-wide k-steps with 4 stages fit two (timed faster on the H100, see choose_multi_config)."""
+    from pallas_kernels import unit_gemv_triton as ut
+    from pallas_kernels.devices import SM90 as hopper
+
+    cfg = ut.choose_multi_config(4096, 3 * 4096, hopper, rows=M)
+    if M <= 16:
+        assert (cfg.block_k, cfg.num_stages) == (256, 3)
+    else:
+        assert (cfg.block_k, cfg.num_stages) == (128, 4) and 2 * tri.gemv_smem(cfg) <= hopper.smem_per_block
+
+
 @pytest.mark.parametrize("M", [1, 32])
 @pytest.mark.parametrize("K,N,layout", SEVEN_B[:5])
 def test_chosen_tilings_lower_to_one_triton_kernel(K, N, layout, M):
