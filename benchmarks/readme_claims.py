@@ -715,6 +715,44 @@ def decode_1207b(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+# ---- the H100 a third time (2026-12-07, twelfth session): the first_gemv A/B and `auto` ------------------------
+DECODE_1207C = "decode_1207c_h100/decode_sparse_2026-12-07"
+RAW_1207C = "raw_2026-12-07c_h100"
+AUTO_GOAL = 0.98  # issue 10, item 3: `auto` at >= 0.98x dense at every swept point
+FIRST_GEMV_CODES = ("first_gemv", "multi_k128", "up_gemv", "down_gemv", "down_direct", "first_gemv+up_gemv+down_gemv",
+                    "first_gemv+up_gemv+down_direct", "multi_st2")
+
+
+@claim("decode-1207c")
+def decode_1207c(results: Path) -> str:
+    d = load(results, f"{DECODE_1207C}.json")
+    rows = _keyed(d)
+    autos = sorted((k, r) for k, r in rows.items() if k[3] == "auto")
+    ok = [r for _, r in autos if r["speedup"] >= AUTO_GOAL]
+    low = min((r for _, r in autos), key=lambda r: r["speedup"])
+    out = [f"Source: `benchmarks/results/{DECODE_1207C}.md` ({d['device']}, jax {d['jax_version']}, {d['date']}; "
+           f"{min(r['processes'] for r in d['rows'])}-{max(r['processes'] for r in d['rows'])} fresh processes per "
+           f"point; {d['bandwidth_Bps'] / 1e12:.2f} TB/s measured).", "",
+           f"- `auto` against dense: at >= {AUTO_GOAL:.2f}x at {len(ok)} of {len(autos)} points (lowest {low['speedup']:.2f}x, "
+           f"{low['shape']} B={low['batch']}): "
+           + "; ".join(f"{k[0]} B={k[1]} {r['speedup']:.2f}x ({r['runs']})" for k, r in autos) + "."]
+    v = load(results, f"{RAW_1207C}/call1_variants_first_gemv.json")["rows"]
+    gain = lambda r: f"{100 * (1 / r - 1):+.1f} %"  # noqa: E731 - speed change from applying a change
+    out += ["", f"Same-process A/B on OPT-6.7B heads + MLP ({len(v)} compiled steps, 5 interleaved rounds of 48 steps each; "
+            "speed change from applying each, B=32 / B=24, and the dense step at B=32):"]
+    for code in FIRST_GEMV_CODES:
+        g32, g24 = (_variant_ratio(v, "opt-6.7b", b, "both", code) for b in (32, 24))
+        dense = _variant_ratio(v, "opt-6.7b", 32, "dense", code)
+        verdict = "faster at both" if max(g32, g24) < 1 else ("slower at both" if min(g32, g24) > 1 else "mixed")
+        out.append(f"- `{code}`: {gain(g32)} / {gain(g24)}, dense {gain(dense)} ({verdict})")
+    by = {(r["batch"], r["selector"], r["code"]): r["step_ms"] for r in v}
+    best = min(FIRST_GEMV_CODES, key=lambda c: by[(32, "both", c)])
+    out.append(f"- Dense over heads + MLP at B=32 in that process: {by[(32, 'dense', 'base')] / by[(32, 'both', 'base')]:.2f}x "
+               f"with the code before, {by[(32, 'dense', best)] / by[(32, 'both', best)]:.2f}x with the fastest variant "
+               f"(`{best}`); the goal is 2.20x.")
+    return "\n".join(out) + "\n"
+
+
 # ---- the MLP router's rank (CPU, tiny OPT models) --------------------------------------------------------
 @claim("router-rank")
 def router_rank(results: Path) -> str:
