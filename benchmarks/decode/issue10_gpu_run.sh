@@ -16,6 +16,8 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh resweep    # the B >= 16 points again since the GEMV at 17-32 rows
 #   bash benchmarks/decode/issue10_gpu_run.sh rank       # OPT-6.7B heads + MLP with MLP routers of rank 512 and 256
 #   bash benchmarks/decode/issue10_gpu_run.sh first_gemv # the routers' fused first product on the GEMV at 17-32 rows
+#                                                        # (timed 2026-12-07: first_gemv and multi_k128 adopted, so now
+#                                                        # the same as base; raw_2026-12-07c_h100/notes.md)
 #   bash benchmarks/decode/issue10_gpu_run.sh auto       # `auto` against dense at the policy grid (>= 0.98x wanted)
 # Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
 # the raw files under benchmarks/results/raw_<date>_<card>/, and write the README block from them
