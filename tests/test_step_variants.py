@@ -106,7 +106,7 @@ def test_the_issue10_gpu_run_names_variants_and_shapes_that_exist():
     from polar_jax.bench.shapes import SHAPES
 
     script = REPO / "benchmarks" / "decode" / "issue10_gpu_run.sh"
-    text = script.read_text()
+    text = script.read_text().replace("\\\n", " ")  # one line per command: its continued lines joined
     codes = {c for line in text.splitlines() if "--code" in line
              for c in line.split("--code", 1)[1].split("--")[0].replace("\\", " ").split()}
     parts = {part for c in codes for part in c.split("+")}  # a+b: both changes together
