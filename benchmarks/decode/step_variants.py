@@ -348,8 +348,6 @@ def main() -> int:
         del cache, graphdef, state
         if args.out:  # after every point: a call stopped at its time limit keeps the points it finished
             _write(args.out, rows, failed)
-    if args.out:
-        _write(args.out, rows, failed)
     return 0
 
 
