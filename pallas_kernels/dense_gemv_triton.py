@@ -148,11 +148,11 @@ def _gemv_kernel(x_ref, w_ref, *rest, M, K, N, cfg: GemvConfig, layout, activati
         plgpu.store(o_ref.at[s, pl.ds(0, bm), pl.ds(n0, bn)], acc, mask=store_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "layout", "cfg", "interpret", "defer", "out_dtype"))
+@functools.partial(jax.jit, static_argnames=("activation", "layout", "cfg", "interpret", "defer", "out_dtype", "name"))
 def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpret: bool, defer: bool = False,
-                out_dtype=None):
+                out_dtype=None, name: str | None = None):
     """`defer`: return a `SplitSum` (the partials and the bias, no epilogue; activation None). `out_dtype`: the
-    dtype an unsplit kernel writes (default x's)."""
+    dtype an unsplit kernel writes (default x's). `name`: the kernel's name in profiles (default gemv_<layout>)."""
     M, K = x.shape
     N = w.shape[1] if layout == "kn" else w.shape[0]
     has_bias = bias is not None
@@ -164,7 +164,7 @@ def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpr
     out = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(cdiv(N, cfg.block_n), cfg.split_k), interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        name=f"gemv_{layout}",
+        name=name or f"gemv_{layout}",
     )(x, w, *([bias] if has_bias else []))
     if direct:
         return SplitSum.finished(out) if defer else out
@@ -191,9 +191,12 @@ def gemv_f32(x, w, layout: str = "nk", config: GemvConfig | None = None):
 
 @functools.partial(jax.jit, static_argnames=("layout", "cfg", "interpret"))
 def gemv_f32_triton(x, w, *, layout: str, cfg: GemvConfig, interpret: bool):
-    """The kernel's float32 partials summed by XLA (or, unsplit, its float32 output): never rounded."""
+    """The kernel's float32 partials summed by XLA (or, unsplit, its float32 output): never rounded. The kernel is
+    named gemv_f32_<layout>: the decode step uses it only for the routers' first product, and the step's profile
+    (`polar_jax.bench.breakdown`) tells the parts apart by kernel name (as gemv_nk it was counted with the
+    projections in "other")."""
     out = gemv_triton(x, w, None, activation=None, layout=layout, cfg=cfg, interpret=interpret, defer=True,
-                      out_dtype=jnp.float32)
+                      out_dtype=jnp.float32, name=f"gemv_f32_{layout}")
     return jnp.sum(out.parts, axis=0)
 
 
