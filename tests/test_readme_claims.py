@@ -79,3 +79,19 @@ def test_the_oracle_at_a_fractional_unit_count():
     assert at(oracle, 10.0, "head", 6, 4.5) == pytest.approx(math.sqrt(40.0 * 20.0))
     assert at(oracle, 10.0, "head", 6, 5.25) == pytest.approx(20.0 ** 0.75 * 10.0 ** 0.25)  # 6 of 6 = dense
     assert at(oracle, 10.0, "head", 6, 3.7) == 40.0 and at(oracle, 10.0, "group", 3, 0.9) == 90.0
+
+
+def test_the_routers_gemv_counted_in_other_is_added_back_to_router_and_selection():
+    """Profiles before 2026-12-08 named the routers' float32 GEMV gemv_nk, like the down projections: the claims add
+    its time back to router + selection, and only where the sparse step launched more gemv_nk kernels than it has
+    layers with a dense MLP."""
+    def row(kernels):
+        return {"kernels": [{"kernel": k, "part": p, "per_step": n, "ms_per_step": ms} for k, p, n, ms in kernels]}
+
+    dense = row([("gemv_nk", "other", 32.0, 1.6)])  # 32 down projections, 0.05 ms each
+    old = row([("union_mask", "router", 31.0, 0.5), ("gemv_nk", "other", 32.0, 0.25)])  # 31 router GEMVs + layer 0
+    new = row([("union_mask", "router", 31.0, 0.5), ("gemv_f32_nk", "router", 31.0, 0.2), ("gemv_nk", "other", 1.0, 0.05)])
+    b1 = row([("union_mask", "router", 31.0, 0.5), ("gemv_nk", "other", 1.0, 0.05)])  # XLA's product at B=1
+    assert math.isclose(readme_claims._router_gemv_ms(old, dense), 0.2)
+    assert readme_claims._router_gemv_ms(new, dense) == 0.0 and readme_claims._router_gemv_ms(b1, dense) == 0.0
+    assert readme_claims._router_gemv_ms(row([]), dense) == 0.0  # no MLP router: nothing to add
