@@ -19,6 +19,8 @@
 #                                                        # (timed 2026-12-07: first_gemv and multi_k128 adopted, so now
 #                                                        # the same as base; raw_2026-12-07c_h100/notes.md)
 #   bash benchmarks/decode/issue10_gpu_run.sh auto       # `auto` against dense at the policy grid (>= 0.98x wanted)
+#   bash benchmarks/decode/issue10_gpu_run.sh mask       # union_mask with 128 neurons per program (A/B), then where the
+#                                                        # gathers lose bandwidth (benchmarks/kernels/gather_probe.py)
 # Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
 # the raw files under benchmarks/results/raw_<date>_<card>/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -124,6 +126,14 @@ auto_check() {
   $BENCH --shapes llama2-7b --batches 1 16 --contexts 4096 --variants dense auto --attn-density 0.5 --out /tmp/r/au2
   cp /tmp/r/au2/*.json "$OUT/auto_llama2.json"
 }
+# union_mask at B=32 reads the routers' float32 product once per 64-neuron program (as many bytes from L2 as the
+# router matrix from HBM); 128 neurons per program halve that. Two tilings of the routers' float32 GEMV (their first
+# product, ~6 us per layer for 8.6 MB). Then the gather probe (index order, grid, dense GEMV)
+mask_and_gathers() {
+  $V --points opt-6.7b:32:2048:dense,both --code base mask_n128 mask_n128_w8 f32_n16_s2 f32_s8 \
+     --out "$OUT/variants_mask.json"
+  python benchmarks/kernels/gather_probe.py --out "$OUT" || echo "gather probe failed"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -143,8 +153,9 @@ resweep) goals_opt 32; bound_sweep ;;  # OPT-6.7B B=32 with its profile first, t
 rank) rank_speed ;;
 first_gemv) variants_first_gemv ;;
 auto) auto_check ;;
+mask) mask_and_gathers ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv|auto" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv|auto|mask" >&2
   exit 2
   ;;
 esac

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import dense_gemv, dense_gemv_triton, selective_attention_triton, selective_gemm_triton, unit_gemv_triton
+from pallas_kernels import (dense_gemv, dense_gemv_triton, selective_attention_triton, selective_gemm_triton,
+                            union_select_triton, unit_gemv_triton)
 from polar_jax.bench import decode_bench as db
 from polar_jax.routers import sparsify
 
@@ -174,6 +175,26 @@ def _mid_down(**fields):
     return pick
 
 
+def _mid_mask(**fields):
+    """union_mask's tiling with `fields` replaced for 16 < B <= 64 rows."""
+    choose = union_select_triton.choose_select_config
+
+    def pick(B, r, N, device=None):
+        cfg = choose(B, r, N, device)
+        return dataclasses.replace(cfg, **fields) if 16 < B <= 64 else cfg
+    return pick
+
+
+def _mid_f32(**fields):
+    """The routers' float32 GEMV tiling (`choose_f32_config`) with `fields` replaced at 17-32 rows."""
+    choose = dense_gemv_triton.choose_f32_config
+
+    def pick(M, K, N, layout, device=None):
+        cfg = choose(M, K, N, layout, device)
+        return dataclasses.replace(cfg, **fields) if 16 < M <= 32 else cfg
+    return pick
+
+
 _committed_router_selector = sparsify.router_selector
 
 
@@ -248,6 +269,15 @@ def variants() -> dict:
         "head_topk_lax": ((sparsify, "unit_top_k", _unit_top_k_lax),),
         # the MLP router's second matrix stored neuron-major ([N, rank]: one contiguous run per neuron block)
         "router_nr": ((sparsify, "MLP_ROUTER_LAYOUT", "nr"),),
+        # union_mask at 17-64 rows with 128 neurons per program: half the programs, so half the re-reads of the
+        # routers' float32 product u (at B=32 each of the 256 programs reads all of u, 128 KB: as many bytes from L2
+        # as the router matrix from HBM); with 8 warps too
+        "mask_n128": ((union_select_triton, "choose_select_config", _mid_mask(block_n=128)),),
+        "mask_n128_w8": ((union_select_triton, "choose_select_config", _mid_mask(block_n=128, num_warps=8)),),
+        # the routers' float32 GEMV at 17-32 rows (default: 33 column blocks of 32 x 4 splits of 4 k-steps, ~6 us
+        # per layer for 8.6 MB at OPT-6.7B B=32): 16 columns x 2 splits (8 k-steps each), or 8 splits (2 programs per SM)
+        "f32_n16_s2": ((dense_gemv_triton, "choose_f32_config", _mid_f32(block_n=16, split_k=2)),),
+        "f32_s8": ((dense_gemv_triton, "choose_f32_config", _mid_f32(split_k=8)),),
         # flash-decoding split targets at B >= 8
         "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),
         "attn_t528": ((selective_attention_triton, "choose_attn_config", _attn_target(528)),),

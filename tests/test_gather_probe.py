@@ -1,0 +1,23 @@
+"""The gather probe (benchmarks/kernels/gather_probe.py) on CPU: every variant runs and matches its reference."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_every_gather_probe_variant_runs_and_matches_the_reference(tmp_path):
+    res = subprocess.run([sys.executable, "benchmarks/kernels/gather_probe.py", "--tiny", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO, env={"PYTHONPATH": str(REPO),
+                                                                                       "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads((tmp_path / "gather_probe.json").read_text())["rows"]
+    errors = [(r["op"], r["variant"], r["order"], r["error"]) for r in rows if "error" in r]
+    assert not errors
+    got = {(r["op"], r["variant"], r["order"]) for r in rows}
+    for order in ("sorted", "contiguous", "unsorted"):
+        assert {("up", "base", order), ("down", "base", order)} <= got
+    assert {("up", "dense_gemv", "contiguous"), ("up", "xla", "contiguous"), ("down", "dense_gemv", "contiguous"),
+            ("down", "xla", "contiguous"), ("up", "a16", "sorted"), ("down", "split_double", "sorted")} <= got
+    assert all(r["rel_err"] < 2e-2 for r in rows)
