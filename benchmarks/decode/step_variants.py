@@ -275,9 +275,13 @@ def variants() -> dict:
         "mask_n128": ((union_select_triton, "choose_select_config", _mid_mask(block_n=128)),),
         "mask_n128_w8": ((union_select_triton, "choose_select_config", _mid_mask(block_n=128, num_warps=8)),),
         # the routers' float32 GEMV at 17-32 rows (default: 33 column blocks of 32 x 4 splits of 4 k-steps, ~6 us
-        # per layer for 8.6 MB at OPT-6.7B B=32): 16 columns x 2 splits (8 k-steps each), or 8 splits (2 programs per SM)
+        # per layer for 8.6 MB at OPT-6.7B B=32, and its partials' sum, a second kernel of ~1.4 us): 16 columns x 2
+        # splits (8 k-steps each), 8 splits (2 programs per SM), or no split (66 programs of 16 k-steps, 3 or 6
+        # stages: no partials, so no second kernel; half the SMs, each with more loads in flight)
         "f32_n16_s2": ((dense_gemv_triton, "choose_f32_config", _mid_f32(block_n=16, split_k=2)),),
         "f32_s8": ((dense_gemv_triton, "choose_f32_config", _mid_f32(split_k=8)),),
+        "f32_n16_s1": ((dense_gemv_triton, "choose_f32_config", _mid_f32(block_n=16, split_k=1)),),
+        "f32_n16_s1_st6": ((dense_gemv_triton, "choose_f32_config", _mid_f32(block_n=16, split_k=1, num_stages=6)),),
         # flash-decoding split targets at B >= 8
         "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),
         "attn_t528": ((selective_attention_triton, "choose_attn_config", _attn_target(528)),),
