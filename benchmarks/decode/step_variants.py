@@ -260,6 +260,9 @@ def variants() -> dict:
         # the decode-step norms as one Pallas kernel per call: off, and up to 16 rows
         "no_row_norm": ((row_norm_mod, "ROW_NORM_MAX_M", 0),),
         "row_norm16": ((row_norm_mod, "ROW_NORM_MAX_M", 16),),
+        # up to 32 rows: at B=32 each sublayer's output (gather_down's 8 float32 partials, the O projection's two)
+        # would be summed, added and normalised by one kernel instead of XLA's add fusion and norm fusion
+        "row_norm32": ((row_norm_mod, "ROW_NORM_MAX_M", 32),),
         # the cache append through XLA's scatters instead of the one-launch kernel
         "no_kv_append": ((kv_append_mod, "KV_APPEND_MAX_B", 0),),
         # every sublayer output finished and added by XLA, not by the next norm's kernel (add_row_norm)
