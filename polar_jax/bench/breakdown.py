@@ -23,8 +23,8 @@ _SCOPE_PART = {SCOPES["router"]: "router", SCOPES["attention"]: "attention", SCO
 # Pallas kernels are named by their op, not by an HLO instruction; the dense GEMVs (gemv_kn / gemv_nk) serve
 # both the attention and the MLP projections, so their names alone leave them in "other". `unit_top_k` is the
 # heads' selection (the decode step uses it for nothing else), and `gemv_f32_*` the routers' first product.
-_KERNEL_PART = (("union_", "router"), ("unit_top_k", "router"), ("gemv_f32", "router"), ("select_decode", "attention"), ("gather_", "mlp"),
-                ("gemv_multi", "attn_proj"), ("gemv_rows", "attn_proj"))
+_KERNEL_PART = (("union_", "router"), ("unit_top_k", "router"), ("gemv_f32", "router"), ("select_decode", "attention"),
+                ("gather_", "mlp"), ("gemv_multi", "attn_proj"), ("gemv_rows", "attn_proj"))
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
 _FIELD = re.compile(r'(\w+)="([^"]*)"')
 
