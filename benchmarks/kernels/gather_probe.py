@@ -7,7 +7,8 @@ MLP layer (d=4096, N=16384, 6128 live neurons of 6144 slots, 32 rows), CUPTI ker
 weights rotated past L2, every variant checked against the XLA reference first:
 - the index order: ascending random (what `union_select` gives), contiguous (rows 0..n-1), unsorted;
 - the grid: 32-neuron blocks give 192 programs on 132 SMs (1.45 per SM, uneven); 16-neuron blocks give 384;
-- the same bytes through our dense GEMV (`gemv`, the rows 0..n-1 of the same matrix) and through XLA.
+- the same bytes through our dense GEMV (`gemv`, the rows 0..n-1 of the same matrix) and through XLA;
+- time against bytes for the dense GEMV and gather_up (1/8 to all of the rows): each one's fixed cost per launch.
 
     PYTHONPATH=. python benchmarks/kernels/gather_probe.py --out $OUT
     PYTHONPATH=. python benchmarks/kernels/gather_probe.py --tiny --out /tmp/g   # code path on CPU
@@ -44,6 +45,13 @@ def kernel_us(fn, sets) -> dict[str, float]:
         return {}
     from profile_kernels import breakdown
     return breakdown(fn, sets)
+
+
+def launch_fit(points: list[tuple[float, float]]) -> dict[str, float]:
+    """A line through (bytes, us) points: the fixed cost per launch in us (intercept) and the rate at which the
+    bytes stream in TB/s (1 / slope)."""
+    slope, icpt = np.polyfit([b for b, _ in points], [u for _, u in points], 1)
+    return {"fixed_us": float(icpt), "stream_TBps": float(1e-6 / slope)}
 
 
 def up_variants(M: int, K: int, A: int) -> dict[str, sg.UpConfig]:
@@ -84,7 +92,8 @@ def main() -> int:
     h = jax.random.normal(ks[1], (M, A), dt)
     w_up = [(jax.random.normal(jax.random.fold_in(ks[2], r), (N, K), dt) * 0.02).astype(dt) for r in range(R)]
     w_dn = [(jax.random.normal(jax.random.fold_in(ks[3], r), (N, K), dt) * 0.02).astype(dt) for r in range(R)]
-    perm = jax.random.permutation(ks[4], N)[:n].astype(jnp.int32)
+    perm_all = jax.random.permutation(ks[4], N).astype(jnp.int32)
+    perm = perm_all[:n]
     pad = jnp.zeros((A - n,), jnp.int32)
     orders = {"sorted": jnp.concatenate([jnp.sort(perm), pad]),
               "contiguous": jnp.concatenate([jnp.arange(n, dtype=jnp.int32), pad]),
@@ -97,8 +106,8 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "gather_probe.json")
 
-    def record(op, name, order, fn, sets, ref):
-        rec = dict(op=op, variant=name, order=order)
+    def record(op, name, order, fn, sets, ref, nbytes=nbytes):
+        rec = dict(op=op, variant=name, order=order, bytes=nbytes)
         try:
             rec["rel_err"] = rel(jax.jit(fn)(*sets[0]), ref)
             if not rec["rel_err"] < 2e-2:
@@ -106,7 +115,7 @@ def main() -> int:
             per = kernel_us(fn, sets)
             rec["us_per_kernel"] = per
             rec["us"] = sum(per.values()) if per else None
-            rec["TBps"] = nbytes / rec["us"] / 1e6 if rec["us"] else None
+            rec["TBps"] = rec["bytes"] / rec["us"] / 1e6 if rec["us"] else None
         except Exception as e:  # noqa: BLE001 (a tiling the GPU refuses: record it and go on)
             rec["error"] = repr(e)[:300]
         res["rows"].append(rec)
@@ -149,6 +158,33 @@ def main() -> int:
     record("down", "dense_gemv", "contiguous", lambda h, w: dense.gemv(h, w, None, None, "kn"), dns, dn_ref)
     record("down", "xla", "contiguous", lambda h, w: jnp.dot(h, w, preferred_element_type=jnp.float32
                                                              ).astype(dt), dns, dn_ref)
+    # Time against bytes: the dense GEMV (rows 0..r-1) and gather_up (r ascending random rows) at four row counts.
+    # A line through each gives its fixed cost per launch (the intercept) and its streaming rate (the slope): the
+    # step's 30-50 MB kernels leave 4-9 us over their bytes, and this says how much of that any kernel pays.
+    fits = {}
+    for rows in (N // 8, N // 4, N // 2, N):
+        rb = rows * K * 2
+        ref = jax.nn.relu(jnp.dot(x, w_up[0][:rows].T, preferred_element_type=jnp.float32)).astype(dt)
+        cfg = dense.choose_gemv_config(M, K, rows, "nk")
+        record("up", f"sweep_dense_{rows}", "contiguous",
+               lambda x, w, cfg=cfg: dense.gemv(x, w, None, "relu", "nk", config=cfg), [(x, w[:rows]) for w in w_up],
+               ref, rb)
+        slots = -(-rows // 64) * 64
+        idx = jnp.concatenate([jnp.sort(perm_all[:rows]), jnp.zeros((slots - rows,), jnp.int32)])
+        r_act = jnp.int32(rows)
+        ref = gx.gather_up_xla(x, w_up[0], idx, r_act, None, "relu")
+        record("up", f"sweep_gather_{rows}", "sorted",
+               lambda x, w, i, r_act=r_act: sg.gather_up(x, w, i, r_act, None, "relu"), [(x, w, idx) for w in w_up],
+               ref, rb)
+    for kind in ("dense", "gather"):
+        pts = [(r["bytes"], r["us"]) for r in res["rows"] if r["variant"].startswith(f"sweep_{kind}_") and r.get("us")]
+        if len(pts) >= 2:
+            fits[kind] = launch_fit(pts)
+            print(f"fit {kind}: {fits[kind]['fixed_us']:.2f} us per launch + bytes at "
+                  f"{fits[kind]['stream_TBps']:.2f} TB/s", flush=True)
+    res["fits"] = fits
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
     return 0
 
 
