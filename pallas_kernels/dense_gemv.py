@@ -18,9 +18,21 @@ from .split_sum import SplitSum
 from .validation import check_float, check_ndim, check_same_dtype
 
 Array = jax.Array
-_IMPLS = {"xla": gemv_xla, "triton": lambda x, w, b, a, lay: tri.gemv(x, w, b, a, lay)}
-_SPLIT = {"xla": lambda x, w, b, a, lay: SplitSum.finished(gemv_xla(x, w, b, a, lay)),
-          "triton": lambda x, w, b, a, lay: tri.gemv(x, w, b, a, lay, defer=True)}
+# `label` names the Triton kernel for profiles (gemv_<layout>_<label>); XLA's dot has no name of its own to give
+_IMPLS = {"xla": lambda x, w, b, a, lay, label: gemv_xla(x, w, b, a, lay),
+          "triton": lambda x, w, b, a, lay, label: tri.gemv(x, w, b, a, lay, name=kernel_name(lay, label))}
+_SPLIT = {"xla": lambda x, w, b, a, lay, label: SplitSum.finished(gemv_xla(x, w, b, a, lay)),
+          "triton": lambda x, w, b, a, lay, label: tri.gemv(x, w, b, a, lay, defer=True, name=kernel_name(lay, label))}
+
+
+def kernel_name(layout: str, label: str | None = None) -> str:
+    """The GEMV kernel's name in profiles: gemv_<layout>, or gemv_<layout>_<label> (e.g. the part of the decode step
+    the projection belongs to, which `polar_jax.bench.breakdown` reads back)."""
+    if label is None:
+        return f"gemv_{layout}"
+    if not isinstance(label, str) or not label.isidentifier():
+        raise ValueError(f"label must be an identifier (it becomes part of a kernel name), got {label!r}")
+    return f"gemv_{layout}_{label}"
 
 
 def check_gemv(x, w, bias, activation, layout: str) -> None:
@@ -43,14 +55,15 @@ def check_gemv(x, w, bias, activation, layout: str) -> None:
 
 
 def gemv(x: Array, w: Array, bias: Array | None = None, activation: str | None = None, layout: str = "kn",
-         impl: str = "auto", *, split_sum: bool = False) -> Array | SplitSum:
+         impl: str = "auto", *, split_sum: bool = False, label: str | None = None) -> Array | SplitSum:
     """act(x @ W + b): x [M, K] (M <= 32), W [K, N] ("kn") or [N, K] ("nk") -> [M, N] in x's dtype,
     float32 accumulation. `split_sum=True` (no activation): the output as a `SplitSum`, its split-K
-    epilogue left to the consumer (`add_row_norm`)."""
+    epilogue left to the consumer (`add_row_norm`). `label`: see `kernel_name` (changes nothing computed)."""
     check_gemv(x, w, bias, activation, layout)
     if split_sum and activation is not None:
         raise ValueError(f"split_sum leaves the epilogue to the consumer: no activation, got {activation!r}")
-    return dispatch("gemv", _SPLIT if split_sum else _IMPLS, impl)(x, w, bias, activation, layout)
+    kernel_name(layout, label)  # a bad label fails here, whichever backend runs
+    return dispatch("gemv", _SPLIT if split_sum else _IMPLS, impl)(x, w, bias, activation, layout, label)
 
 
 _F32 = {"xla": product_f32, "triton": lambda x, w, lay: tri.gemv_f32(x, w, lay)}

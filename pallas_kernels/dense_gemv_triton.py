@@ -201,8 +201,8 @@ def gemv_f32_triton(x, w, *, layout: str, cfg: GemvConfig, interpret: bool):
 
 
 def gemv(x, w, bias=None, activation=None, layout: str = "kn", config: GemvConfig | None = None,
-         defer: bool = False):
-    """Backend entry point (the public op in gemv.py validates first); `defer`: see gemv_triton."""
+         defer: bool = False, name: str | None = None):
+    """Backend entry point (the public op in gemv.py validates first); `defer`, `name`: see gemv_triton."""
     check_kernel_dtype(x.dtype, use_interpret())
     M, K = x.shape
     N = w.shape[1] if layout == "kn" else w.shape[0]
@@ -211,4 +211,4 @@ def gemv(x, w, bias=None, activation=None, layout: str = "kn", config: GemvConfi
     if cfg.split_k < 1 or (K + cfg.block_k - 1) // cfg.block_k % cfg.split_k:
         raise ValueError(f"split_k={cfg.split_k} must divide the {cdiv(K, cfg.block_k)} k-blocks")
     return gemv_triton(x, w, bias, activation=activation, layout=layout, cfg=cfg, interpret=use_interpret(),
-                       defer=defer)
+                       defer=defer, name=name)

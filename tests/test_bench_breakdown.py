@@ -20,6 +20,9 @@ def test_kernel_names_map_to_their_scopes():
     assert part_of("unit_top_k", scopes) == "router"  # the heads' top-k is selection
     assert part_of("unknown_kernel", scopes) == "other"
     assert part_of("gemv_multi", scopes) == "attn_proj" and part_of("gemv_rows", scopes) == "attn_proj"
+    # the dense GEMVs carry the part they were traced in; no label, or one that is not a part: "other"
+    assert part_of("gemv_nk_mlp", scopes) == "mlp" and part_of("gemv_kn_attn_proj", scopes) == "attn_proj"
+    assert part_of("gemv_kn", scopes) == "other" and part_of("gemv_kn_lm_head", scopes) == "other"
 
 
 def test_split_k_reduction_counts_with_its_gemm():

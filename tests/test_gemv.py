@@ -397,3 +397,31 @@ def test_kv_append_rule_keeps_float32_caches_on_xla_on_a_gpu(monkeypatch):
     assert not kv.prefers_kv_append(1, jnp.float32) and not kv.prefers_kv_append(0, jnp.bfloat16)
     monkeypatch.setattr(kv, "use_interpret", lambda: True)  # interpret mode runs float32 too (CPU tests)
     assert kv.prefers_kv_append(1, jnp.float32)
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
+def test_the_step_names_each_gemv_after_its_part(name, monkeypatch):
+    """A profile sees a Pallas kernel by its name only: the decode step's GEMVs are named after the part of the
+    layer they were traced in (MLP, attention projections), and the breakdown reads the part back (before
+    2026-12-08 both sat in "other")."""
+    from polar_jax.bench.breakdown import part_of
+
+    names = []
+    original = tri.gemv_triton
+
+    def recording(*args, name=None, **kw):
+        names.append(name)
+        return original(*args, name=name, **kw)
+
+    monkeypatch.setattr(tri, "gemv_triton", recording)
+    model, _ = load_cached(name)
+    graphdef, state = split_model(model)
+    toks = jnp.asarray([[5, 6, 7, 8]], jnp.int32)
+    cache = KVCache.create(model.config, 1, 8, model.dtype)
+    _, cache = prefill(graphdef, state, toks[:, :3], jnp.full((1,), 3, jnp.int32), cache)
+    decode_step(graphdef, state, cache, toks[:, 3], None, "xla", "xla", "triton")
+    # the output projection and the MLP's (the Q/K/V projections are one gemv_multi launch; the LM head is XLA's)
+    assert {n: part_of(n, {}) for n in names} == {"gemv_kn_attn_proj": "attn_proj", "gemv_nk_mlp": "mlp",
+                                                  "gemv_kn_mlp": "mlp"}
+    with pytest.raises(ValueError, match="identifier"):
+        dense_gemv.gemv(jnp.ones((1, 16)), jnp.ones((16, 16)), label="not a name")

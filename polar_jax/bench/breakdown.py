@@ -15,14 +15,16 @@ from typing import Iterable
 
 import jax
 
-from polar_jax.models.base import SCOPES
+from polar_jax.models.base import SCOPE_PARTS, SCOPES
 
 PARTS = ("attn_proj", "attention", "mlp", "router", "other")
-_SCOPE_PART = {SCOPES["router"]: "router", SCOPES["attention"]: "attention", SCOPES["proj"]: "attn_proj",
-               SCOPES["mlp"]: "mlp"}
-# Pallas kernels are named by their op, not by an HLO instruction; the dense GEMVs (gemv_kn / gemv_nk) serve
-# both the attention and the MLP projections, so their names alone leave them in "other". `unit_top_k` is the
-# heads' selection (the decode step uses it for nothing else), and `gemv_f32_*` the routers' first product.
+_SCOPE_PART = {SCOPES[key]: part for key, part in SCOPE_PARTS.items()}
+# Pallas kernels are named by their op, not by an HLO instruction. The dense GEMVs serve both the attention and
+# the MLP projections, so the model names them after the part they were traced in (gemv_<layout>_<part>,
+# `models.base.part_scope`); an unlabelled gemv_kn / gemv_nk (the LM head; files written before 2026-12-08, where
+# the dense MLP and the output projection sit in "other" too) stays "other". `unit_top_k` is the heads'
+# selection (the decode step uses it for nothing else), and `gemv_f32_*` the routers' first product.
+_GEMV_LABEL = re.compile(r"gemv_(?:kn|nk)_(\w+)")
 _KERNEL_PART = (("union_", "router"), ("unit_top_k", "router"), ("gemv_f32", "router"), ("select_decode", "attention"),
                 ("gather_", "mlp"), ("gemv_multi", "attn_proj"), ("gemv_rows", "attn_proj"))
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
@@ -82,6 +84,9 @@ def part_of(kernel: str, scopes: dict[str, str]) -> str:
     for prefix, part in _KERNEL_PART:
         if kernel.startswith(prefix):
             return part
+    labelled = _GEMV_LABEL.fullmatch(kernel)
+    if labelled and labelled.group(1) in PARTS:
+        return labelled.group(1)
     for name in _candidates(kernel):
         op = scopes.get(name)
         if op is None:

@@ -15,9 +15,10 @@ Families differ only in embeddings, norms, positions and the final projection (s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from polar_jax.cache import KVCache, LayerKV
 from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
 from polar_jax.models.layers import (F32, MLP, Attention, LayerNorm, Residual, RMSNorm, apply_rope, causal_attention,
-                                     rope_inv_freq, uses_row_norm)
+                                     profile_part, rope_inv_freq, uses_row_norm)
 from polar_jax.selection import AttentionSelection, MLPSelection
 from polar_jax.validate import check_model_input
 
@@ -39,6 +40,16 @@ MODES = ("full", "prefill", "decode")
 # GPU kernel to the part whose scope its HLO op carries.
 SCOPES = {"proj": "polar_attn_proj", "router": "polar_router", "attention": "polar_attn_core",
           "mlp": "polar_mlp", "allreduce": "polar_allreduce"}
+# The step's parts as the profile breakdown (polar_jax.bench.breakdown) names them, per scope
+SCOPE_PARTS = {"proj": "attn_proj", "router": "router", "attention": "attention", "mlp": "mlp"}
+
+
+@contextlib.contextmanager
+def part_scope(key: str) -> Iterator[None]:
+    """Trace one part of the layer: XLA's kernels carry its named scope in their HLO metadata, the Pallas GEMVs
+    its name in theirs (`layers.profile_part`), so a profile can put both in the same part."""
+    with jax.named_scope(SCOPES[key]), profile_part(SCOPE_PARTS.get(key)):
+        yield
 
 
 class Sparsifier(Protocol):
@@ -219,17 +230,17 @@ class Block(nnx.Module):
             h = self.attn_norm(x, norm_kernel) if self.pre_norm else x
         choice = units = None
         if step.mode == "decode":
-            with jax.named_scope(SCOPES["router"]):
+            with part_scope("router"):
                 choice = step.selector.attention(layer, h[:, 0], step.live) if step.selector is not None else None
             units = selected_units(choice, step)
-        with jax.named_scope(SCOPES["proj"]):
+        with part_scope("proj"):
             q, k, v = self.attn.qkv(h, step.gemv_impl, units)
             if self.use_rope:
                 q, k = apply_rope(q, step.positions, step.inv_freq), apply_rope(k, step.positions, step.inv_freq)
         if step.mode == "decode":
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "attn_n_active", choice.for_live(step.live).n_active)
-            with jax.named_scope(SCOPES["attention"]):
+            with part_scope("attention"):
                 kv = kv.append(k[:, 0], v[:, 0], step.positions[:, 0], step.live, step.gemv_impl)
                 heads = decode_attention(q[:, 0], kv, step, choice)[:, None]
         else:
@@ -245,7 +256,7 @@ class Block(nnx.Module):
             # from each head's output norm before the output projection.
             self.sow(nnx.Intermediate, "router_input", h)
             self.sow(nnx.Intermediate, "head_norm", head_output_norms(heads))
-        with jax.named_scope(SCOPES["proj"]):
+        with part_scope("proj"):
             partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None, units=units, split_sum=defer)
         if defer:
             x, h2 = self.mlp_norm.add_and_norm(Residual(x, partial), norm_kernel)
@@ -266,11 +277,11 @@ class Block(nnx.Module):
                      split_sum: bool = False) -> jax.Array | SplitSum:
         bias = step.parallel is None
         if step.mode == "decode":
-            with jax.named_scope(SCOPES["router"]):
+            with part_scope("router"):
                 choice = step.selector.mlp(layer, router_input[:, 0], step.live) if step.selector is not None else None
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "mlp_n_active", jnp.int32(-1) if choice.dense else choice.n_active)
-            with jax.named_scope(SCOPES["mlp"]):
+            with part_scope("mlp"):
                 out = decode_mlp(self.mlp, h2[:, 0], choice, step.mlp_impl, step.gemv_impl, bias=bias,
                                  split_sum=split_sum)
                 return out if split_sum else out[:, None]

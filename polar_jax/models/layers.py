@@ -7,8 +7,11 @@ Reductions (norm statistics, softmax) run in float32 whatever the parameter dtyp
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +166,21 @@ def _value(p: nnx.Param | None) -> jax.Array | None:
     return None if p is None else p[...]
 
 
+# The part of the decode step being traced (`profile_part`): the Pallas GEMVs of `linear` carry it in their kernel
+# name, since a profile sees a Pallas kernel by its name only and not by the named scope it was traced in.
+_PROFILE_PART: contextvars.ContextVar[str | None] = contextvars.ContextVar("polar_profile_part", default=None)
+
+
+@contextlib.contextmanager
+def profile_part(part: str | None) -> Iterator[None]:
+    """While tracing inside, `linear`'s GEMV kernels are named gemv_<layout>_<part> (nothing computed changes)."""
+    token = _PROFILE_PART.set(part)
+    try:
+        yield
+    finally:
+        _PROFILE_PART.reset(token)
+
+
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, layout: str, gemv: str | None = None,
            activation: str | None = None, split_sum: bool = False) -> jax.Array | SplitSum:
     """act(x [..., K] @ W (+ b)) -> [..., N] in x's dtype, float32 accumulation; W is [K, N] ("kn") or
@@ -174,9 +192,10 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None, layout: str, gemv: s
     lead = x.shape[:-1]
     m = math.prod(lead)
     if uses_gemv(gemv, m, layout):
+        label = _PROFILE_PART.get()
         if split_sum:
-            return pk_gemv(x.reshape(m, x.shape[-1]), w, b, activation, layout, impl=gemv, split_sum=True)
-        return pk_gemv(x.reshape(m, x.shape[-1]), w, b, activation, layout, impl=gemv).reshape(*lead, -1)
+            return pk_gemv(x.reshape(m, x.shape[-1]), w, b, activation, layout, impl=gemv, split_sum=True, label=label)
+        return pk_gemv(x.reshape(m, x.shape[-1]), w, b, activation, layout, impl=gemv, label=label).reshape(*lead, -1)
     spec = "...i,io->...o" if layout == "kn" else "...i,oi->...o"
     y = jnp.einsum(spec, x, w, preferred_element_type=F32)
     if b is not None:
