@@ -153,6 +153,11 @@ def _plots(merged: dict, path: Path) -> None:
             ax.set_xticks(range(len(br)), labels, fontsize=7)
             ax.set_ylabel("ms per step (CUPTI)")
             ax.legend(fontsize=7)
+        else:  # say so rather than leave empty axes
+            ax.text(0.5, 0.5, "not profiled in this run\n(bench decode --breakdown)", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_title(f"{shape}: where the step's time goes")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
