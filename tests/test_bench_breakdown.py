@@ -23,6 +23,7 @@ def test_kernel_names_map_to_their_scopes():
     # the dense GEMVs carry the part they were traced in; no label, or one that is not a part: "other"
     assert part_of("gemv_nk_mlp", scopes) == "mlp" and part_of("gemv_kn_attn_proj", scopes) == "attn_proj"
     assert part_of("gemv_kn", scopes) == "other" and part_of("gemv_kn_lm_head", scopes) == "other"
+    assert part_of("kv_append", scopes) == "attention"  # the cache append, in the attention scope
 
 
 def test_split_k_reduction_counts_with_its_gemm():

@@ -23,10 +23,11 @@ _SCOPE_PART = {SCOPES[key]: part for key, part in SCOPE_PARTS.items()}
 # the MLP projections, so the model names them after the part they were traced in (gemv_<layout>_<part>,
 # `models.base.part_scope`); an unlabelled gemv_kn / gemv_nk (the LM head; files written before 2026-12-08, where
 # the dense MLP and the output projection sit in "other" too) stays "other". `unit_top_k` is the heads'
-# selection (the decode step uses it for nothing else), and `gemv_f32_*` the routers' first product.
+# selection (the decode step uses it for nothing else), `gemv_f32_*` the routers' first product, and `kv_append`
+# the cache update, which the attention part's scope holds wherever XLA does it.
 _GEMV_LABEL = re.compile(r"gemv_(?:kn|nk)_(\w+)")
 _KERNEL_PART = (("union_", "router"), ("unit_top_k", "router"), ("gemv_f32", "router"), ("select_decode", "attention"),
-                ("gather_", "mlp"), ("gemv_multi", "attn_proj"), ("gemv_rows", "attn_proj"))
+                ("kv_append", "attention"), ("gather_", "mlp"), ("gemv_multi", "attn_proj"), ("gemv_rows", "attn_proj"))
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
 _FIELD = re.compile(r'(\w+)="([^"]*)"')
 
