@@ -127,13 +127,13 @@ auto_check() {
   cp /tmp/r/au2/*.json "$OUT/auto_llama2.json"
 }
 # union_mask at B=32 reads the routers' float32 product once per 64-neuron program (as many bytes from L2 as the
-# router matrix from HBM); 128 neurons per program halve that. Four tilings of the routers' float32 GEMV (their first
+# router matrix from HBM); 128 neurons per program halve that, and so does u cast to 16 bits first. Four tilings of the routers' float32 GEMV (their first
 # product, ~6 us per layer for 8.6 MB, then ~1.4 us summing its partials). Heads + MLP only: these touch the routers,
 # so the dense step is the same under every one (except row_norm32: the norms and residual adds at 32 rows as one
 # kernel each, which changes the dense step too; timed here on heads + MLP only). Then the gather probe (index order, grid, dense GEMV)
 mask_and_gathers() {
-  $V --points opt-6.7b:32:2048:both --code base mask_n128 mask_n128_w8 f32_n16_s2 f32_s8 f32_n16_s1 f32_n16_s1_st6 \
-     row_norm32 --out "$OUT/variants_mask.json"
+  $V --points opt-6.7b:32:2048:both --code base mask_n128 mask_n128_w8 mask_u16 mask_u16+mask_n128 f32_n16_s2 f32_s8 \
+     f32_n16_s1 f32_n16_s1_st6 row_norm32 --out "$OUT/variants_mask.json"
   python benchmarks/kernels/gather_probe.py --out "$OUT" || echo "gather probe failed"
 }
 
