@@ -66,15 +66,17 @@ def gemv(x: Array, w: Array, bias: Array | None = None, activation: str | None =
     return dispatch("gemv", _SPLIT if split_sum else _IMPLS, impl)(x, w, bias, activation, layout, label)
 
 
-_F32 = {"xla": product_f32, "triton": lambda x, w, lay: tri.gemv_f32(x, w, lay)}
+_F32 = {"xla": lambda x, w, lay, label: product_f32(x, w, lay),
+        "triton": lambda x, w, lay, label: tri.gemv_f32(x, w, lay, name=kernel_name(lay, label))}
 
 
-def gemv_f32(x: Array, w: Array, layout: str = "nk", impl: str = "auto") -> Array:
+def gemv_f32(x: Array, w: Array, layout: str = "nk", impl: str = "auto", *, label: str | None = None) -> Array:
     """x @ W in float32, not rounded to x's dtype: x [M, K] (M <= 32), W [K, N] ("kn") or [N, K] ("nk"). For
     narrow products whose consumers read float32 scores (the routers' first product): the Pallas kernel splits
-    the reduction over enough programs to fill the GPU and sums the float32 partials once."""
+    the reduction over enough programs to fill the GPU and sums the float32 partials once. `label`: as `gemv`'s."""
     check_gemv(x, w, None, None, layout)
-    return dispatch("gemv_f32", _F32, impl)(x, w, layout)
+    kernel_name(layout, label)  # a bad label fails here, whichever backend runs
+    return dispatch("gemv_f32", _F32, impl)(x, w, layout, label)
 
 
 # Where the decode step is faster with the Pallas GEMV: per layout, the (first, last) row counts of each range.

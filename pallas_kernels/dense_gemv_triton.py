@@ -177,7 +177,7 @@ def gemv_triton(x, w, bias, *, activation, layout: str, cfg: GemvConfig, interpr
     return get_activation(activation)(y).astype(x.dtype)
 
 
-def gemv_f32(x, w, layout: str = "nk", config: GemvConfig | None = None):
+def gemv_f32(x, w, layout: str = "nk", config: GemvConfig | None = None, name: str | None = None):
     """x @ W in float32 (no rounding to x's dtype): the sum of the split-K partials (backend entry point)."""
     check_kernel_dtype(x.dtype, use_interpret())
     M, K = x.shape
@@ -186,17 +186,15 @@ def gemv_f32(x, w, layout: str = "nk", config: GemvConfig | None = None):
     check_tile(cfg, M)
     if cfg.split_k < 1 or cdiv(K, cfg.block_k) % cfg.split_k:
         raise ValueError(f"split_k={cfg.split_k} must divide the {cdiv(K, cfg.block_k)} k-blocks")
-    return gemv_f32_triton(x, w, layout=layout, cfg=cfg, interpret=use_interpret())
+    return gemv_f32_triton(x, w, layout=layout, cfg=cfg, interpret=use_interpret(), name=name)
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "cfg", "interpret"))
-def gemv_f32_triton(x, w, *, layout: str, cfg: GemvConfig, interpret: bool):
-    """The kernel's float32 partials summed by XLA (or, unsplit, its float32 output): never rounded. The kernel is
-    named gemv_f32_<layout>: the decode step uses it only for the routers' first product, and the step's profile
-    (`polar_jax.bench.breakdown`) tells the parts apart by kernel name (as gemv_nk it was counted with the
-    projections in "other")."""
+@functools.partial(jax.jit, static_argnames=("layout", "cfg", "interpret", "name"))
+def gemv_f32_triton(x, w, *, layout: str, cfg: GemvConfig, interpret: bool, name: str | None = None):
+    """The kernel's float32 partials summed by XLA (or, unsplit, its float32 output): never rounded. `name`: as
+    gemv_triton's."""
     out = gemv_triton(x, w, None, activation=None, layout=layout, cfg=cfg, interpret=interpret, defer=True,
-                      out_dtype=jnp.float32, name=f"gemv_f32_{layout}")
+                      out_dtype=jnp.float32, name=name)
     return jnp.sum(out.parts, axis=0)
 
 

@@ -90,7 +90,7 @@ def test_the_routers_gemv_counted_in_other_is_added_back_to_router_and_selection
 
     dense = row([("gemv_nk", "other", 32.0, 1.6)])  # 32 down projections, 0.05 ms each
     old = row([("union_mask", "router", 31.0, 0.5), ("gemv_nk", "other", 32.0, 0.25)])  # 31 router GEMVs + layer 0
-    new = row([("union_mask", "router", 31.0, 0.5), ("gemv_f32_nk", "router", 31.0, 0.2),
+    new = row([("union_mask", "router", 31.0, 0.5), ("gemv_nk_router", "router", 31.0, 0.2),
                ("gemv_nk", "other", 1.0, 0.05)])
     b1 = row([("union_mask", "router", 31.0, 0.5), ("gemv_nk", "other", 1.0, 0.05)])  # XLA's product at B=1
     assert math.isclose(readme_claims._router_gemv_ms(old, dense), 0.2)

@@ -8,6 +8,8 @@ import pytest
 
 import polar_jax
 from conftest import load_cached
+from pallas_kernels.dense_gemv import kernel_name
+from polar_jax.bench.breakdown import part_of
 from polar_jax.routers import router_selector
 from polar_jax.bench.synthetic import calibrate_union, random_bundle
 from polar_jax.routers import sparsify
@@ -67,7 +69,8 @@ def test_fused_first_stage_at_20_rows_runs_the_split_k_gemv_and_selects_the_same
     bundle = calibrate_union(random_bundle(cfg, 16, jnp.float32), inputs, rows, 0.3)
     calls = []
     real = sparsify.gemv_f32
-    monkeypatch.setattr(sparsify, "gemv_f32", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(sparsify, "gemv_f32",
+                        lambda *a, **k: calls.append((a[0].shape, k.get("label"))) or real(*a, **k))
     ref = router_selector(bundle, 0.5, 0.99, select_impl=impl)
     fused = router_selector(bundle, 0.5, 0.99, select_impl=impl, fuse_routers=True)
     live = jnp.asarray(np.arange(rows) != 3)
@@ -81,7 +84,9 @@ def test_fused_first_stage_at_20_rows_runs_the_split_k_gemv_and_selects_the_same
         assert int(m.n_active) == int(n.n_active)
         np.testing.assert_array_equal(np.asarray(m.idx)[: int(m.n_active)], np.asarray(n.idx)[: int(n.n_active)])
         checked += 1
-    assert checked == cfg.num_layers - 1 and calls and all(shape == (rows, cfg.hidden_size) for shape in calls)
+    assert checked == cfg.num_layers - 1 and calls and all(shape == (rows, cfg.hidden_size) for shape, _ in calls)
+    # named after its part, so a profile counts it as router + selection (polar_jax.bench.breakdown)
+    assert {part_of(kernel_name("nk", label), {}) for _, label in calls} == {"router"}
 
 
 @pytest.mark.parametrize("at_17_32", [False, True])

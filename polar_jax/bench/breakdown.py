@@ -19,14 +19,14 @@ from polar_jax.models.base import SCOPE_PARTS, SCOPES
 
 PARTS = ("attn_proj", "attention", "mlp", "router", "other")
 _SCOPE_PART = {SCOPES[key]: part for key, part in SCOPE_PARTS.items()}
-# Pallas kernels are named by their op, not by an HLO instruction. The dense GEMVs serve both the attention and
-# the MLP projections, so the model names them after the part they were traced in (gemv_<layout>_<part>,
-# `models.base.part_scope`); an unlabelled gemv_kn / gemv_nk (the LM head; files written before 2026-12-08, where
-# the dense MLP and the output projection sit in "other" too) stays "other". `unit_top_k` is the heads'
-# selection (the decode step uses it for nothing else), `gemv_f32_*` the routers' first product, and `kv_append`
-# the cache update, which the attention part's scope holds wherever XLA does it.
+# Pallas kernels are named by their op, not by an HLO instruction. The dense GEMVs serve the attention projections,
+# the MLP and the routers' first product, so each is named after the part it belongs to (gemv_<layout>_<part>:
+# `models.base.part_scope` for the model's projections, the router's own label for its product); an unlabelled
+# gemv_kn / gemv_nk (files written before 2026-12-08, where all of them sit in "other") stays "other".
+# `unit_top_k` is the heads' selection (the decode step uses it for nothing else), and `kv_append` the cache
+# update, which the attention part's scope holds wherever XLA does it.
 _GEMV_LABEL = re.compile(r"gemv_(?:kn|nk)_(\w+)")
-_KERNEL_PART = (("union_", "router"), ("unit_top_k", "router"), ("gemv_f32", "router"), ("select_decode", "attention"),
+_KERNEL_PART = (("union_", "router"), ("unit_top_k", "router"), ("select_decode", "attention"),
                 ("kv_append", "attention"), ("gather_", "mlp"), ("gemv_multi", "attn_proj"), ("gemv_rows", "attn_proj"))
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}')
 _FIELD = re.compile(r'(\w+)="([^"]*)"')

@@ -149,7 +149,8 @@ class _Routers:
         FIRST_GEMV_ROWS the fused product is one split-K GEMV (XLA ran it as split-K GEMMs there)."""
         a = self.mlp_a[layer]
         if self.fused_first and x.ndim == 2 and FIRST_GEMV_ROWS[0] <= x.shape[0] <= FIRST_GEMV_ROWS[1]:
-            return gemv_f32(x.astype(a.dtype), a, layout="nk", impl=self.select_impl)
+            # named after its part (gemv_nk_router): a profile tells it from the projections' GEMVs by name only
+            return gemv_f32(x.astype(a.dtype), a, layout="nk", impl=self.select_impl, label="router")
         return jnp.einsum("...d,rd->...r", x.astype(a.dtype), a, preferred_element_type=jnp.float32)
 
     def _attn_counts(self, layer: int, logits: jax.Array) -> tuple[jax.Array, int]:
