@@ -120,12 +120,14 @@ def _live_splits(len_ref, nact_ref, b, *, S: int, B: int, A: int, cfg: AttnConfi
     return L, runtime_splits(total, cfg.num_splits, cfg.target_programs)
 
 
-def _attn_kernel(q_ref, k_ref, v_ref, len_ref, grp_ref, nact_ref, o_ref, lse_ref, out_ref, *,
+def attn_program(b, j, sp, q_ref, k_ref, v_ref, len_ref, grp_ref, nact_ref, o_ref, lse_ref, out_ref, *,
                  S, Hkv, G, D, A, B, cfg: AttnConfig, window, scale_log2):
+    """The work of program (sequence b, slot j, split sp) of the split decode kernel. Its coordinates are
+    arguments so that a kernel sharing the launch with other work (`attention_union_triton`) can map its
+    own program ids onto them."""
     bs = cfg.block_s
     gp = pow2_at_least(G, 16)
     dp = pow2_at_least(D, 16)
-    b, j, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = nact_ref[b]
     L, splits = _live_splits(len_ref, nact_ref, b, S=S, B=B, A=A, cfg=cfg)
     lo, hi = _split_range(L, splits, bs, cfg.min_chunk, window, sp)
@@ -183,6 +185,10 @@ def _attn_kernel(q_ref, k_ref, v_ref, len_ref, grp_ref, nact_ref, o_ref, lse_ref
             plgpu.store(lse_ref.at[b, j, sp, pl.ds(0, gp)], m_i + jnp.log2(l_i), mask=r_ok)
 
 
+def _attn_kernel(*refs, **shape):
+    attn_program(pl.program_id(0), pl.program_id(1), pl.program_id(2), *refs, **shape)
+
+
 def finish_block_d(num_splits: int, G: int, D: int) -> int:
     """Head-dim columns per finish program: all live partials of a group are loaded at once as
     one [splits, G, columns] tile (every load in flight together; a loop over the splits ran
@@ -191,16 +197,15 @@ def finish_block_d(num_splits: int, G: int, D: int) -> int:
     return max(min(dp, 16), min(dp, pow2_at_least(max(1, 4096 // (nsp * gp)))))
 
 
-def _finish_kernel(o_ref, lse_ref, len_ref, grp_ref, nact_ref, _out_in, out_ref, *, S, Hkv, G, D,
+def finish_program(b, g, c, o_ref, lse_ref, len_ref, grp_ref, nact_ref, _out_in, out_ref, *, S, Hkv, G, D,
                    A, B, cfg: AttnConfig, window, block_d):
-    """One program per (sequence, KV group, column block): zeros for a group that is not
+    """Program (sequence b, KV group g, column block c) of the finish kernel: zeros for a group that is not
     selected (or has no live key), the merge of its first slot's split partials when the range
     was split, nothing when the main kernel already wrote it. Every output element is written
     exactly once."""
     gp = pow2_at_least(G)
     ap = pow2_at_least(A)
     nsp = pow2_at_least(cfg.num_splits)
-    b, g, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n = nact_ref[b]
     L, splits = _live_splits(len_ref, nact_ref, b, S=S, B=B, A=A, cfg=cfg)
     slots = jnp.arange(ap, dtype=jnp.int32)
@@ -239,6 +244,10 @@ def _finish_kernel(o_ref, lse_ref, len_ref, grp_ref, nact_ref, _out_in, out_ref,
         den = jnp.sum(w, axis=0)
         den = jnp.where(den > 0, den, 1.0)
         plgpu.store(dst, (num / den[:, None]).astype(out_ref.dtype), mask=o_mask)
+
+
+def _finish_kernel(*refs, **shape):
+    finish_program(pl.program_id(0), pl.program_id(1), pl.program_id(2), *refs, **shape)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "window", "cfg", "interpret"))

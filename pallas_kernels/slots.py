@@ -1,5 +1,5 @@
 """Slot -> head bookkeeping of the XLA attention reference (the Pallas path does the same
-mapping inside its finish kernel, selective_attention_triton._finish_kernel)."""
+mapping inside its finish kernel, selective_attention_triton.finish_program)."""
 from __future__ import annotations
 
 import jax.numpy as jnp

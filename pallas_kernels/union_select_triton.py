@@ -57,10 +57,11 @@ def choose_select_config(B: int, r: int, N: int, device: DeviceClass | None = No
     return fit_tiling(cfg, mask_smem, dev.smem_per_block, "block_r", 16)
 
 
-def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, u_offset, w_layout,
+def mask_program(i, u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, u_offset, w_layout,
                  cfg: SelectConfig):
+    """Program i (a block of `block_n` neurons) of union_mask; `i` is an argument so that a kernel sharing
+    the launch with other work (`attention_union_triton`) can map its own program ids onto it."""
     bn, br, bb = cfg.block_n, cfg.block_r, cfg.block_b
-    i = pl.program_id(0)
     cols = i * bn + jnp.arange(bn, dtype=jnp.int32)
     c_ok = cols < N
     t = t_ref[0]
@@ -93,9 +94,13 @@ def _mask_kernel(u_ref, w_ref, live_ref, t_ref, keep_ref, cnt_ref, *, B, R, N, u
     cnt_ref[i] = jnp.sum(keep)
 
 
-def _compact_kernel(keep_ref, cnt_ref, idx_ref, total_ref, *, N, cap, n_blocks, clamp, cfg: SelectConfig):
+def _mask_kernel(*refs, **shape):
+    mask_program(pl.program_id(0), *refs, **shape)
+
+
+def compact_program(i, keep_ref, cnt_ref, idx_ref, total_ref, *, N, cap, n_blocks, clamp, cfg: SelectConfig):
+    """Program i (the same neuron block as union_mask's program i) of union_compact."""
     bn = cfg.block_n
-    i = pl.program_id(0)
     nb = pow2_at_least(n_blocks)
     blocks = jnp.arange(nb, dtype=jnp.int32)
     counts = plgpu.load(cnt_ref.at[blocks], mask=blocks < n_blocks, other=0)
@@ -119,6 +124,10 @@ def _compact_kernel(keep_ref, cnt_ref, idx_ref, total_ref, *, N, cap, n_blocks, 
     @pl.when(i == 0)
     def _total():
         total_ref[0] = jnp.minimum(total, cap) if clamp else total
+
+
+def _compact_kernel(*refs, **shape):
+    compact_program(pl.program_id(0), *refs, **shape)
 
 
 @functools.partial(jax.jit, static_argnames=("capacity", "cfg", "interpret", "u_offset", "clamp", "w_layout"))
