@@ -1,6 +1,6 @@
 """Kernel backends: which implementations exist, where each runs natively, how `impl` resolves.
 
-Every op (gather_up, gather_up_gated, gather_down, select_decode, union_select, gemv, gemv_multi,
+Every op (gather_up, gather_up_gated, gather_down, select_decode, union_select, select_decode_union, gemv, gemv_multi,
 gemv_rows, unit_top_k, row_norm, kv_append) has one public function (validation + dispatch) and one implementation
 per backend, registered here by name:
 - "xla": the pure-XLA reference; runs on any JAX backend (CPU, GPU, TPU), float32 included.

@@ -238,6 +238,36 @@ class KernelOpTests:
         assert int(count) == n
         np.testing.assert_array_equal(np.asarray(idx), want)
 
+    # ---- attention and the MLP router's selection in shared launches -----------------------------------
+    def test_select_decode_union_is_both_ops(self):
+        """select_decode_union against the float64 references of both ops: ragged lengths, a row with no live
+        slot, GQA, the router product as a float32 slice, both router layouts, the count clamped or not."""
+        rng = fresh_rng()
+        for B, Hq, Hkv, S, D, R, N, cap, off, layout, clamp in ((4, 8, 2, 90, 32, 48, 300, 120, 5, "rn", True),
+                                                               (1, 4, 4, 70, 16, 40, 130, 130, 0, "nr", False),
+                                                               (3, 6, 3, 33, 24, 32, 200, 30, 3, "rn", False)):
+            q, k, v = self.arr(rng, (B, Hq, D)), self.arr(rng, (B, S, Hkv, D)), self.arr(rng, (B, S, Hkv, D))
+            lengths = jnp.asarray(rng.integers(1, S + 1, B), jnp.int32)
+            groups = jnp.asarray(rng.integers(0, Hkv, (B, Hkv)), jnp.int32)
+            n_active = jnp.asarray(rng.integers(0, Hkv + 1, B), jnp.int32).at[0].set(0)  # row 0 reads nothing
+            wide = jnp.asarray(rng.standard_normal((B, off + R)), jnp.float32)
+            u = wide[:, off:].astype(self.dtype)  # what the kernel reads: the slice rounded to w's dtype
+            w = self.arr(rng, (R, N), R**-0.5)
+            live = jnp.asarray(rng.random(B) < 0.7).at[-1].set(True)
+            t = 0.3
+            maxes = (npref.f64(u) @ npref.f64(w))[np.asarray(live)].max(axis=0)
+            while np.any(np.abs(maxes - t) < 0.03):  # keep rounding away from the decision
+                t += 0.0137
+            stored = w if layout == "rn" else jnp.asarray(w.T)
+            out, idx, count = pk.select_decode_union(q, k, v, lengths, groups, n_active, wide, stored, live,
+                                                     jnp.float32(t), cap, u_offset=off, clamp_count=clamp,
+                                                     w_layout=layout, impl=self.impl)
+            close(out, npref.select_decode_ref(q, k, v, lengths, groups, n_active), self.dtype)
+            assert not np.asarray(out[0]).any()
+            want, n = self._union_ref(u, w, live, t, cap)
+            assert int(count) == (min(n, cap) if clamp else n)
+            np.testing.assert_array_equal(np.asarray(idx), want)
+
     def test_union_select_matches_reference(self):
         self.check_union(5, 64, 300, 300, [True, False, True, True, False], 1.0)
 

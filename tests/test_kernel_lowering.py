@@ -210,3 +210,46 @@ def test_unit_top_k_refuses_bad_inputs():
             (dict(scores=jnp.zeros((1, 200)), k=3), ValueError, "at most 128 units")):
         with pytest.raises(err, match=match):
             pk.unit_top_k(**kwargs, impl="xla")
+
+
+@pytest.mark.parametrize("B,A,ns_min_chunk,mask_first", [(1, 9, None, False), (8, 9, None, True), (32, 9, None, False),
+                                                        (16, 16, 128, False)])
+def test_select_decode_union_lowers_to_two_triton_kernels(B, A, ns_min_chunk, mask_first):
+    """Attention and the MLP router's selection in shared launches at OPT-6.7B's shapes (32 heads of 128, context
+    2048, the rank-1024 router's product after the 32 head-router columns, 16384 neurons): two Pallas calls
+    where the ops apart are four, each fitting the H100's shared memory."""
+    import dataclasses
+
+    from pallas_kernels.attention_union_triton import choose_overlap_config, select_decode_union_triton
+
+    H, D, S, R, N, cap = 32, 128, 2048, 1024, 16384, 8192
+    cfg = choose_overlap_config(B, S, A, D, 1, R, N)
+    assert cfg is not None
+    cfg = dataclasses.replace(cfg, mask_first=mask_first)
+    if ns_min_chunk:
+        cfg = dataclasses.replace(cfg, attn=dataclasses.replace(cfg.attn, min_chunk=ns_min_chunk))
+
+    def f(q, k, v, lengths, groups, n_active, u, w, live, t):
+        return select_decode_union_triton(q, k, v, lengths, groups, n_active, u, w, live, t, sm_scale=D**-0.5,
+                                          window=None, capacity=cap, u_offset=H, clamp=True, w_layout="rn", cfg=cfg,
+                                          interpret=False)
+
+    bf = jnp.bfloat16
+    text = lower_for_cuda(f, SDS((B, H, D), bf), SDS((B, S, H, D), bf), SDS((B, S, H, D), bf), SDS((B,), I32),
+                          SDS((B, A), I32), SDS((B,), I32), SDS((B, H + R), jnp.float32), SDS((R, N), bf),
+                          SDS((B,), jnp.bool_), SDS((), jnp.float32))
+    assert count_triton_calls(text) == 2
+
+
+def test_select_decode_union_runs_the_ops_apart_where_the_shared_launch_does_not_fit():
+    """On a device class whose shared memory cannot hold both ops' buffers there is no shared-launch config (the
+    entry point then runs the ops apart: tests/test_kernels_triton.py)."""
+    from pallas_kernels.attention_union_triton import OverlapConfig, choose_overlap_config, overlap_smem
+    from pallas_kernels.devices import SM89, SM90
+    from pallas_kernels.selective_attention_triton import choose_attn_config
+    from pallas_kernels.union_select_triton import choose_select_config
+
+    assert choose_overlap_config(32, 2048, 9, 128, 1, 1024, 16384, SM90) is not None
+    both = OverlapConfig(choose_attn_config(32, 2048, 9, 256, 1, SM89), choose_select_config(32, 1024, 16384, SM89))
+    assert overlap_smem(both, 1, 256) > SM89.smem_per_block
+    assert choose_overlap_config(32, 2048, 9, 256, 1, 1024, 16384, SM89) is None
