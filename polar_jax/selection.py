@@ -5,6 +5,8 @@
   no KV at all (a padded or finished row).
 - `MLPSelection(idx [A], n_active, dense)`: the neurons the whole batch computes (the union over live
   rows): the first `n_active` entries of `idx` are live; `dense` (static) asks for the dense MLP.
+- `UnionRequest`: an MLP selection by the threshold rule before it is computed (the fused kernel's inputs),
+  which the decode step may compute in the same launches as attention.
   A union larger than the static capacity A keeps its A lowest neuron ids (`capped_union_mask` is the
   same rule for masked evaluation); calibration sizes A so that this is rare.
 
@@ -32,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 # the heads' ranking rule lives beside the kernel that computes it on the GPU (one definition for every path)
+from pallas_kernels.union_select import union_select
 from pallas_kernels.unit_top_k_xla import rank_units, top_units  # noqa: F401 (re-exported)
 
 
@@ -64,6 +67,30 @@ class MLPSelection:
     @classmethod
     def of(cls, idx: jax.Array, n_active: jax.Array | int) -> "MLPSelection":
         return cls(jnp.asarray(idx, jnp.int32), jnp.asarray(n_active, jnp.int32))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["u", "w", "live", "threshold"],
+                   meta_fields=["capacity", "u_offset", "w_layout", "impl"])
+@dataclasses.dataclass(frozen=True)
+class UnionRequest:
+    """An MLP selection by the threshold rule, not yet computed: the inputs of `pallas_kernels.union_select`
+    (the router product u, the router's second matrix w, the live rows, the threshold, the static capacity).
+    The decode step can run it inside attention's launches (`pallas_kernels.select_decode_union`), since it
+    needs nothing that attention computes; `run` computes it alone. The count is clamped to the capacity."""
+
+    u: jax.Array  # [B, u_offset + r]
+    w: jax.Array  # [r, N] ("rn") or [N, r] ("nr")
+    live: jax.Array  # [B] bool
+    threshold: jax.Array  # float32 scalar
+    capacity: int
+    u_offset: int = 0
+    w_layout: str = "rn"
+    impl: str = "auto"
+
+    def run(self) -> MLPSelection:
+        idx, count = union_select(self.u, self.w, self.live, self.threshold, self.capacity, impl=self.impl,
+                                  u_offset=self.u_offset, clamp_count=True, w_layout=self.w_layout)
+        return MLPSelection(idx, count)
 
 
 # ---- heads ------------------------------------------------------------------------------------------

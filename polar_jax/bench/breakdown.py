@@ -24,7 +24,9 @@ _SCOPE_PART = {SCOPES[key]: part for key, part in SCOPE_PARTS.items()}
 # `models.base.part_scope` for the model's projections, the router's own label for its product); an unlabelled
 # gemv_kn / gemv_nk (files written before 2026-12-08, where all of them sit in "other") stays "other".
 # `unit_top_k` is the heads' selection (the decode step uses it for nothing else), and `kv_append` the cache
-# update, which the attention part's scope holds wherever XLA does it.
+# update, which the attention part's scope holds wherever XLA does it. With the MLP selection in attention's launches
+# (`select_decode_mask`, `select_decode_finish_compact`: sparsify.OVERLAP_MLP_SELECTION) one kernel does both parts'
+# work and is counted as attention; what the router then adds is the step's difference in a same-process A/B.
 _GEMV_LABEL = re.compile(r"gemv_(?:kn|nk)_(\w+)")
 _KERNEL_PART = (("union_", "router"), ("unit_top_k", "router"), ("select_decode", "attention"),
                 ("kv_append", "attention"), ("gather_", "mlp"), ("gemv_multi", "attn_proj"), ("gemv_rows", "attn_proj"))

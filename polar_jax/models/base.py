@@ -25,14 +25,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import (dense_decode_xla, gather_down, gather_up, gather_up_gated, resolve_impl, select_decode,
-                            triton_gpu_available)
+                            select_decode_union, triton_gpu_available)
 from pallas_kernels.split_sum import SplitSum
 from polar_jax.cache import KVCache, LayerKV
 from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
 from polar_jax.models.layers import (F32, MLP, Attention, LayerNorm, Residual, RMSNorm, apply_rope, causal_attention,
                                      profile_part, rope_inv_freq, uses_row_norm)
-from polar_jax.selection import AttentionSelection, MLPSelection
+from polar_jax.selection import AttentionSelection, MLPSelection, UnionRequest
 from polar_jax.validate import check_model_input
 
 MODES = ("full", "prefill", "decode")
@@ -75,6 +75,15 @@ class DecodeSelector(Protocol):
 
     def mlp(self, layer: int, router_input: jax.Array, live: jax.Array) -> MLPSelection | None:
         """The neurons the batch computes, or None for a dense MLP in this layer."""
+
+    # Optional: `union_request(layer, router_input, live) -> UnionRequest | None`, this layer's MLP selection
+    # before it is computed, which the step then runs in attention's launches instead of calling `mlp`.
+
+
+def union_request(selector: Any, layer: int, router_input: jax.Array, live: jax.Array) -> UnionRequest | None:
+    """The selector's deferred MLP selection for `layer`, if it offers one (`DecodeSelector` above)."""
+    request = getattr(selector, "union_request", None)
+    return None if request is None else request(layer, router_input, live)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +131,26 @@ def head_output_norms(heads: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(heads.astype(F32)), axis=-1))
 
 
-def decode_attention(q: jax.Array, kv: LayerKV, step: Step, choice: AttentionSelection | None) -> jax.Array:
-    """One query per row over its cache: q [B, Hq, D] -> [B, Hq, D]. Dense with `choice` None (XLA's
-    einsum, or the Pallas kernel with every group active: it reads the cache near HBM bandwidth and
-    XLA's GQA einsum does not); rows that are not live read nothing through the kernel."""
+def decode_attention(q: jax.Array, kv: LayerKV, step: Step, choice: AttentionSelection | None,
+                     request: UnionRequest | None = None) -> tuple[jax.Array, MLPSelection | None]:
+    """One query per row over its cache: q [B, Hq, D] -> ([B, Hq, D], the MLP selection of `request`). Dense
+    with `choice` None (XLA's einsum, or the Pallas kernel with every group active: it reads the cache near
+    HBM bandwidth and XLA's GQA einsum does not); rows that are not live read nothing through the kernel.
+    A `request` (the layer's MLP selection, deferred by the selector) is computed in the same launches as the
+    selective kernel where both run on one backend, else on its own."""
     if choice is None and step.attn_impl == "xla":
-        return dense_decode_xla(q, kv.k, kv.v, step.lengths, step.scale, step.window)
+        out = dense_decode_xla(q, kv.k, kv.v, step.lengths, step.scale, step.window)
+        return out, None if request is None else request.run()
     sel = (step.dense_attention if choice is None else choice).for_live(step.live)
-    return select_decode(q, kv.k, kv.v, step.lengths, sel.groups, sel.n_active, sm_scale=step.scale,
-                         window=step.window, impl=step.attn_impl)
+    if request is not None and resolve_impl(request.impl) == resolve_impl(step.attn_impl):
+        out, idx, count = select_decode_union(
+            q, kv.k, kv.v, step.lengths, sel.groups, sel.n_active, request.u, request.w, request.live,
+            request.threshold, request.capacity, sm_scale=step.scale, window=step.window, u_offset=request.u_offset,
+            clamp_count=True, w_layout=request.w_layout, impl=step.attn_impl)
+        return out, MLPSelection(idx, count)
+    out = select_decode(q, kv.k, kv.v, step.lengths, sel.groups, sel.n_active, sm_scale=step.scale,
+                        window=step.window, impl=step.attn_impl)
+    return out, None if request is None else request.run()
 
 
 def selected_units(choice: AttentionSelection | None, step: Step) -> tuple[jax.Array, jax.Array] | None:
@@ -228,10 +248,12 @@ class Block(nnx.Module):
             x, h = self.attn_norm.add_and_norm(x, norm_kernel)  # the previous layer's MLP output added here
         else:
             h = self.attn_norm(x, norm_kernel) if self.pre_norm else x
-        choice = units = None
+        choice = units = request = pending = None
         if step.mode == "decode":
             with part_scope("router"):
-                choice = step.selector.attention(layer, h[:, 0], step.live) if step.selector is not None else None
+                if step.selector is not None:
+                    choice = step.selector.attention(layer, h[:, 0], step.live)
+                    request = union_request(step.selector, layer, h[:, 0], step.live)
             units = selected_units(choice, step)
         with part_scope("proj"):
             q, k, v = self.attn.qkv(h, step.gemv_impl, units)
@@ -242,7 +264,8 @@ class Block(nnx.Module):
                 self.sow(nnx.Intermediate, "attn_n_active", choice.for_live(step.live).n_active)
             with part_scope("attention"):
                 kv = kv.append(k[:, 0], v[:, 0], step.positions[:, 0], step.live, step.gemv_impl)
-                heads = decode_attention(q[:, 0], kv, step, choice)[:, None]
+                heads, pending = decode_attention(q[:, 0], kv, step, choice, request)
+                heads = heads[:, None]
         else:
             if step.mode == "prefill":
                 kv = kv.write_prompt(k, v, step.rows)
@@ -260,25 +283,30 @@ class Block(nnx.Module):
             partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None, units=units, split_sum=defer)
         if defer:
             x, h2 = self.mlp_norm.add_and_norm(Residual(x, partial), norm_kernel)
-            return Residual(x, self._mlp_partial(h2, h, step, layer, split_sum=True)), kv
+            return Residual(x, self._mlp_partial(h2, h, step, layer, split_sum=True, pending=pending)), kv
         x = x + sum_over_shards(partial, self.attn.o_bias, step)
         if not self.pre_norm:
             x = self.attn_norm(x, norm_kernel)
         h2 = self.mlp_norm(x, norm_kernel) if self.pre_norm else x
-        x = x + self._mlp(h2, h, step, layer)
+        x = x + self._mlp(h2, h, step, layer, pending)
         if not self.pre_norm:
             x = self.mlp_norm(x, norm_kernel)
         return x, kv
 
-    def _mlp(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int) -> jax.Array:
-        return sum_over_shards(self._mlp_partial(h2, router_input, step, layer), self.mlp.down_bias, step)
+    def _mlp(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int,
+             pending: MLPSelection | None = None) -> jax.Array:
+        return sum_over_shards(self._mlp_partial(h2, router_input, step, layer, pending=pending), self.mlp.down_bias,
+                               step)
 
     def _mlp_partial(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int,
-                     split_sum: bool = False) -> jax.Array | SplitSum:
+                     split_sum: bool = False, pending: MLPSelection | None = None) -> jax.Array | SplitSum:
+        """`pending`: the MLP selection already computed with attention (the selector's `union_request`)."""
         bias = step.parallel is None
         if step.mode == "decode":
-            with part_scope("router"):
-                choice = step.selector.mlp(layer, router_input[:, 0], step.live) if step.selector is not None else None
+            choice = pending
+            if pending is None and step.selector is not None:
+                with part_scope("router"):
+                    choice = step.selector.mlp(layer, router_input[:, 0], step.live)
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "mlp_n_active", jnp.int32(-1) if choice.dense else choice.n_active)
             with part_scope("mlp"):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import gemv_f32, union_select, unit_top_k
+from pallas_kernels import gemv_f32, unit_top_k
 from pallas_kernels.unit_top_k import MAX_UNITS as UNIT_TOP_K_MAX_UNITS
 from polar_jax.config import ModelConfig
 from polar_jax.errors import InputError
@@ -37,13 +37,13 @@ from polar_jax.models.collect import group_norms
 from polar_jax.routers.bundle import SparsityBundle
 from polar_jax.routers.config import SparsityConfig, attention_units, check_density, units_kept
 from polar_jax.routers.logits import attn_logits
-from polar_jax.selection import (AttentionSelection, MLPSelection, adaptive_counts, balanced_top_units,
+from polar_jax.selection import (AttentionSelection, MLPSelection, UnionRequest, adaptive_counts, balanced_top_units,
                                  balanced_unit_mask, capped_union_mask, compact_slots, keep_prefix_dense, shard_budget,
                                  topk_mask, union_scores, union_threshold_mask, union_topk, unit_mask)
 
 _ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b", "attn_w1", "attn_b1"]
 _ROUTER_META = ["attn_k", "budgets", "units", "plan", "mlp_recall", "mlp_rule", "use_attn", "use_mlp", "start",
-                "select_impl", "balance", "fused_first", "mlp_b_layout"]
+                "select_impl", "balance", "fused_first", "mlp_b_layout", "overlap"]
 MLP_RULES = ("threshold", "topk")
 # How selectors store the MLP router's second matrix: "rn" [rank, N] as the bundle holds it, or "nr" [N, rank]
 # (transposed once when the selector is built). `union_mask` reads a block of neurons per program: rank-major,
@@ -80,6 +80,9 @@ class _Routers:
     attn_w1: tuple | None = None
     attn_b1: tuple | None = None
     mlp_b_layout: str = "rn"  # see MLP_ROUTER_LAYOUT
+    # the decode selector hands its threshold-rule MLP selection to the step as a `UnionRequest`, which runs it
+    # in attention's launches (see OVERLAP_MLP_SELECTION)
+    overlap: bool = False
 
     @property
     def mlp_neuron_axis(self) -> int:
@@ -254,23 +257,34 @@ class RouterSelector(_Routers):
         valid = (jnp.arange(cap, dtype=jnp.int32) < counts[..., None]).reshape(ids.shape)
         return AttentionSelection(*compact_slots(ids, valid, ids.shape[-1]))
 
+    def union_request(self, layer: int, router_input: jax.Array, live: jax.Array) -> UnionRequest | None:
+        """With `overlap`, this layer's threshold-rule MLP selection as a `UnionRequest` for the step to run in
+        attention's launches (then the step does not call `mlp` for this layer); otherwise None."""
+        if not (self.overlap and self.mlp_rule == "threshold" and self._mlp_on(layer, router_input.shape[0])):
+            return None
+        return self._union_request(layer, router_input, live)
+
+    def _union_request(self, layer: int, router_input: jax.Array, live: jax.Array) -> UnionRequest:
+        batch = router_input.shape[0]
+        cap = self.plan.mlp_table(self.mlp_recall).capacity_for(layer, batch, self.plan.ffn)
+        # under tensor parallelism mlp_b holds this shard's neurons: a per-shard union
+        cap = min(cap, self._mlp_width(layer))
+        n_live = jnp.sum(live, dtype=jnp.int32)
+        threshold = jnp.asarray(self._by_live_count(layer, batch, "threshold"))[n_live]
+        if self.fused_first:  # the shared float32 product's MLP columns, read (and rounded) in the kernel
+            u, offset = self._first_stage(layer, router_input), self.attn_w[layer].shape[1]
+        else:
+            u, offset = self._mlp_hidden(layer, router_input), 0
+        return UnionRequest(u, self.mlp_b[layer], jnp.asarray(live, bool), threshold, cap, offset, self.mlp_b_layout,
+                            self.select_impl)
+
     def mlp(self, layer: int, router_input: jax.Array, live: jax.Array) -> MLPSelection | None:
         batch = router_input.shape[0]
         if not self._mlp_on(layer, batch):
             return None
         n_live = jnp.sum(live, dtype=jnp.int32)
         if self.mlp_rule == "threshold":
-            cap = self.plan.mlp_table(self.mlp_recall).capacity_for(layer, batch, self.plan.ffn)
-            # under tensor parallelism mlp_b holds this shard's neurons: a per-shard union
-            cap = min(cap, self._mlp_width(layer))
-            threshold = jnp.asarray(self._by_live_count(layer, batch, "threshold"))[n_live]
-            if self.fused_first:  # the shared float32 product's MLP columns, read (and rounded) in the kernel
-                u, offset = self._first_stage(layer, router_input), self.attn_w[layer].shape[1]
-            else:
-                u, offset = self._mlp_hidden(layer, router_input), 0
-            idx, count = union_select(u, self.mlp_b[layer], live, threshold, cap, impl=self.select_impl,
-                                      u_offset=offset, clamp_count=True, w_layout=self.mlp_b_layout)
-            return MLPSelection(idx, count)
+            return self._union_request(layer, router_input, live).run()
         ks = self._by_live_count(layer, batch, "k")
         return union_topk(self._mlp_logits(layer, router_input), jnp.asarray(ks)[n_live], int(ks[batch]), live)
 
@@ -384,6 +398,13 @@ FIRST_GEMV_ROWS = (17, 32)
 FUSE_AT_FIRST_GEMV_ROWS = True
 
 
+# The threshold-rule MLP selection computed in attention's launches (`pallas_kernels.select_decode_union`) instead
+# of its own two kernels after it: union_mask streams the router's second matrix (33.5 MB per OPT-6.7B layer)
+# while select_decode's programs run, and the compaction shares the finish kernel's launch. The router reads only
+# the layer input, so nothing waits. Off until timed on a GPU (benchmarks/decode/step_variants.py `overlap`).
+OVERLAP_MLP_SELECTION = False
+
+
 def fuse_routers_for(batch: int) -> bool:
     """Whether a decode selector built for `batch` sequences fuses its routers' first products."""
     return batch <= FUSE_ROUTERS_MAX_BATCH or (FUSE_AT_FIRST_GEMV_ROWS and FIRST_GEMV_ROWS[0] <= batch <= FIRST_GEMV_ROWS[1])
@@ -392,17 +413,19 @@ def fuse_routers_for(batch: int) -> bool:
 def router_selector(bundle: SparsityBundle, attn_density: float | None = None, mlp_recall: float | None = 0.99,
                     per_layer: bool = False, attn: bool = True, mlp: bool = True, adaptive: bool = False,
                     mlp_rule: str | None = None, dtype: Any = jnp.float32, select_impl: str = "auto",
-                    balance: int = 1, fuse_routers: bool = False) -> RouterSelector:
+                    balance: int = 1, fuse_routers: bool = False, overlap: bool | None = None) -> RouterSelector:
     """Decode selector from trained routers (same choices as `router_sparsifier` on the same inputs).
     `dtype`: the router weights' dtype (the model's on a GPU: half the bytes of float32); `balance` as in
     `router_sparsifier`; `fuse_routers`: one product for the head router and the MLP router's first matrix
-    where both run (they read the same input; see `fuse_routers_for`)."""
+    where both run (they read the same input; see `fuse_routers_for`); `overlap`: the MLP selection in
+    attention's launches (default `OVERLAP_MLP_SELECTION`; the same selections either way)."""
     c, arch = bundle.config, bundle.signature.get("arch", {})
     if attn and c.unit == "head" and int(arch.get("num_kv_heads", c.attn_units)) < c.attn_units:
         raise InputError("this bundle's routers score query heads of a GQA model (unit='head'): usable for masked "
                          "evaluation only; sparse decoding selects KV groups (train with unit='group')")
     return RouterSelector(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp, adaptive,
-                                           mlp_rule, dtype, select_impl, balance, fuse_routers))
+                                           mlp_rule, dtype, select_impl, balance, fuse_routers),
+                          overlap=OVERLAP_MLP_SELECTION if overlap is None else bool(overlap))
 
 
 def oracle_sparsifier(cfg: ModelConfig, attn_density: float, mlp: bool = True, start: int = 0,
