@@ -55,7 +55,7 @@ def test_every_replacement_function_takes_the_parameters_of_the_one_it_replaces(
 
 def test_tiny_run_times_every_variant(tmp_path):
     out = tmp_path / "v.json"
-    codes = ["base", "old_qkv", "q_only", "no_fuse_routers", "head_topk_xla"]  # tilings: no GEMV kernel runs on CPU
+    codes = ["base", "old_qkv", "q_only", "no_fuse_routers", "head_topk_xla", "overlap"]  # tilings: no GEMV kernel on CPU
     cmd = [sys.executable, str(SCRIPT), "--points", "tiny-opt:1:32:dense,both", "--code", *codes, "--rank", "16",
            "--steps", "2", "--repeats", "2", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,

@@ -21,6 +21,7 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh auto       # `auto` against dense at the policy grid (>= 0.98x wanted)
 #   bash benchmarks/decode/issue10_gpu_run.sh mask       # union_mask with 128 neurons per program (A/B), then where the
 #                                                        # gathers lose bandwidth (benchmarks/kernels/gather_probe.py)
+#   bash benchmarks/decode/issue10_gpu_run.sh overlap    # the MLP selection in attention's launches (A/B at B=1, 8, 32)
 # Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
 # the raw files under benchmarks/results/raw_<date>_<card>/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -136,6 +137,14 @@ mask_and_gathers() {
      f32_n16_s1 f32_n16_s1_st6 row_norm32 --out "$OUT/variants_mask.json"
   python benchmarks/kernels/gather_probe.py --out "$OUT" || echo "gather probe failed"
 }
+# The MLP router's selection (union_mask + union_compact) in select_decode's two launches (select_decode_union):
+# at B=1 attention reads ~9 MB over ~144 short programs while union_mask's 33.5 MB wait for it; at B=32 the mask
+# blocks fill attention's last wave. Heads + MLP at the three OPT-6.7B goal batch sizes; the dense step does not
+# change (no MLP selection), so the A/B is on the sparse step alone
+overlap_ab() {
+  $V --points opt-6.7b:1:2048:both opt-6.7b:8:2048:both opt-6.7b:32:2048:both \
+     --code base overlap overlap_mask_first overlap_st3 --out "$OUT/variants_overlap.json"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -156,8 +165,9 @@ rank) rank_speed ;;
 first_gemv) variants_first_gemv ;;
 auto) auto_check ;;
 mask) mask_and_gathers ;;
+overlap) overlap_ab ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv|auto|mask" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv|auto|mask|overlap" >&2
   exit 2
   ;;
 esac

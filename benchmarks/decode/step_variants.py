@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import (dense_gemv, dense_gemv_triton, selective_attention_triton, selective_gemm_triton,
-                            union_select_triton, unit_gemv_triton)
+from pallas_kernels import (attention_union_triton, dense_gemv, dense_gemv_triton, selective_attention_triton,
+                            selective_gemm_triton, union_select_triton, unit_gemv_triton)
 from polar_jax.bench import decode_bench as db
+from polar_jax import selection
 from polar_jax.routers import sparsify
 
 row_norm_mod = importlib.import_module("pallas_kernels.row_norm")  # the package exports a function of that name
@@ -195,6 +196,17 @@ def _mid_f32(**fields):
     return pick
 
 
+def _overlap(**fields):
+    """The shared launches of attention and the MLP selection (`attention_union_triton.choose_overlap_config`) with
+    `fields` replaced (mask_first, num_stages, num_warps)."""
+    choose = attention_union_triton.choose_overlap_config
+
+    def pick(*args, **kw):
+        cfg = choose(*args, **kw)
+        return cfg if cfg is None else dataclasses.replace(cfg, **fields)
+    return pick
+
+
 _committed_router_selector = sparsify.router_selector
 
 
@@ -219,7 +231,7 @@ def _unit_top_k_lax(scores, k, bias=None, *, offset=0, units=None, impl="auto"):
     return jax.lax.top_k(logits, k)[1].astype(jnp.int32)
 
 
-_committed_union_select = sparsify.union_select
+_committed_union_select = selection.union_select
 
 
 def _union_select_u16(u, w, live, threshold, capacity, impl="auto", *, u_offset=0, clamp_count=False, w_layout="rn"):
@@ -290,7 +302,7 @@ def variants() -> dict:
         # as the router matrix from HBM); with 8 warps too
         "mask_n128": ((union_select_triton, "choose_select_config", _mid_mask(block_n=128)),),
         "mask_n128_w8": ((union_select_triton, "choose_select_config", _mid_mask(block_n=128, num_warps=8)),),
-        "mask_u16": ((sparsify, "union_select", _union_select_u16),),
+        "mask_u16": ((selection, "union_select", _union_select_u16),),
         # the routers' float32 GEMV at 17-32 rows (default: 33 column blocks of 32 x 4 splits of 4 k-steps, ~6 us
         # per layer for 8.6 MB at OPT-6.7B B=32, and its partials' sum, a second kernel of ~1.4 us): 16 columns x 2
         # splits (8 k-steps each), 8 splits (2 programs per SM), or no split (66 programs of 16 k-steps, 3 or 6
@@ -299,6 +311,14 @@ def variants() -> dict:
         "f32_s8": ((dense_gemv_triton, "choose_f32_config", _mid_f32(split_k=8)),),
         "f32_n16_s1": ((dense_gemv_triton, "choose_f32_config", _mid_f32(block_n=16, split_k=1)),),
         "f32_n16_s1_st6": ((dense_gemv_triton, "choose_f32_config", _mid_f32(block_n=16, split_k=1, num_stages=6)),),
+        # the MLP selection (threshold rule) in attention's two launches instead of its own two kernels after them
+        # (pallas_kernels.select_decode_union): union_mask's blocks after attention's programs, or before them,
+        # and with 3 pipeline stages for both (default: attention's 2)
+        "overlap": ((sparsify, "OVERLAP_MLP_SELECTION", True),),
+        "overlap_mask_first": ((sparsify, "OVERLAP_MLP_SELECTION", True),
+                               (attention_union_triton, "choose_overlap_config", _overlap(mask_first=True))),
+        "overlap_st3": ((sparsify, "OVERLAP_MLP_SELECTION", True),
+                        (attention_union_triton, "choose_overlap_config", _overlap(num_stages=3))),
         # flash-decoding split targets at B >= 8
         "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),
         "attn_t528": ((selective_attention_triton, "choose_attn_config", _attn_target(528)),),
