@@ -1,7 +1,8 @@
-"""GEMVs over attention units for the B=1 decode step (M <= 16 rows of x, (in, out) weights).
+"""GEMVs over attention units for the decode step (M <= 32 rows of x, (in, out) weights).
 
-- `gemv_multi(x, ws, biases, units, n_active, width)`: x @ W_i + b_i for several weights in one launch
-  (Q, K and V). With `units`, the first output is computed only on the columns of the units in the first
+- `gemv_multi(x, ws, biases, units, n_active, width, f32_nk=None)`: x @ W_i + b_i for several weights in one
+  launch (Q, K and V), and optionally an out-major weight's product in float32 (the routers' first product).
+  With `units`, the first output is computed only on the columns of the units in the first
   `n_active` slots (a unit is `width` contiguous columns: one KV group's query heads); its other columns
   are unspecified on the Triton backend (zero on XLA): only the selected heads' queries are read later.
 - `gemv_rows(x, w, bias, units, n_active, width)`: x @ W + b over the rows of the selected units only
@@ -48,9 +49,10 @@ def _check_units(units, n_active, width, span: int, what: str) -> None:
 
 def gemv_multi(x: Array, ws: Sequence[Array], biases: Sequence[Array | None] | None = None,
                units: Array | None = None, n_active: Array | int | None = None, width: int | None = None,
-               impl: str = "auto") -> tuple[Array, ...]:
+               impl: str = "auto", *, f32_nk: Array | None = None) -> tuple[Array, ...]:
     """(x @ W_i + b_i for every weight), W_i [K, N_i]; the first restricted to the selected units' columns
-    when `units` is given. Outputs in x's dtype, float32 accumulation."""
+    when `units` is given. Outputs in x's dtype, float32 accumulation. `f32_nk` [N, K] (out-major, x's dtype):
+    x @ f32_nk.T is one more output, last, in float32 (never rounded), from the same launch."""
     M, K = _check_x(x)
     if not ws:
         raise ValueError("gemv_multi needs at least one weight")
@@ -68,7 +70,12 @@ def gemv_multi(x: Array, ws: Sequence[Array], biases: Sequence[Array | None] | N
         if n_active is None:
             raise ValueError("units need n_active")
         _check_units(units, n_active, width, ws[0].shape[1], "first weight's columns")
-    return tuple(dispatch("gemv_multi", _MULTI, impl)(x, tuple(ws), biases, units, n_active, width))
+    if f32_nk is not None:
+        check_ndim("f32_nk", f32_nk, 2)
+        check_same_dtype(x=x, f32_nk=f32_nk)
+        if f32_nk.shape[1] != K:
+            raise ValueError(f"x is [M, K={K}] but f32_nk is {f32_nk.shape}: it is [N, K] (out-major)")
+    return tuple(dispatch("gemv_multi", _MULTI, impl)(x, tuple(ws), biases, units, n_active, width, f32_nk))
 
 
 def gemv_rows(x: Array, w: Array, bias: Array | None, units: Array, n_active: Array | int, width: int,

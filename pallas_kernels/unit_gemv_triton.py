@@ -5,7 +5,8 @@ chain of ~20 small kernels per layer, so launches and split-K epilogues cost as 
 lost (benchmarks/results/decode_b1_2026-11-29_notes.md). Two kernels here:
 
 - `gemv_multi`: several (in, out) projections of the same x in one launch, every output written directly
-  (no split-K partials): Q, K and V are one kernel. The first weight may be restricted to the columns of
+  (no split-K partials): Q, K and V are one kernel; optionally with an out-major weight's float32 product
+  too (the routers' first product at 17-32 rows: no launch, no split-K sum of its own). The first weight may be restricted to the columns of
   selected units (a unit = one KV group's query heads, `unit_width` columns): at B=1 with head sparsity
   only the selected heads' queries are ever read, so the other columns are neither read nor written
   (their values are unspecified).
@@ -88,10 +89,27 @@ def _column_block(x_ref, w_ref, b_ref, o_ref, n0, *, M, K, N, bm, bn, bk, n_ragg
     plgpu.store(o_ref.at[pl.ds(0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _multi_kernel(*refs, M, K, Ns, has_bias, gather, width, cap, cfg: GemvConfig):
+def _row_block(x_ref, w_ref, o_ref, n0, *, M, K, N, bm, bn, bk):
+    """o[:, n0:n0+bn] = x @ w[n0:n0+bn, :].T for an out-major w [N, K] (rows contiguous), float32 out."""
+    n_ok = (n0 + jnp.arange(bn, dtype=jnp.int32)) < N
+    m_ok = jnp.arange(bm, dtype=jnp.int32) < M
+
+    def body(kb, acc):
+        k0 = kb * bk
+        k_ok = (k0 + jnp.arange(bk, dtype=jnp.int32)) < K
+        xt = plgpu.load(x_ref.at[pl.ds(0, bm), pl.ds(k0, bk)], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = plgpu.load(w_ref.at[pl.ds(n0, bn), pl.ds(k0, bk)], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        return acc + plgpu.dot(xt, wt, trans_b=True)
+
+    acc = jax.lax.fori_loop(0, cdiv(K, bk), body, jnp.zeros((bm, bn), jnp.float32))
+    plgpu.store(o_ref.at[pl.ds(0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _multi_kernel(*refs, M, K, Ns, has_bias, gather, width, cap, cfg: GemvConfig, n_f32: int = 0):
     n_w = len(Ns)
     x_ref, w_refs = refs[0], refs[1:1 + n_w]
-    pos = 1 + n_w
+    f32_ref = refs[1 + n_w] if n_f32 else None
+    pos = 1 + n_w + int(bool(n_f32))
     b_refs = []
     for hb in has_bias:
         b_refs.append(refs[pos] if hb else None)
@@ -128,25 +146,36 @@ def _multi_kernel(*refs, M, K, Ns, has_bias, gather, width, cap, cfg: GemvConfig
             def _(i=i, lo=lo, common=common, N=N):
                 _column_block(x_ref, w_refs[i], b_refs[i], o_refs[i], (p - lo) * bn, n_ragged=N % bn != 0,
                               **common)
+    if n_f32:  # the out-major float32 product's row blocks, after the (in, out) weights' column blocks
+        @pl.when(p >= start)
+        def _():
+            _row_block(x_ref, f32_ref, o_refs[n_w], (p - start) * bn, M=M, K=K, N=n_f32, bm=cfg.block_m, bn=bn,
+                       bk=bk)
 
 
 @functools.partial(jax.jit, static_argnames=("width", "cfg", "interpret"))
-def gemv_multi_triton(x, ws, biases, units, n_active, *, width, cfg: GemvConfig, interpret: bool):
+def gemv_multi_triton(x, ws, biases, units, n_active, f32_nk=None, *, width, cfg: GemvConfig, interpret: bool):
+    """`f32_nk`: an out-major [N, K] weight whose product x @ W.T is one more output, in float32 (its row
+    blocks are programs of the same launch)."""
     M, K = x.shape
     Ns = tuple(w.shape[1] for w in ws)
     gather = units is not None
     cap = units.shape[0] if gather else 0
+    n_f32 = 0 if f32_nk is None else f32_nk.shape[0]
     blocks = sum((cap * (width // cfg.block_n)) if (i == 0 and gather) else cdiv(N, cfg.block_n)
-                 for i, N in enumerate(Ns))
+                 for i, N in enumerate(Ns)) + cdiv(n_f32, cfg.block_n)
     has_bias = tuple(b is not None for b in biases)
     kernel = functools.partial(_multi_kernel, M=M, K=K, Ns=Ns, has_bias=has_bias, gather=gather, width=width,
-                               cap=cap, cfg=cfg)
+                               cap=cap, cfg=cfg, n_f32=n_f32)
     extra = [units, jnp.reshape(n_active, (1,)).astype(jnp.int32)] if gather else []
+    out_shape = tuple(jax.ShapeDtypeStruct((M, N), x.dtype) for N in Ns)
+    if n_f32:
+        out_shape += (jax.ShapeDtypeStruct((M, n_f32), jnp.float32),)
     return pl.pallas_call(
-        kernel, out_shape=tuple(jax.ShapeDtypeStruct((M, N), x.dtype) for N in Ns), grid=(blocks,),
-        interpret=interpret, name="gemv_multi",
+        kernel, out_shape=out_shape, grid=(blocks,),
+        interpret=interpret, name="gemv_multi_router" if n_f32 else "gemv_multi",
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-    )(x, *ws, *[b for b in biases if b is not None], *extra)
+    )(x, *ws, *([f32_nk] if n_f32 else []), *[b for b in biases if b is not None], *extra)
 
 
 def _rows_kernel(x_ref, w_ref, *rest, M, N, width, cap, has_bias, cfg: GemvConfig):
@@ -206,16 +235,17 @@ def gemv_rows_triton(x, w, bias, units, n_active, *, width, cfg: GemvConfig, int
     return y.astype(x.dtype)
 
 
-def gemv_multi(x, ws, biases, units=None, n_active=None, width: int | None = None,
+def gemv_multi(x, ws, biases, units=None, n_active=None, width: int | None = None, f32_nk=None,
                config: GemvConfig | None = None):
-    """Backend entry point (the public op in unit_gemv.py validates first)."""
+    """Backend entry point (the public op in unit_gemv.py validates first). The tiling is that of the (in, out)
+    weights' columns: the float32 product's rows add programs of the same shape."""
     check_kernel_dtype(x.dtype, use_interpret())
     columns = sum(w.shape[1] for w in ws)
     cfg = config or choose_multi_config(x.shape[1], columns, rows=x.shape[0])
     check_tile(cfg, x.shape[0])
     if units is not None and width % cfg.block_n:
         cfg = dataclasses.replace(cfg, block_n=16 if width % 32 else 32)
-    return gemv_multi_triton(x, tuple(ws), tuple(biases), units, n_active, width=width, cfg=cfg,
+    return gemv_multi_triton(x, tuple(ws), tuple(biases), units, n_active, f32_nk, width=width, cfg=cfg,
                              interpret=use_interpret())
 
 

@@ -22,11 +22,13 @@ def _proj(x, w, b):
     return y.astype(x.dtype)
 
 
-def gemv_multi_xla(x, ws, biases, units=None, n_active=None, width=None):
+def gemv_multi_xla(x, ws, biases, units=None, n_active=None, width=None, f32_nk=None):
     outs = [_proj(x, w, b) for w, b in zip(ws, biases)]
     if units is not None:
         keep = jnp.repeat(unit_mask(units, n_active, ws[0].shape[1] // width), width)
         outs[0] = jnp.where(keep[None, :], outs[0], 0)
+    if f32_nk is not None:
+        outs.append(jnp.einsum("mk,nk->mn", x, f32_nk, preferred_element_type=jnp.float32))
     return tuple(outs)
 
 

@@ -51,6 +51,25 @@ class KernelOpTests:
         close(nk, np.asarray(kn, np.float64), self.dtype)
 
     # ---- unit GEMVs (B=1 attention projections) -------------------------------------------------------
+    def test_gemv_multi_returns_an_out_major_product_in_float32(self):
+        """The routers' first product in the Q/K/V launch: x @ A.T for an out-major A, last, in float32 and not
+        rounded to x's dtype (within float32 accumulation of the float64 reference, even for 16-bit inputs),
+        with ragged rows and reduction, at one row and at 17-32 rows; the other outputs as without it."""
+        rng = fresh_rng()
+        K = 200
+        ws = [self.arr(rng, (K, 96), K**-0.5), self.arr(rng, (K, 40), K**-0.5)]
+        bs = [self.arr(rng, (96,)), None]
+        a = self.arr(rng, (70, K), K**-0.5)  # 70 rows: a ragged last block
+        for M in (1, 24):
+            x = self.arr(rng, (M, K))
+            *outs, prod = pk.gemv_multi(x, ws, bs, impl=self.impl, f32_nk=a)
+            assert prod.dtype == jnp.float32 and prod.shape == (M, 70)
+            ref = npref.f64(x) @ npref.f64(a).T
+            assert npref.rel_err(prod, ref) < 1e-5
+            for o, w, b in zip(outs, ws, bs):
+                assert o.dtype == x.dtype
+                close(o, npref.gemv_ref(x, w, b), self.dtype)
+
     def test_gemv_multi_dense_and_over_selected_units(self):
         rng = fresh_rng()
         K, width, units_n = 200, 32, 6

@@ -220,7 +220,7 @@ def test_decode_with_gemv_equals_xla_dot(name, batch, monkeypatch):
 
 def test_unit_gemvs_lower_to_one_triton_kernel_each():
     """LLaMA-2-7B's B=1 attention projections: Q/K/V (Q over 16 of 32 heads) and the output projection over
-    the selected heads' rows, one Triton kernel each."""
+    the selected heads' rows, one Triton kernel each; at 32 rows Q/K/V with the routers' first product too."""
     from pallas_kernels import unit_gemv_triton as ut
     d, width = 4096, 128
     x = jax.ShapeDtypeStruct((1, d), jnp.bfloat16)
@@ -233,6 +233,13 @@ def test_unit_gemvs_lower_to_one_triton_kernel_each():
     rows = lambda x, w, u, n: ut.gemv_rows_triton(x, w, None, u, n, width=width,  # noqa: E731
                                                  cfg=ut.choose_rows_config(width, d), interpret=False)
     assert count_triton_calls(lower_for_cuda(rows, x, w, units, n)) == 1
+    # OPT-6.7B at 32 rows: Q/K/V and the routers' first product (32 head columns + rank 1024, out-major, float32)
+    x32 = jax.ShapeDtypeStruct((32, d), jnp.bfloat16)
+    cfg32 = ut.choose_multi_config(d, 3 * d, rows=32)
+    routers = lambda x, q, k, v, a: ut.gemv_multi_triton(x, (q, k, v), (None, None, None), None, None, a,  # noqa: E731
+                                                          width=None, cfg=cfg32, interpret=False)
+    text = lower_for_cuda(routers, x32, w, w, w, jax.ShapeDtypeStruct((1056, d), jnp.bfloat16))
+    assert count_triton_calls(text) == 1 and "gemv_multi_router" in text
 
 
 def test_unit_gemvs_refuse_bad_inputs():
@@ -258,6 +265,10 @@ def test_unit_gemvs_refuse_bad_inputs():
         pk.gemv_multi(x, [w], units=u, width=32)
     with pytest.raises(TypeError, match="dtype"):
         pk.gemv_multi(x, [w.astype(jnp.bfloat16)])
+    with pytest.raises(ValueError, match="out-major"):
+        pk.gemv_multi(x, [w], f32_nk=jnp.ones((64, 32)))
+    with pytest.raises(TypeError, match="dtype"):
+        pk.gemv_multi(x, [w], f32_nk=jnp.ones((8, 64), jnp.bfloat16))
 
 
 @pytest.mark.parametrize("split", [2, 3])
