@@ -2,6 +2,7 @@
 17-32 rows (the split-K GEMV, pallas_kernels.gemv_f32)."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -103,3 +104,45 @@ def test_sparse_selector_fuses_the_routers_at_one_sequence_and_where_switched_on
     assert one.fused_first and not four.fused_first and twenty.fused_first == at_17_32
     heads_only = sparse_selector(model, bundle, batch=1, context=64, attn_density=0.5, policy="heads")
     assert not heads_only.fused_first
+
+
+@pytest.mark.parametrize("gemv", ["triton", "xla"])
+def test_first_product_in_the_qkv_launch_selects_what_its_own_gemv_selects(opt_default, gemv, monkeypatch):
+    """At 20 rows with `first_in_qkv` the routers' shared product comes from the Q/K/V launch (gemv_multi's
+    float32 output; XLA's einsum where the GEMV does not run) and the step selects after Q/K/V: the step's
+    logits are those of the product's own GEMV (float32 sums in another order: the same heads and neurons
+    here), every sparse layer asks for it, and its own GEMV (`gemv_f32`) is never called."""
+    from polar_jax.decode import decode_step, split_model
+    from polar_jax.bench.synthetic import random_cache
+
+    model, _ = opt_default
+    cfg = model.config
+    rows = 20
+    rng = np.random.default_rng(9)
+    inputs = rng.standard_normal((cfg.num_layers, rows, cfg.hidden_size)).astype(np.float32)
+    bundle = calibrate_union(random_bundle(cfg, 16, jnp.float32), inputs, rows, 0.3)
+    graphdef, state = split_model(model)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, rows), jnp.int32)
+
+    def step(selector):
+        cache = random_cache(cfg, rows, 24, 12, model.dtype)
+        return np.asarray(decode_step(graphdef, state, cache, tokens, selector, "triton", "triton", gemv)[0])
+
+    own = router_selector(bundle, 0.5, 0.99, select_impl="triton", fuse_routers=True)
+    want = step(own)
+    heads_only = step(router_selector(bundle, 0.5, 0.99, mlp=False, select_impl="triton"))
+    assert np.abs(want - heads_only).max() > 1e-4  # the MLP selection matters in this step
+    in_qkv = router_selector(bundle, 0.5, 0.99, select_impl="triton", fuse_routers=True, first_in_qkv=True)
+    asked = [layer for layer in range(cfg.num_layers) if in_qkv.first_product_weight(layer, rows) is not None]
+    assert asked == [layer for layer in range(cfg.num_layers) if own._mlp_on(layer, rows)] and asked
+    assert own.first_product_weight(1, rows) is None and in_qkv.first_product_weight(asked[0], 4) is None
+    calls = []
+    real = sparsify.gemv_f32
+    monkeypatch.setattr(sparsify, "gemv_f32", lambda *a, **k: calls.append(1) or real(*a, **k))
+    jax.clear_caches()
+    got = step(in_qkv)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert not calls
+    with_overlap = router_selector(bundle, 0.5, 0.99, select_impl="triton", fuse_routers=True, first_in_qkv=True,
+                                   overlap=True)
+    np.testing.assert_allclose(step(with_overlap), want, atol=1e-4, rtol=0)

@@ -76,14 +76,28 @@ class DecodeSelector(Protocol):
     def mlp(self, layer: int, router_input: jax.Array, live: jax.Array) -> MLPSelection | None:
         """The neurons the batch computes, or None for a dense MLP in this layer."""
 
-    # Optional: `union_request(layer, router_input, live) -> UnionRequest | None`, this layer's MLP selection
-    # before it is computed, which the step then runs in attention's launches instead of calling `mlp`.
+    # Optional:
+    # - `union_request(layer, router_input, live, product=None) -> UnionRequest | None`: this layer's MLP
+    #   selection before it is computed, which the step then runs in attention's launches instead of calling `mlp`;
+    # - `first_product_weight(layer, batch) -> Array | None`: an out-major [N, d] weight whose float32 product with
+    #   the router input the step computes in its Q/K/V launch and passes as `product=` to `attention`,
+    #   `union_request` and `mlp` (the selection then comes after the Q/K/V projections).
 
 
-def union_request(selector: Any, layer: int, router_input: jax.Array, live: jax.Array) -> UnionRequest | None:
+def union_request(selector: Any, layer: int, router_input: jax.Array, live: jax.Array,
+                  product: jax.Array | None = None) -> UnionRequest | None:
     """The selector's deferred MLP selection for `layer`, if it offers one (`DecodeSelector` above)."""
     request = getattr(selector, "union_request", None)
-    return None if request is None else request(layer, router_input, live)
+    if request is None:
+        return None
+    return request(layer, router_input, live) if product is None else request(layer, router_input, live,
+                                                                               product=product)
+
+
+def first_product_weight(selector: Any, layer: int, batch: int) -> jax.Array | None:
+    """The weight of the routers' first product the step should compute with Q/K/V, if the selector asks."""
+    ask = getattr(selector, "first_product_weight", None)
+    return None if ask is None else ask(layer, batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,17 +262,25 @@ class Block(nnx.Module):
             x, h = self.attn_norm.add_and_norm(x, norm_kernel)  # the previous layer's MLP output added here
         else:
             h = self.attn_norm(x, norm_kernel) if self.pre_norm else x
-        choice = units = request = pending = None
-        if step.mode == "decode":
-            with part_scope("router"):
-                if step.selector is not None:
+        choice = units = request = pending = product = first = None
+        if step.mode == "decode" and step.selector is not None:
+            # the routers' first product from the Q/K/V launch (B > 1: the projections need no selection), or the
+            # selection first (at B=1 it restricts the Q/K/V GEMV to the selected heads)
+            first = first_product_weight(step.selector, layer, h.shape[0])
+            if first is None:
+                with part_scope("router"):
                     choice = step.selector.attention(layer, h[:, 0], step.live)
                     request = union_request(step.selector, layer, h[:, 0], step.live)
-            units = selected_units(choice, step)
+                units = selected_units(choice, step)
         with part_scope("proj"):
-            q, k, v = self.attn.qkv(h, step.gemv_impl, units)
+            q, k, v, *rest = self.attn.qkv(h, step.gemv_impl, units, first)
             if self.use_rope:
                 q, k = apply_rope(q, step.positions, step.inv_freq), apply_rope(k, step.positions, step.inv_freq)
+        if first is not None:
+            product = rest[0][:, 0]
+            with part_scope("router"):
+                choice = step.selector.attention(layer, h[:, 0], step.live, product=product)
+                request = union_request(step.selector, layer, h[:, 0], step.live, product)
         if step.mode == "decode":
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "attn_n_active", choice.for_live(step.live).n_active)
@@ -283,30 +305,35 @@ class Block(nnx.Module):
             partial = self.attn.out(heads, step.gemv_impl, bias=step.parallel is None, units=units, split_sum=defer)
         if defer:
             x, h2 = self.mlp_norm.add_and_norm(Residual(x, partial), norm_kernel)
-            return Residual(x, self._mlp_partial(h2, h, step, layer, split_sum=True, pending=pending)), kv
+            return Residual(x, self._mlp_partial(h2, h, step, layer, split_sum=True, pending=pending,
+                                                 product=product)), kv
         x = x + sum_over_shards(partial, self.attn.o_bias, step)
         if not self.pre_norm:
             x = self.attn_norm(x, norm_kernel)
         h2 = self.mlp_norm(x, norm_kernel) if self.pre_norm else x
-        x = x + self._mlp(h2, h, step, layer, pending)
+        x = x + self._mlp(h2, h, step, layer, pending, product)
         if not self.pre_norm:
             x = self.mlp_norm(x, norm_kernel)
         return x, kv
 
     def _mlp(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int,
-             pending: MLPSelection | None = None) -> jax.Array:
-        return sum_over_shards(self._mlp_partial(h2, router_input, step, layer, pending=pending), self.mlp.down_bias,
-                               step)
+             pending: MLPSelection | None = None, product: jax.Array | None = None) -> jax.Array:
+        return sum_over_shards(self._mlp_partial(h2, router_input, step, layer, pending=pending, product=product),
+                               self.mlp.down_bias, step)
 
     def _mlp_partial(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int,
-                     split_sum: bool = False, pending: MLPSelection | None = None) -> jax.Array | SplitSum:
-        """`pending`: the MLP selection already computed with attention (the selector's `union_request`)."""
+                     split_sum: bool = False, pending: MLPSelection | None = None,
+                     product: jax.Array | None = None) -> jax.Array | SplitSum:
+        """`pending`: the MLP selection already computed with attention (the selector's `union_request`);
+        `product`: the routers' first product computed with Q/K/V (the selector's `first_product_weight`)."""
         bias = step.parallel is None
         if step.mode == "decode":
             choice = pending
             if pending is None and step.selector is not None:
                 with part_scope("router"):
-                    choice = step.selector.mlp(layer, router_input[:, 0], step.live)
+                    x, live = router_input[:, 0], step.live
+                    choice = (step.selector.mlp(layer, x, live) if product is None
+                              else step.selector.mlp(layer, x, live, product=product))
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "mlp_n_active", jnp.int32(-1) if choice.dense else choice.n_active)
             with part_scope("mlp"):

@@ -237,23 +237,29 @@ class Attention(nnx.Module):
         """Query columns (and output-projection rows) of one KV group."""
         return self.num_heads // self.num_kv_heads * self.head_dim
 
-    def qkv(self, x: jax.Array, gemv: str | None = None,
-            units: Units | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def qkv(self, x: jax.Array, gemv: str | None = None, units: Units | None = None,
+            first: jax.Array | None = None) -> tuple[jax.Array, ...]:
         """x [..., d] -> q [..., Hq, D], k/v [..., Hkv, D]. `gemv`: see `linear`; where it applies, the three
         projections are one kernel (`gemv_multi`), and with `units` the queries of the other units are not
         computed (unspecified: only the selected heads are read). Head counts follow the weights, so a
-        tensor-parallel shard holding some of the heads runs the same code."""
+        tensor-parallel shard holding some of the heads runs the same code. `first` (an out-major [N, d]
+        weight: the routers' shared first matrix): x @ first.T in float32 [..., N] comes back fourth, from the
+        same launch where the GEMV applies."""
         lead = x.shape[:-1]
         m = math.prod(lead)
         if uses_gemv(gemv, m):
             sel = {} if units is None else dict(units=units[0], n_active=units[1], width=self.unit_width)
-            q, k, v = gemv_multi(x.reshape(m, x.shape[-1]), (self.q[...], self.k[...], self.v[...]),
-                                 (_value(self.q_bias), _value(self.k_bias), _value(self.v_bias)), impl=gemv, **sel)
-            return tuple(t.reshape(*lead, -1, self.head_dim) for t in (q, k, v))
+            outs = gemv_multi(x.reshape(m, x.shape[-1]), (self.q[...], self.k[...], self.v[...]),
+                              (_value(self.q_bias), _value(self.k_bias), _value(self.v_bias)), impl=gemv,
+                              f32_nk=None if first is None else first.astype(x.dtype), **sel)
+            q, k, v = (t.reshape(*lead, -1, self.head_dim) for t in outs[:3])
+            return (q, k, v) if first is None else (q, k, v, outs[3].reshape(*lead, -1))
         q = linear(x, self.q[...], _value(self.q_bias), "kn", gemv).reshape(*lead, -1, self.head_dim)
         k = linear(x, self.k[...], _value(self.k_bias), "kn", gemv).reshape(*lead, -1, self.head_dim)
         v = linear(x, self.v[...], _value(self.v_bias), "kn", gemv).reshape(*lead, -1, self.head_dim)
-        return q, k, v
+        if first is None:
+            return q, k, v
+        return q, k, v, jnp.einsum("...d,nd->...n", x.astype(first.dtype), first, preferred_element_type=F32)
 
     def out(self, heads: jax.Array, gemv: str | None = None, *, bias: bool = True,
             units: Units | None = None, split_sum: bool = False) -> jax.Array | SplitSum:

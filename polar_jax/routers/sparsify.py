@@ -43,7 +43,7 @@ from polar_jax.selection import (AttentionSelection, MLPSelection, UnionRequest,
 
 _ROUTER_DATA = ["attn_w", "attn_b", "mlp_a", "mlp_b", "attn_w1", "attn_b1"]
 _ROUTER_META = ["attn_k", "budgets", "units", "plan", "mlp_recall", "mlp_rule", "use_attn", "use_mlp", "start",
-                "select_impl", "balance", "fused_first", "mlp_b_layout", "overlap"]
+                "select_impl", "balance", "fused_first", "mlp_b_layout", "overlap", "first_in_qkv"]
 MLP_RULES = ("threshold", "topk")
 # How selectors store the MLP router's second matrix: "rn" [rank, N] as the bundle holds it, or "nr" [N, rank]
 # (transposed once when the selector is built). `union_mask` reads a block of neurons per program: rank-major,
@@ -83,6 +83,9 @@ class _Routers:
     # the decode selector hands its threshold-rule MLP selection to the step as a `UnionRequest`, which runs it
     # in attention's launches (see OVERLAP_MLP_SELECTION)
     overlap: bool = False
+    # at FIRST_GEMV_ROWS the routers' shared first product is computed by the step in its Q/K/V launch
+    # (`first_product_weight`; see FIRST_PRODUCT_IN_QKV)
+    first_in_qkv: bool = False
 
     @property
     def mlp_neuron_axis(self) -> int:
@@ -128,28 +131,42 @@ class _Routers:
                     and self.attn_floor(layer) < self.units)
         return self.attn_kept(layer) < self.units
 
-    def _attn_product(self, layer: int, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    def _attn_product(self, layer: int, x: jax.Array,
+                      product: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         """(float32 scores whose first U columns, plus the bias, are the head router's logits; that bias or
         None). A linear router's bias is left to the consumer (the top-k kernel adds it as it reads), and at
-        B=1 the scores are the product shared with the MLP router (its columns follow the U of the heads)."""
+        B=1 the scores are the product shared with the MLP router (its columns follow the U of the heads).
+        `product`: that shared product, computed by the step (see `first_product_weight`)."""
         if self.fused_first and self._mlp_on(layer, x.shape[0]):  # linear head routers only (see _router_fields)
-            return self._first_stage(layer, x), self.attn_b[layer]
+            return self._first_stage(layer, x, product), self.attn_b[layer]
         if self.attn_w1 is None:
             w = self.attn_w[layer]
             return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32), self.attn_b[layer]
         return attn_logits(x, self.attn_w[layer], self.attn_b[layer], self.attn_w1[layer], self.attn_b1[layer]), None
 
-    def _attn_logits(self, layer: int, x: jax.Array) -> jax.Array:
-        return self._logits_of(layer, *self._attn_product(layer, x))
+    def _attn_logits(self, layer: int, x: jax.Array, product: jax.Array | None = None) -> jax.Array:
+        return self._logits_of(layer, *self._attn_product(layer, x, product))
 
     def _logits_of(self, layer: int, scores: jax.Array, bias: jax.Array | None) -> jax.Array:
         """The head router's logits from `_attn_product`'s (scores, bias)."""
         logits = scores[..., : self.attn_w[layer].shape[1]]
         return logits if bias is None else logits + bias.astype(jnp.float32)
 
-    def _first_stage(self, layer: int, x: jax.Array) -> jax.Array:
-        """x @ mlp_a[layer].T in float32 (the same traced op from both routers: XLA computes it once). At
-        FIRST_GEMV_ROWS the fused product is one split-K GEMV (XLA ran it as split-K GEMMs there)."""
+    def first_product_weight(self, layer: int, batch: int) -> jax.Array | None:
+        """With `first_in_qkv`, at FIRST_GEMV_ROWS, where both routers share their first product: the shared
+        matrix [U + rank, d] (out-major), whose float32 product with the router input the step computes in
+        its Q/K/V launch and passes back as `product=` to `attention`, `union_request` and `mlp`. Else None."""
+        if (self.first_in_qkv and self.fused_first and FIRST_GEMV_ROWS[0] <= batch <= FIRST_GEMV_ROWS[1]
+                and self._mlp_on(layer, batch)):
+            return self.mlp_a[layer]
+        return None
+
+    def _first_stage(self, layer: int, x: jax.Array, product: jax.Array | None = None) -> jax.Array:
+        """x @ mlp_a[layer].T in float32 (the same traced op from both routers: XLA computes it once), or the
+        `product` the step computed. At FIRST_GEMV_ROWS the fused product is one split-K GEMV (XLA ran it as
+        split-K GEMMs there)."""
+        if product is not None:
+            return product
         a = self.mlp_a[layer]
         if self.fused_first and x.ndim == 2 and FIRST_GEMV_ROWS[0] <= x.shape[0] <= FIRST_GEMV_ROWS[1]:
             # named after its part (gemv_nk_router): a profile tells it from the projections' GEMVs by name only
@@ -181,19 +198,20 @@ class _Routers:
             return table.capacity_for(layer, batch, self.plan.ffn) < self.plan.ffn
         return self.plan.mlp_k(self.mlp_recall, batch)[layer] is not None
 
-    def _mlp_hidden(self, layer: int, x: jax.Array) -> jax.Array:
+    def _mlp_hidden(self, layer: int, x: jax.Array, product: jax.Array | None = None) -> jax.Array:
         # mlp_a is stored [rank, d] (rows contiguous per output): at small batch XLA reads it as fast as
         # an MLP up projection, while a [d, rank] GEMV ran at ~0.5 TB/s on the H200. The Pallas GEMV was
         # tried here at B=1 too: with 32 column programs for rank 1024 it made OPT-6.7B's step 5 % slower
         # (benchmarks/results/raw_2026-11-29b_h200/call2_step_variants_b1.json, variant router_xla)
         a = self.mlp_a[layer]
         if self.fused_first:
-            return self._first_stage(layer, x)[..., self.attn_w[layer].shape[1]:].astype(a.dtype)
+            return self._first_stage(layer, x, product)[..., self.attn_w[layer].shape[1]:].astype(a.dtype)
         return jnp.einsum("...d,rd->...r", x.astype(a.dtype), a, preferred_element_type=jnp.float32).astype(a.dtype)
 
-    def _mlp_logits(self, layer: int, x: jax.Array) -> jax.Array:
+    def _mlp_logits(self, layer: int, x: jax.Array, product: jax.Array | None = None) -> jax.Array:
         spec = "...r,rn->...n" if self.mlp_b_layout == "rn" else "...r,nr->...n"
-        return jnp.einsum(spec, self._mlp_hidden(layer, x), self.mlp_b[layer], preferred_element_type=jnp.float32)
+        return jnp.einsum(spec, self._mlp_hidden(layer, x, product), self.mlp_b[layer],
+                          preferred_element_type=jnp.float32)
 
     def _by_live_count(self, layer: int, batch: int, kind: str) -> np.ndarray:
         """A constant [batch + 1] table indexed by the number of live rows: thresholds or k."""
@@ -237,19 +255,21 @@ class RouterSparsifier(_Routers):
 class RouterSelector(_Routers):
     """DecodeSelector for `model.decode` / `generate`: per-sequence units, one union of neurons."""
 
-    def attention(self, layer: int, router_input: jax.Array, live: jax.Array) -> AttentionSelection | None:
+    def attention(self, layer: int, router_input: jax.Array, live: jax.Array,
+                  product: jax.Array | None = None) -> AttentionSelection | None:
+        """`product`: the routers' shared first product where the step computed it (`first_product_weight`)."""
         if not self._attn_on(layer):
             return None
         if self.balance == 1:
             # the top-k from the raw product in one kernel (slice and bias add included); adaptive budgets
             # count the logits above their threshold in XLA (the same product: computed once)
-            scores, bias = self._attn_product(layer, router_input)
+            scores, bias = self._attn_product(layer, router_input, product)
             counts, cap = self._attn_counts(layer, self._logits_of(layer, scores, bias))
             units = self.attn_w[layer].shape[1]
             impl = self.select_impl if units <= UNIT_TOP_K_MAX_UNITS else "xla"
             ids = unit_top_k(scores, cap, bias, units=units, impl=impl)
             return AttentionSelection(ids, counts)
-        logits = self._attn_logits(layer, router_input)  # [B, U]
+        logits = self._attn_logits(layer, router_input, product)  # [B, U]
         counts, cap = self._attn_counts(layer, logits)
         ids = balanced_top_units(logits, cap, self.balance)  # [B, balance * cap], shard after shard
         if self.budgets is None:  # every shard keeps exactly cap units: all slots are live
@@ -257,14 +277,16 @@ class RouterSelector(_Routers):
         valid = (jnp.arange(cap, dtype=jnp.int32) < counts[..., None]).reshape(ids.shape)
         return AttentionSelection(*compact_slots(ids, valid, ids.shape[-1]))
 
-    def union_request(self, layer: int, router_input: jax.Array, live: jax.Array) -> UnionRequest | None:
+    def union_request(self, layer: int, router_input: jax.Array, live: jax.Array,
+                      product: jax.Array | None = None) -> UnionRequest | None:
         """With `overlap`, this layer's threshold-rule MLP selection as a `UnionRequest` for the step to run in
         attention's launches (then the step does not call `mlp` for this layer); otherwise None."""
         if not (self.overlap and self.mlp_rule == "threshold" and self._mlp_on(layer, router_input.shape[0])):
             return None
-        return self._union_request(layer, router_input, live)
+        return self._union_request(layer, router_input, live, product)
 
-    def _union_request(self, layer: int, router_input: jax.Array, live: jax.Array) -> UnionRequest:
+    def _union_request(self, layer: int, router_input: jax.Array, live: jax.Array,
+                       product: jax.Array | None = None) -> UnionRequest:
         batch = router_input.shape[0]
         cap = self.plan.mlp_table(self.mlp_recall).capacity_for(layer, batch, self.plan.ffn)
         # under tensor parallelism mlp_b holds this shard's neurons: a per-shard union
@@ -272,21 +294,24 @@ class RouterSelector(_Routers):
         n_live = jnp.sum(live, dtype=jnp.int32)
         threshold = jnp.asarray(self._by_live_count(layer, batch, "threshold"))[n_live]
         if self.fused_first:  # the shared float32 product's MLP columns, read (and rounded) in the kernel
-            u, offset = self._first_stage(layer, router_input), self.attn_w[layer].shape[1]
+            u, offset = self._first_stage(layer, router_input, product), self.attn_w[layer].shape[1]
         else:
             u, offset = self._mlp_hidden(layer, router_input), 0
         return UnionRequest(u, self.mlp_b[layer], jnp.asarray(live, bool), threshold, cap, offset, self.mlp_b_layout,
                             self.select_impl)
 
-    def mlp(self, layer: int, router_input: jax.Array, live: jax.Array) -> MLPSelection | None:
+    def mlp(self, layer: int, router_input: jax.Array, live: jax.Array,
+            product: jax.Array | None = None) -> MLPSelection | None:
+        """`product`: as in `attention`."""
         batch = router_input.shape[0]
         if not self._mlp_on(layer, batch):
             return None
         n_live = jnp.sum(live, dtype=jnp.int32)
         if self.mlp_rule == "threshold":
-            return self._union_request(layer, router_input, live).run()
+            return self._union_request(layer, router_input, live, product).run()
         ks = self._by_live_count(layer, batch, "k")
-        return union_topk(self._mlp_logits(layer, router_input), jnp.asarray(ks)[n_live], int(ks[batch]), live)
+        return union_topk(self._mlp_logits(layer, router_input, product), jnp.asarray(ks)[n_live], int(ks[batch]),
+                          live)
 
 
 @functools.partial(
@@ -403,6 +428,11 @@ FUSE_AT_FIRST_GEMV_ROWS = True
 # while select_decode's programs run, and the compaction shares the finish kernel's launch. The router reads only
 # the layer input, so nothing waits. Off until timed on a GPU (benchmarks/decode/step_variants.py `overlap`).
 OVERLAP_MLP_SELECTION = False
+# At FIRST_GEMV_ROWS the routers' shared first product in the Q/K/V GEMV's launch (`gemv_multi(f32_nk=...)`: its
+# row blocks are more programs of that launch) instead of its own split-K GEMV (~6 us per OPT-6.7B layer at B=32
+# for 8.6 MB) and the kernel summing that GEMV's partials (~1.4 us). The step then selects after Q/K/V, which the
+# selection does not need at B > 1. Off until timed on a GPU (step_variants `first_in_qkv`).
+FIRST_PRODUCT_IN_QKV = False
 
 
 def fuse_routers_for(batch: int) -> bool:
@@ -413,19 +443,22 @@ def fuse_routers_for(batch: int) -> bool:
 def router_selector(bundle: SparsityBundle, attn_density: float | None = None, mlp_recall: float | None = 0.99,
                     per_layer: bool = False, attn: bool = True, mlp: bool = True, adaptive: bool = False,
                     mlp_rule: str | None = None, dtype: Any = jnp.float32, select_impl: str = "auto",
-                    balance: int = 1, fuse_routers: bool = False, overlap: bool | None = None) -> RouterSelector:
+                    balance: int = 1, fuse_routers: bool = False, overlap: bool | None = None,
+                    first_in_qkv: bool | None = None) -> RouterSelector:
     """Decode selector from trained routers (same choices as `router_sparsifier` on the same inputs).
     `dtype`: the router weights' dtype (the model's on a GPU: half the bytes of float32); `balance` as in
     `router_sparsifier`; `fuse_routers`: one product for the head router and the MLP router's first matrix
     where both run (they read the same input; see `fuse_routers_for`); `overlap`: the MLP selection in
-    attention's launches (default `OVERLAP_MLP_SELECTION`; the same selections either way)."""
+    attention's launches (default `OVERLAP_MLP_SELECTION`; the same selections either way); `first_in_qkv`: the
+    shared first product in the Q/K/V launch at 17-32 rows (default `FIRST_PRODUCT_IN_QKV`)."""
     c, arch = bundle.config, bundle.signature.get("arch", {})
     if attn and c.unit == "head" and int(arch.get("num_kv_heads", c.attn_units)) < c.attn_units:
         raise InputError("this bundle's routers score query heads of a GQA model (unit='head'): usable for masked "
                          "evaluation only; sparse decoding selects KV groups (train with unit='group')")
     return RouterSelector(**_router_fields(bundle, attn_density, mlp_recall, per_layer, attn, mlp, adaptive,
                                            mlp_rule, dtype, select_impl, balance, fuse_routers),
-                          overlap=OVERLAP_MLP_SELECTION if overlap is None else bool(overlap))
+                          overlap=OVERLAP_MLP_SELECTION if overlap is None else bool(overlap),
+                          first_in_qkv=FIRST_PRODUCT_IN_QKV if first_in_qkv is None else bool(first_in_qkv))
 
 
 def oracle_sparsifier(cfg: ModelConfig, attn_density: float, mlp: bool = True, start: int = 0,
