@@ -22,6 +22,7 @@
 #   bash benchmarks/decode/issue10_gpu_run.sh mask       # union_mask with 128 neurons per program (A/B), then where the
 #                                                        # gathers lose bandwidth (benchmarks/kernels/gather_probe.py)
 #   bash benchmarks/decode/issue10_gpu_run.sh overlap    # the MLP selection in attention's launches (A/B at B=1, 8, 32)
+#                                                        # and, at B=32, the routers' first product in the Q/K/V launch
 # Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
 # the raw files under benchmarks/results/raw_<date>_<card>/, and write the README block from them
 # (benchmarks/readme_claims.py).
@@ -141,9 +142,13 @@ mask_and_gathers() {
 # at B=1 attention reads ~9 MB over ~144 short programs while union_mask's 33.5 MB wait for it; at B=32 the mask
 # blocks fill attention's last wave. Heads + MLP at the three OPT-6.7B goal batch sizes; the dense step does not
 # change (no MLP selection), so the A/B is on the sparse step alone
+# At B=32 also the routers' first product in the Q/K/V launch (first_in_qkv: one launch and one partial sum fewer
+# per layer), alone and with the overlap.
 overlap_ab() {
-  $V --points opt-6.7b:1:2048:both opt-6.7b:8:2048:both opt-6.7b:32:2048:both \
-     --code base overlap overlap_mask_first overlap_st3 --out "$OUT/variants_overlap.json"
+  $V --points opt-6.7b:32:2048:both --code base overlap overlap_mask_first first_in_qkv overlap+first_in_qkv \
+     --out "$OUT/variants_overlap_b32.json"
+  $V --points opt-6.7b:1:2048:both opt-6.7b:8:2048:both --code base overlap overlap_mask_first overlap_st3 \
+     --out "$OUT/variants_overlap_b1_b8.json"
 }
 
 mkdir -p /tmp/r

@@ -55,12 +55,15 @@ def patched(*changes):
             setattr(obj, name, value)
 
 
-def _old_qkv(self, x, gemv=None, units=None):
-    """Attention.qkv before the fused launch: three GEMV calls, every query column."""
+def _old_qkv(self, x, gemv=None, units=None, first=None):
+    """Attention.qkv before the fused launch: three GEMV calls, every query column (and a routers' product asked
+    for by `first` as XLA's einsum)."""
     lead = x.shape[:-1]
     out = []
     for w, b in ((self.q, self.q_bias), (self.k, self.k_bias), (self.v, self.v_bias)):
         out.append(layers.linear(x, w[...], layers._value(b), "kn", gemv).reshape(*lead, -1, self.head_dim))
+    if first is not None:
+        out.append(jnp.einsum("...d,nd->...n", x.astype(first.dtype), first, preferred_element_type=jnp.float32))
     return tuple(out)
 
 
@@ -319,6 +322,9 @@ def variants() -> dict:
                                (attention_union_triton, "choose_overlap_config", _overlap(mask_first=True))),
         "overlap_st3": ((sparsify, "OVERLAP_MLP_SELECTION", True),
                         (attention_union_triton, "choose_overlap_config", _overlap(num_stages=3))),
+        # at 17-32 rows the routers' shared first product in the Q/K/V launch (gemv_multi's float32 output) instead
+        # of its own split-K GEMV and the kernel summing that GEMV's partials
+        "first_in_qkv": ((sparsify, "FIRST_PRODUCT_IN_QKV", True),),
         # flash-decoding split targets at B >= 8
         "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),
         "attn_t528": ((selective_attention_triton, "choose_attn_config", _attn_target(528)),),
