@@ -90,8 +90,7 @@ def union_request(selector: Any, layer: int, router_input: jax.Array, live: jax.
     request = getattr(selector, "union_request", None)
     if request is None:
         return None
-    return request(layer, router_input, live) if product is None else request(layer, router_input, live,
-                                                                               product=product)
+    return request(layer, router_input, live, **({} if product is None else {"product": product}))
 
 
 def first_product_weight(selector: Any, layer: int, batch: int) -> jax.Array | None:
@@ -268,9 +267,7 @@ class Block(nnx.Module):
             # selection first (at B=1 it restricts the Q/K/V GEMV to the selected heads)
             first = first_product_weight(step.selector, layer, h.shape[0])
             if first is None:
-                with part_scope("router"):
-                    choice = step.selector.attention(layer, h[:, 0], step.live)
-                    request = union_request(step.selector, layer, h[:, 0], step.live)
+                choice, request = self._route(h, step, layer)
                 units = selected_units(choice, step)
         with part_scope("proj"):
             q, k, v, *rest = self.attn.qkv(h, step.gemv_impl, units, first)
@@ -278,9 +275,7 @@ class Block(nnx.Module):
                 q, k = apply_rope(q, step.positions, step.inv_freq), apply_rope(k, step.positions, step.inv_freq)
         if first is not None:
             product = rest[0][:, 0]
-            with part_scope("router"):
-                choice = step.selector.attention(layer, h[:, 0], step.live, product=product)
-                request = union_request(step.selector, layer, h[:, 0], step.live, product)
+            choice, request = self._route(h, step, layer, product)
         if step.mode == "decode":
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "attn_n_active", choice.for_live(step.live).n_active)
@@ -316,6 +311,15 @@ class Block(nnx.Module):
             x = self.mlp_norm(x, norm_kernel)
         return x, kv
 
+    def _route(self, h: jax.Array, step: Step, layer: int,
+               product: jax.Array | None = None) -> tuple[AttentionSelection | None, UnionRequest | None]:
+        """The decode selector's head selection for this layer and its deferred MLP selection (if it offers one);
+        `product`: the routers' first product where the step computed it with Q/K/V."""
+        x, kw = h[:, 0], {} if product is None else {"product": product}
+        with part_scope("router"):
+            return (step.selector.attention(layer, x, step.live, **kw),
+                    union_request(step.selector, layer, x, step.live, product))
+
     def _mlp(self, h2: jax.Array, router_input: jax.Array, step: Step, layer: int,
              pending: MLPSelection | None = None, product: jax.Array | None = None) -> jax.Array:
         return sum_over_shards(self._mlp_partial(h2, router_input, step, layer, pending=pending, product=product),
@@ -331,9 +335,8 @@ class Block(nnx.Module):
             choice = pending
             if pending is None and step.selector is not None:
                 with part_scope("router"):
-                    x, live = router_input[:, 0], step.live
-                    choice = (step.selector.mlp(layer, x, live) if product is None
-                              else step.selector.mlp(layer, x, live, product=product))
+                    kw = {} if product is None else {"product": product}
+                    choice = step.selector.mlp(layer, router_input[:, 0], step.live, **kw)
             if step.collect and choice is not None:
                 self.sow(nnx.Intermediate, "mlp_n_active", jnp.int32(-1) if choice.dense else choice.n_active)
             with part_scope("mlp"):
