@@ -26,7 +26,9 @@ _SCOPE_PART = {SCOPES[key]: part for key, part in SCOPE_PARTS.items()}
 # `unit_top_k` is the heads' selection (the decode step uses it for nothing else), and `kv_append` the cache
 # update, which the attention part's scope holds wherever XLA does it. With the MLP selection in attention's launches
 # (`select_decode_mask`, `select_decode_finish_compact`: sparsify.OVERLAP_MLP_SELECTION) one kernel does both parts'
-# work and is counted as attention; what the router then adds is the step's difference in a same-process A/B.
+# work and is counted as attention; likewise `gemv_multi_router` (the routers' first product in the Q/K/V launch:
+# sparsify.FIRST_PRODUCT_IN_QKV) is counted as attention projections. What the router then adds is the step's
+# difference in a same-process A/B.
 _GEMV_LABEL = re.compile(r"gemv_(?:kn|nk)_(\w+)")
 _KERNEL_PART = (("union_", "router"), ("unit_top_k", "router"), ("select_decode", "attention"),
                 ("kv_append", "attention"), ("gather_", "mlp"), ("gemv_multi", "attn_proj"), ("gemv_rows", "attn_proj"))
