@@ -19,8 +19,10 @@
 #                                                        # (timed 2026-12-07: first_gemv and multi_k128 adopted, so now
 #                                                        # the same as base; raw_2026-12-07c_h100/notes.md)
 #   bash benchmarks/decode/issue10_gpu_run.sh auto       # `auto` against dense at the policy grid (>= 0.98x wanted)
-#   bash benchmarks/decode/issue10_gpu_run.sh mask       # union_mask with 128 neurons per program (A/B), then where the
-#                                                        # gathers lose bandwidth (benchmarks/kernels/gather_probe.py)
+#   bash benchmarks/decode/issue10_gpu_run.sh mask       # union_mask with 128 neurons per program, the routers' GEMV
+#                                                        # tilings, the norms at 32 rows (A/B at OPT-6.7B B=32)
+#   bash benchmarks/decode/issue10_gpu_run.sh gathers    # where the gathers lose bandwidth (gather_probe.py), then
+#                                                        # gather_up with fewer x re-reads in the step (A/B)
 #   bash benchmarks/decode/issue10_gpu_run.sh overlap    # the MLP selection in attention's launches (A/B at B=1, 8, 32)
 #                                                        # and, at B=32, the routers' first product in the Q/K/V launch
 # Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
@@ -129,14 +131,20 @@ auto_check() {
   cp /tmp/r/au2/*.json "$OUT/auto_llama2.json"
 }
 # union_mask at B=32 reads the routers' float32 product once per 64-neuron program (as many bytes from L2 as the
-# router matrix from HBM); 128 neurons per program halve that, and so does u cast to 16 bits first. Four tilings of the routers' float32 GEMV (their first
-# product, ~6 us per layer for 8.6 MB, then ~1.4 us summing its partials). Heads + MLP only: these touch the routers,
-# so the dense step is the same under every one (except row_norm32: the norms and residual adds at 32 rows as one
-# kernel each, which changes the dense step too; timed here on heads + MLP only). Then the gather probe (index order, grid, dense GEMV)
-mask_and_gathers() {
+# router matrix from HBM); 128 neurons per program halve that, and so does u cast to 16 bits first. Four tilings of
+# the routers' float32 GEMV (their first product, ~6 us per layer for 8.6 MB, then ~1.4 us summing its partials).
+# Heads + MLP only: these touch the routers, so the dense step is the same under every one (except row_norm32: the
+# norms and residual adds at 32 rows as one kernel each, which changes the dense step too; timed here on heads + MLP
+# only).
+mask_variants() {
   $V --points opt-6.7b:32:2048:both --code base mask_n128 mask_n128_w8 mask_u16 mask_u16+mask_n128 f32_n16_s2 f32_s8 \
      f32_n16_s1 f32_n16_s1_st6 row_norm32 --out "$OUT/variants_mask.json"
+}
+# The gather probe (index order, grid, x re-reads, the same bytes through the dense GEMV; fixed cost per launch),
+# then in the step gather_up with 64 or 128 neurons per program and no split (fewer re-reads of x from L2)
+gathers() {
   python benchmarks/kernels/gather_probe.py --out "$OUT" || echo "gather probe failed"
+  $V --points opt-6.7b:32:2048:both --code base up_a64_nosplit up_a128_nosplit --out "$OUT/variants_up.json"
 }
 # The MLP router's selection (union_mask + union_compact) in select_decode's two launches (select_decode_union):
 # at B=1 attention reads ~9 MB over ~144 short programs while union_mask's 33.5 MB wait for it; at B=32 the mask
@@ -169,10 +177,11 @@ resweep) goals_opt 32; bound_sweep ;;  # OPT-6.7B B=32 with its profile first, t
 rank) rank_speed ;;
 first_gemv) variants_first_gemv ;;
 auto) auto_check ;;
-mask) mask_and_gathers ;;
+mask) mask_variants ;;
+gathers) gathers ;;
 overlap) overlap_ab ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv|auto|mask|overlap" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv|auto|mask|gathers|overlap" >&2
   exit 2
   ;;
 esac

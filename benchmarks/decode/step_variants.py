@@ -149,7 +149,8 @@ def _attn_target(target):
 
 
 def _mid_up(**fields):
-    """gather_up's tiling with `fields` replaced for 16 < M <= 64 (the B=32 step), its split recomputed."""
+    """gather_up's tiling with `fields` replaced for 16 < M <= 64 (the B=32 step), its split recomputed unless
+    `fields` sets `split_k` (1: no float32 partials, no epilogue kernel)."""
     choose = selective_gemm_triton.choose_up_config
 
     def pick(M, K, A, gated=False, device=None):
@@ -157,6 +158,8 @@ def _mid_up(**fields):
         if not 16 < M <= 64:
             return cfg
         cfg = dataclasses.replace(cfg, **fields)
+        if "split_k" in fields:
+            return cfg
         return dataclasses.replace(cfg, split_k=selective_gemm_triton.up_split(M, K, A, cfg.block_m, cfg.block_a,
                                                                                cfg.block_k, gated))
     return pick
@@ -336,6 +339,13 @@ def variants() -> dict:
         # the dense GEMV's tiles (86 % of the bandwidth at OPT-6.7B B=32, where the gathers reach 62 %): 64 rows x
         # 256-wide k-steps, 3 stages for the up projection; 256 neurons per step x 64 columns, 4 stages for the down
         "up_gemv": ((selective_gemm_triton, "choose_up_config", _mid_up(block_a=64, block_k=256, num_stages=3)),),
+        # the same tiles without the split its recomputation chose (so no partials and no epilogue kernel), and 128
+        # neurons per program: each k-step of the default loads as many x bytes (from L2) as weight bytes; these
+        # halve and quarter that, with 96 and 48 programs (fewer than the SMs)
+        "up_a64_nosplit": ((selective_gemm_triton, "choose_up_config",
+                            _mid_up(block_a=64, block_k=256, num_stages=3, split_k=1)),),
+        "up_a128_nosplit": ((selective_gemm_triton, "choose_up_config",
+                             _mid_up(block_a=128, block_k=128, num_stages=4, split_k=1)),),
         "down_gemv": ((selective_gemm_triton, "choose_down_config",
                        _mid_down(block_j=256, block_d=64, num_warps=4, num_stages=4)),),
         # no neuron split: 128 programs of 32 output columns, each over all kept neurons. The default's 8 splits

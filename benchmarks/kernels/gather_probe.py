@@ -7,6 +7,8 @@ MLP layer (d=4096, N=16384, 6128 live neurons of 6144 slots, 32 rows), CUPTI ker
 weights rotated past L2, every variant checked against the XLA reference first:
 - the index order: ascending random (what `union_select` gives), contiguous (rows 0..n-1), unsorted;
 - the grid: 32-neuron blocks give 192 programs on 132 SMs (1.45 per SM, uneven); 16-neuron blocks give 384;
+- gather_up's re-reads of x: at 32 neurons x 128-wide k-steps each step loads as many x bytes as weight bytes;
+  64 or 128 neurons per program (no split) halve or quarter that, with fewer programs than SMs;
 - the same bytes through our dense GEMV (`gemv`, the rows 0..n-1 of the same matrix) and through XLA;
 - time against bytes for the dense GEMV and gather_up (1/8 to all of the rows): each one's fixed cost per launch.
 
@@ -62,7 +64,12 @@ def up_variants(M: int, K: int, A: int) -> dict[str, sg.UpConfig]:
            "k256_st3": rep(base, block_k=min(256, K), num_stages=3),
            "st6": rep(base, num_stages=6),
            "w8": rep(base, num_warps=8),
-           "a64_k64_split2": rep(base, block_a=64, block_k=64, num_stages=6, split_k=2)}
+           "a64_k64_split2": rep(base, block_a=64, block_k=64, num_stages=6, split_k=2),
+           # every k-step of the default loads as many x bytes (from L2) as weight bytes: [32, 128] each, so the
+           # 192 programs read x 192 times (50 MB, the weights' size). 64 or 128 neurons per program halve or
+           # quarter that, with 96 or 48 programs (fewer than the SMs) and no split, so no float32 partials
+           "a64_k256_nosplit": rep(base, block_a=64, block_k=min(256, K), num_stages=3, split_k=1),
+           "a128_k128_nosplit": rep(base, block_a=128, block_k=128, num_stages=4, split_k=1)}
     return {k: v for k, v in out.items() if sg.up_smem(v) <= 227 * 1024}
 
 
