@@ -2,6 +2,8 @@
 pallas_kernels.select_decode_union): the same neurons, the same tokens, and the fused op really used."""
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,3 +129,66 @@ def test_sparse_selector_follows_the_module_switch(opt_default, switch, monkeypa
     monkeypatch.setattr(sparsify, "OVERLAP_MLP_SELECTION", switch)
     model, bundle = opt_default
     assert sparse_selector(model, bundle, batch=3, context=64, attn_density=0.5, policy="both").overlap == switch
+
+
+def pallas_launches(fn, *args) -> "collections.Counter[str]":
+    """The Pallas kernels `fn(*args)` launches, by name, counted once per launch: its jaxpr walked with every
+    nested jit, loop and branch body entered where it is called (a lowered module would show a jitted kernel
+    wrapper once however many layers call it)."""
+    from jax.extend import core as jcore
+
+    found = collections.Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                info = eqn.params.get("name_and_src_info")
+                found[getattr(info, "name", None) or eqn.params.get("name")] += 1
+                continue
+            for sub in jcore.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_each_switch_takes_its_launches_out_of_the_step(opt_default):
+    """What the two switches are for, counted in the step at 20 rows (every kernel through Pallas): with the
+    overlap each sparse layer's attention and MLP selection are two launches instead of four; with the first
+    product in the Q/K/V launch the product's own GEMV is gone; both together, both; the logits stay those of
+    the step without them."""
+    from polar_jax.bench.synthetic import calibrate_union, random_bundle, random_cache
+
+    model, _ = opt_default
+    cfg, rows = model.config, 20
+    rng = np.random.default_rng(4)
+    inputs = rng.standard_normal((cfg.num_layers, rows, cfg.hidden_size)).astype(np.float32)
+    bundle = calibrate_union(random_bundle(cfg, 16, jnp.float32), inputs, rows, 0.3)
+    graphdef, state = split_model(model)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, rows), jnp.int32)
+    cache = random_cache(cfg, rows, 24, 12, model.dtype)
+
+    def launches(**switches):
+        selector = router_selector(bundle, 0.5, 0.99, select_impl="triton", fuse_routers=True, **switches)
+
+        def step(state, cache, tokens, selector):
+            return decode_step(graphdef, state, cache, tokens, selector, "triton", "triton", "triton")[0]
+
+        logits = step(state, jax.tree.map(jnp.copy, cache), tokens, selector)
+        return pallas_launches(step, state, cache, tokens, selector), np.asarray(logits), selector
+
+    base, want, selector = launches()
+    s = sum(selector._mlp_on(layer, rows) for layer in range(cfg.num_layers))  # the layers with a sparse MLP
+    assert s and base["union_mask"] == base["union_compact"] == s
+    # the routers' own GEMV: traced by both routers (XLA merges the two identical calls into one launch)
+    assert base["gemv_nk_router"] in (s, 2 * s)
+    overlap = {"union_mask": -s, "union_compact": -s, "select_decode": -s, "select_decode_finish": -s,
+               "select_decode_mask": s, "select_decode_finish_compact": s}
+    in_qkv = {"gemv_nk_router": -base["gemv_nk_router"], "gemv_multi": -s, "gemv_multi_router": s}
+    for switches, changes in ((dict(overlap=True), overlap), (dict(first_in_qkv=True), in_qkv),
+                              (dict(overlap=True, first_in_qkv=True), {**overlap, **in_qkv})):
+        got, logits, _ = launches(**switches)
+        want_counts = base.copy()
+        want_counts.update(changes)  # Counter.update adds
+        assert got == +want_counts, (switches, got, base)
+        np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
