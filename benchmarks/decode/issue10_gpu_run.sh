@@ -23,6 +23,8 @@
 #                                                        # tilings, the norms at 32 rows (A/B at OPT-6.7B B=32)
 #   bash benchmarks/decode/issue10_gpu_run.sh gathers    # where the gathers lose bandwidth (gather_probe.py), then
 #                                                        # gather_up with fewer x re-reads in the step (A/B)
+#   bash benchmarks/decode/issue10_gpu_run.sh priority   # first when a GPU comes: the prepared changes most likely to
+#                                                        # move the missed goals, alone and together, in one call
 #   bash benchmarks/decode/issue10_gpu_run.sh overlap    # the MLP selection in attention's launches (A/B at B=1, 8, 32)
 #                                                        # and, at B=32, the routers' first product in the Q/K/V launch
 # Then: merge the goal files (`polar-jax bench decode --merge A B --out benchmarks/results/decode_<date>/`), keep
@@ -158,6 +160,13 @@ overlap_ab() {
   $V --points opt-6.7b:1:2048:both opt-6.7b:8:2048:both --code base overlap overlap_mask_first overlap_st3 \
      --out "$OUT/variants_overlap_b1_b8.json"
 }
+# The prepared changes with the most launches or bytes behind them, at the missed goal (OPT-6.7B B=32 heads + MLP,
+# 2.2x), alone and together; then the overlap at B=1, where attention leaves the most bandwidth idle
+priority() {
+  $V --points opt-6.7b:32:2048:both --code base overlap first_in_qkv overlap+first_in_qkv row_norm32 \
+     overlap+first_in_qkv+row_norm32 mask_n128 up_a64_nosplit --out "$OUT/variants_priority_b32.json"
+  $V --points opt-6.7b:1:2048:both --code base overlap overlap_mask_first --out "$OUT/variants_priority_b1.json"
+}
 
 mkdir -p /tmp/r
 case "${1:-}" in
@@ -180,8 +189,9 @@ auto) auto_check ;;
 mask) mask_variants ;;
 gathers) gathers ;;
 overlap) overlap_ab ;;
+priority) priority ;;
 *)
-  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv|auto|mask|gathers|overlap" >&2
+  echo "usage: $0 variants|goals|all|short|b32|goals_b32|sweep|skinny|policy|adaptive|router|next|resweep|rank|first_gemv|auto|mask|gathers|overlap|priority" >&2
   exit 2
   ;;
 esac
