@@ -233,6 +233,47 @@ def test_picked_attention_and_selection_tilings_lower_for_the_class(cls):
         assert count_triton_calls(text) == 2, (cls.name, B, R, N, cfg)
 
 
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.name)
+def test_attention_with_the_router_selection_fits_or_runs_apart_on_every_class(cls):
+    """select_decode_union's shared launches: where the class's shared memory holds both ops' buffers, the config
+    lowers to two Triton kernels for that class; elsewhere there is no config and the ops run apart. The
+    Hopper classes take the shared launch at OPT-6.7B's and LLaMA's shapes."""
+    from pallas_kernels.attention_union_triton import choose_overlap_config, overlap_smem, select_decode_union_triton
+
+    shared = 0
+    for (Hq, Hkv, D), B, (R, N) in ((s, b, rn) for s in ATTN_SHAPES for b in (1, 32) for rn in ((1024, 16384),
+                                                                                               (128, 11008))):
+        G, S, A = Hq // Hkv, 2048, max(1, Hkv // 3)
+        cfg = choose_overlap_config(B, S, A, D, G, R, N, device=cls)
+        if cfg is None:
+            assert overlap_smem(_both_ops_config(B, S, A, D, G, R, N, cls), G, D) > cls.smem_per_block
+            continue
+        assert overlap_smem(cfg, G, D) <= cls.smem_per_block
+        if (G, D, B, R) in {(1, 128, 1, 1024), (1, 128, 32, 1024), (4, 128, 32, 128)}:
+            def f(q, k, v, lengths, groups, n_active, u, w, live, t, cfg=cfg):
+                return select_decode_union_triton(q, k, v, lengths, groups, n_active, u, w, live, t,
+                                                  sm_scale=D**-0.5, window=None, capacity=N // 2, u_offset=0,
+                                                  clamp=True, w_layout="rn", cfg=cfg, interpret=False)
+
+            sds, bf, i32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.int32
+            text = lower_for_cuda(f, sds((B, Hq, D), bf), sds((B, S, Hkv, D), bf), sds((B, S, Hkv, D), bf),
+                                  sds((B,), i32), sds((B, A), i32), sds((B,), i32), sds((B, R), jnp.float32),
+                                  sds((R, N), bf), sds((B,), jnp.bool_), sds((), jnp.float32),
+                                  device_kind=cls.device_kind)
+            assert count_triton_calls(text) == 2, (cls.name, Hq, Hkv, D, B, R)
+        shared += 1
+    print(cls.name, "shared launches at", shared, "of", len(ATTN_SHAPES) * 4, "points")
+    if cls is SM90:
+        assert shared == len(ATTN_SHAPES) * 4
+
+
+def _both_ops_config(B, S, A, D, G, R, N, cls):
+    """The tilings the shared launch would combine (each op's own for the class)."""
+    from pallas_kernels.attention_union_triton import OverlapConfig
+
+    return OverlapConfig(choose_attn_config(B, S, A, D, G, cls), choose_select_config(B, R, N, cls))
+
+
 def test_classes_name_real_device_kinds():
     kinds = {c.name: c.device_kind for c in CLASSES}
     assert kinds["sm80"].startswith("NVIDIA A100") and kinds["sm89"] == "NVIDIA L4"
