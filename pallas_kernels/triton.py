@@ -5,6 +5,7 @@ validated by the op's public checks first, as `pallas_kernels.<op>(..., impl="tr
 """
 from __future__ import annotations
 
+from . import attention_union_triton as _attn_union
 from . import selective_attention_triton as _attn
 from . import selective_gemm_triton as _gemm
 from . import union_select_triton as _sel
@@ -14,9 +15,10 @@ from .selective_gemm import check_down, check_up
 from .selective_gemm_triton import DownConfig, UpConfig
 from .union_select import check_union_select
 from .union_select_triton import SelectConfig
+from .attention_union_triton import OverlapConfig
 
-__all__ = ["gather_up", "gather_up_gated", "gather_down", "select_decode", "union_select",
-           "UpConfig", "DownConfig", "AttnConfig", "SelectConfig"]
+__all__ = ["gather_up", "gather_up_gated", "gather_down", "select_decode", "union_select", "select_decode_union",
+           "UpConfig", "DownConfig", "AttnConfig", "SelectConfig", "OverlapConfig"]
 
 
 def gather_up(x, w, idx, n_active, bias=None, activation="relu", config: UpConfig | None = None):
@@ -42,3 +44,14 @@ def select_decode(q, k, v, lengths, groups, n_active, sm_scale=None, window=None
 def union_select(u, w, live, threshold, capacity: int, config: SelectConfig | None = None):
     check_union_select(u, w, live, threshold, capacity)
     return _sel.union_select(u, w, live, threshold, capacity, config=config)
+
+
+def select_decode_union(q, k, v, lengths, groups, n_active, u, w, live, threshold, capacity: int, sm_scale=None,
+                        window=None, u_offset: int = 0, clamp_count: bool = False, w_layout: str = "rn",
+                        config: OverlapConfig | None = None):
+    """select_decode and union_select in shared launches; `config` None: each op's own tiling (or the ops apart
+    where both do not fit the device's shared memory)."""
+    check_select_decode(q, k, v, lengths, groups, n_active, window)
+    check_union_select(u, w, live, threshold, capacity, u_offset, w_layout)
+    return _attn_union.select_decode_union(q, k, v, lengths, groups, n_active, u, w, live, threshold, capacity,
+                                           sm_scale, window, u_offset, clamp_count, w_layout, config)

@@ -185,3 +185,29 @@ def test_one_sequence_gets_shorter_chunks():
     one, two = choose_attn_config(1, 2120, 9, 128), choose_attn_config(2, 2120, 9, 128)
     assert (one.min_chunk, two.min_chunk) == (128, 256)
     assert one.num_splits == 17 and two.num_splits == 9
+
+
+def test_the_triton_entry_point_of_the_shared_launch_validates_and_takes_a_config():
+    """pallas_kernels.triton.select_decode_union: both ops' checks first; a config with the mask blocks first
+    and a sliding window gives the references' results."""
+    from pallas_kernels.attention_union_triton import choose_overlap_config
+
+    rng = np.random.default_rng()
+    B, Hq, Hkv, S, D, R, N = 2, 4, 2, 70, 16, 24, 90
+    q = jnp.asarray(rng.standard_normal((B, Hq, D)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, S, Hkv, D)), jnp.float32) for _ in range(2))
+    lengths, groups, n_active = jnp.asarray([70, 33]), jnp.asarray([[1, 0], [0, 1]]), jnp.asarray([1, 2])
+    u, w = jnp.asarray(rng.standard_normal((B, R)), jnp.float32), jnp.asarray(rng.standard_normal((R, N)), jnp.float32)
+    live, t = jnp.asarray([True, True]), jnp.float32(1.0)
+    cfg = dataclasses.replace(choose_overlap_config(B, S, Hkv, D, Hq // Hkv, R, N), mask_first=True)
+    out, idx, count = pktri.select_decode_union(q, k, v, lengths, groups, n_active, u, w, live, t, 40, window=20,
+                                                config=cfg)
+    want = pk.select_decode(q, k, v, lengths, groups, n_active, window=20, impl="xla")
+    want_idx, want_count = pk.union_select(u, w, live, t, 40, impl="xla")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+    assert int(count) == int(want_count)
+    with pytest.raises(ValueError, match="u_offset"):
+        pktri.select_decode_union(q, k, v, lengths, groups, n_active, u, w, live, t, 40, u_offset=3)
+    with pytest.raises(ValueError, match="n_active"):
+        pktri.select_decode_union(q, k, v, lengths, groups, jnp.asarray([1, 3]), u, w, live, t, 40)
