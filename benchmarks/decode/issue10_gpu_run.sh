@@ -159,16 +159,19 @@ overlap_ab() {
      --out "$OUT/variants_overlap_b32.json"
   $V --points opt-6.7b:1:2048:both opt-6.7b:8:2048:both --code base overlap overlap_mask_first overlap_st3 \
      --out "$OUT/variants_overlap_b1_b8.json"
+  python benchmarks/kernels/overlap_probe.py --out "$OUT" || echo "overlap probe failed"
 }
 # The prepared changes with the most launches or bytes behind them, at the missed goal (OPT-6.7B B=32 heads + MLP,
 # 2.2x), alone and together, with the dense step in the same process for the ratio (~5 s to compile each step);
-# then the overlap at B=1 and 8, where attention leaves the most bandwidth idle; then the gather probe
+# then the overlap at B=1 and 8, where attention leaves the most bandwidth idle; then the two kernel probes (the
+# shared launches' kernels against the ops apart; where the gathers lose bandwidth)
 priority() {
   $V --points opt-6.7b:32:2048:dense,both --code base overlap first_in_qkv overlap+first_in_qkv row_norm32 \
      overlap+first_in_qkv+row_norm32 overlap_mask_first mask_n128 mask_u16 up_a64_nosplit up_a128_nosplit \
      --out "$OUT/variants_priority_b32.json"
   $V --points opt-6.7b:1:2048:both opt-6.7b:8:2048:both --code base overlap overlap_mask_first overlap_st3 \
      --out "$OUT/variants_priority_b1_b8.json"
+  python benchmarks/kernels/overlap_probe.py --out "$OUT" || echo "overlap probe failed"
   python benchmarks/kernels/gather_probe.py --out "$OUT" || echo "gather probe failed"
 }
 
