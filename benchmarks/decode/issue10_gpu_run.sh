@@ -170,7 +170,7 @@ priority() {
      overlap+first_in_qkv+row_norm32 overlap_mask_first mask_n128 mask_u16 up_a64_nosplit up_a128_nosplit \
      --out "$OUT/variants_priority_b32.json"
   $V --points opt-6.7b:1:2048:both opt-6.7b:8:2048:both --code base overlap overlap_mask_first overlap_st3 \
-     --out "$OUT/variants_priority_b1_b8.json"
+     first_gemv_b8 overlap+first_gemv_b8 --out "$OUT/variants_priority_b1_b8.json"
   python benchmarks/kernels/overlap_probe.py --out "$OUT" || echo "overlap probe failed"
   python benchmarks/kernels/gather_probe.py --out "$OUT" || echo "gather probe failed"
 }

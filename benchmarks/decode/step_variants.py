@@ -328,6 +328,9 @@ def variants() -> dict:
         # at 17-32 rows the routers' shared first product in the Q/K/V launch (gemv_multi's float32 output) instead
         # of its own split-K GEMV and the kernel summing that GEMV's partials
         "first_in_qkv": ((sparsify, "FIRST_PRODUCT_IN_QKV", True),),
+        # the routers' shared first product through the split-K GEMV from 2 rows on, not only at 17-32 (at B=8 the
+        # two products are XLA's; router + selection was 8.3 % of the dense step there, 2026-12-08)
+        "first_gemv_b8": ((sparsify, "FIRST_GEMV_ROWS", (2, 32)),),
         # flash-decoding split targets at B >= 8
         "attn_t2112": ((selective_attention_triton, "choose_attn_config", _attn_target(2112)),),
         "attn_t528": ((selective_attention_triton, "choose_attn_config", _attn_target(528)),),
