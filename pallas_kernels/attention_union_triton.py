@@ -4,7 +4,8 @@ The MLP router's selection (`union_select`) reads the layer input's router produ
 matrix; nothing in it waits for attention. Run apart, the two ops are four kernels per layer, and two of them
 (select_decode at small batch, union_mask) leave most of the memory bandwidth idle for part of their time:
 - B=1, OPT-6.7B, H100 (benchmarks/results/raw_2026-12-08_h100/call1_goals_opt.json): select_decode reads
-  ~9 MB in 8.2 us over ~144 short programs (1.1 TB/s), union_mask 33.5 MB in 14.0 us (2.4 TB/s);
+  ~9 MB per sparse layer over ~144 short programs (326 MB per step in 32 launches of 8.2 us on average:
+  1.2 TB/s), union_mask 33.5 MB in 14.0 us (2.4 TB/s);
 - B=32: select_decode 107 us, union_mask 15.6 us (68 % of the bandwidth), each with its ramp and last wave.
 Here each pair shares one launch, with the programs of both in one grid:
 1. select_decode's (sequence, slot, split) programs, then union_mask's neuron blocks (or the blocks first:
