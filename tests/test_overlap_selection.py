@@ -2,8 +2,6 @@
 pallas_kernels.select_decode_union): the same neurons, the same tokens, and the fused op really used."""
 from __future__ import annotations
 
-import collections
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 
 import polar_jax
 from conftest import load_cached
+from polar_jax.bench.launches import pallas_launches
 from polar_jax.cache import KVCache
 from polar_jax.decode import decode_step, prefill, split_model
 from polar_jax.models import base
@@ -129,27 +128,6 @@ def test_sparse_selector_follows_the_module_switch(opt_default, switch, monkeypa
     monkeypatch.setattr(sparsify, "OVERLAP_MLP_SELECTION", switch)
     model, bundle = opt_default
     assert sparse_selector(model, bundle, batch=3, context=64, attn_density=0.5, policy="both").overlap == switch
-
-
-def pallas_launches(fn, *args) -> "collections.Counter[str]":
-    """The Pallas kernels `fn(*args)` launches, by name, counted once per launch: its jaxpr walked with every
-    nested jit, loop and branch body entered where it is called (a lowered module would show a jitted kernel
-    wrapper once however many layers call it)."""
-    from jax.extend import core as jcore
-
-    found = collections.Counter()
-
-    def walk(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pallas_call":
-                info = eqn.params.get("name_and_src_info")
-                found[getattr(info, "name", None) or eqn.params.get("name")] += 1
-                continue
-            for sub in jcore.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
 
 
 def test_each_switch_takes_its_launches_out_of_the_step(opt_default):

@@ -36,6 +36,7 @@ from polar_jax.routers import sparsify
 
 row_norm_mod = importlib.import_module("pallas_kernels.row_norm")  # the package exports a function of that name
 kv_append_mod = importlib.import_module("pallas_kernels.kv_append")
+from polar_jax.bench.launches import launches_in
 from polar_jax.bench.shapes import SHAPES
 from polar_jax.graph import split as split_graph
 from polar_jax.bench.synthetic import calibrate_union, paper_union, random_bundle, random_cache
@@ -408,8 +409,10 @@ def main() -> int:
                 for v in db.build_variants(cfg, names, batch, context, bundle, density, dtype, None):
                     t0 = time.perf_counter()
                     try:
-                        fn = db.run_steps_on_device.lower(graphdef, state, cache, tokens, v.selector, args.steps,
-                                                          v.gemv_impl).compile()
+                        traced = db.run_steps_on_device.trace(graphdef, state, cache, tokens, v.selector, args.steps,
+                                                              v.gemv_impl)
+                        launches = launches_in(traced.jaxpr)  # Pallas kernels per step, before XLA merges any
+                        fn = traced.lower().compile()
                         logits, cache = fn(state, db._reset(cache, context), tokens, v.selector)
                     except Exception as e:  # noqa: BLE001 - a variant that does not compile is a finding
                         print(f"{shape} B={batch} {v.name} {code}: FAILED {e!r:.300}", flush=True)
@@ -418,7 +421,8 @@ def main() -> int:
                     lg = np.asarray(logits, np.float32)
                     ref_logits.setdefault(v.name, lg)
                     runs[(code, v.name)] = dict(compile_s=time.perf_counter() - t0, times=[], fn=fn, selector=v.selector,
-                                                max_logit_diff=float(np.abs(lg - ref_logits[v.name]).max()))
+                                                max_logit_diff=float(np.abs(lg - ref_logits[v.name]).max()),
+                                                launches=dict(sorted(launches.items())))
         for _ in range(args.repeats):
             for (code, name), r in runs.items():
                 c = db._reset(cache, context)
@@ -432,9 +436,11 @@ def main() -> int:
             med = statistics.median(r["times"])
             rows.append(dict(shape=shape, batch=batch, context=context, selector=name, code=code, step_ms=1e3 * med,
                              times_ms=[1e3 * t for t in r["times"]], ratio_to_first=med / base_t,
-                             compile_s=r["compile_s"], max_logit_diff_vs_first=r["max_logit_diff"]))
+                             compile_s=r["compile_s"], max_logit_diff_vs_first=r["max_logit_diff"],
+                             pallas_launches=r["launches"]))
             print(f"{shape:10s} B={batch:3d} L={context:5d} {name:6s} {code:12s} {1e3 * med:8.3f} ms "
-                  f"x{med / base_t:.3f} (logits diff {r['max_logit_diff']:.2e})", flush=True)
+                  f"x{med / base_t:.3f} (logits diff {r['max_logit_diff']:.2e}, "
+                  f"{sum(r['launches'].values())} Pallas launches per step)", flush=True)
         del cache, graphdef, state
         if args.out:  # after every point: a call stopped at its time limit keeps the points it finished
             _write(args.out, rows, failed)
