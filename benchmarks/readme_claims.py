@@ -798,6 +798,29 @@ def decode_1208(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def ab_lines(rows: list[dict], ref: str = "base") -> list[str]:
+    """One line per (point, code) of a step_variants file: the speed change from applying the code against `ref` in
+    the same process, the Pallas launches per step it adds or removes (files that record them), and, where the
+    point also timed the dense step under the code, the dense step's own change and the dense / sparse ratio."""
+    by = {(r["shape"], r["batch"], r["selector"], r["code"]): r for r in rows}
+    gain = lambda new, old: f"{100 * (old / new - 1):+.1f} %"  # noqa: E731 - speed change from applying a change
+    out = []
+    for (shape, batch, sel, code), r in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        base = by.get((shape, batch, sel, ref))
+        if sel == "dense" or code == ref or base is None:
+            continue
+        line = f"- {shape} B={batch} {sel} `{code}`: {gain(r['step_ms'], base['step_ms'])}"
+        if "pallas_launches" in r and "pallas_launches" in base:
+            delta = sum(r["pallas_launches"].values()) - sum(base["pallas_launches"].values())
+            line += f", {delta:+d} Pallas launches per step"
+        dense, dense_ref = by.get((shape, batch, "dense", code)), by.get((shape, batch, "dense", ref))
+        if dense and dense_ref:
+            line += (f"; dense {gain(dense['step_ms'], dense_ref['step_ms'])}, dense / {sel} "
+                     f"{dense['step_ms'] / r['step_ms']:.2f}x (with `{ref}`: {dense_ref['step_ms'] / base['step_ms']:.2f}x)")
+        out.append(line)
+    return out
+
+
 # ---- the MLP router's rank (CPU, tiny OPT models) --------------------------------------------------------
 @claim("router-rank")
 def router_rank(results: Path) -> str:

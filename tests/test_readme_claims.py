@@ -96,3 +96,26 @@ def test_the_routers_gemv_counted_in_other_is_added_back_to_router_and_selection
     assert math.isclose(readme_claims._router_gemv_ms(old, dense), 0.2)
     assert readme_claims._router_gemv_ms(new, dense) == 0.0 and readme_claims._router_gemv_ms(b1, dense) == 0.0
     assert readme_claims._router_gemv_ms(row([]), dense) == 0.0  # no MLP router: nothing to add
+
+
+def test_ab_lines_read_a_step_variants_file():
+    """The A/B lines a README block will take from a step_variants file (the 'priority' GPU run): the speed change
+    against base in the same process, the launches removed, the dense step and the ratio where timed."""
+    def row(sel, code, ms, launches=None):
+        r = dict(shape="opt-6.7b", batch=32, context=2048, selector=sel, code=code, step_ms=ms)
+        if launches is not None:
+            r["pallas_launches"] = launches
+        return r
+
+    rows = [row("dense", "base", 16.0), row("both", "base", 8.0, {"a": 10, "b": 5}),
+            row("dense", "overlap", 16.0), row("both", "overlap", 7.5, {"a": 9}),
+            row("dense", "row_norm32", 15.5), row("both", "row_norm32", 8.2, {"a": 10, "b": 5})]
+    lines = readme_claims.ab_lines(rows)
+    assert lines == [
+        "- opt-6.7b B=32 both `overlap`: +6.7 %, -6 Pallas launches per step; dense +0.0 %, dense / both 2.13x "
+        "(with `base`: 2.00x)",
+        "- opt-6.7b B=32 both `row_norm32`: -2.4 %, +0 Pallas launches per step; dense +3.2 %, dense / both 1.89x "
+        "(with `base`: 2.00x)"]
+    # files written before the launches were recorded, and points without a dense step
+    old = [{k: v for k, v in r.items() if k != "pallas_launches"} for r in rows if r["selector"] == "both"]
+    assert readme_claims.ab_lines(old) == ["- opt-6.7b B=32 both `overlap`: +6.7 %", "- opt-6.7b B=32 both `row_norm32`: -2.4 %"]
