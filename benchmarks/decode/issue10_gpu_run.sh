@@ -163,16 +163,16 @@ overlap_ab() {
 }
 # The prepared changes with the most launches or bytes behind them, at the missed goal (OPT-6.7B B=32 heads + MLP,
 # 2.2x), alone and together, with the dense step in the same process for the ratio (~5 s to compile each step);
-# then the overlap at B=1 and 8, where attention leaves the most bandwidth idle; then the two kernel probes (the
-# shared launches' kernels against the ops apart; where the gathers lose bandwidth)
+# then the overlap at B=1 and 8, where attention leaves the most bandwidth idle; then the shared launches' kernels
+# against the ops apart (overlap_probe.py). About 7 minutes: 30 compiled steps (~5 s each to trace and compile, ~3 s
+# to time) and the probe; each piece writes its file when done. The rest: `gathers` and `mask`
 priority() {
   $V --points opt-6.7b:32:2048:dense,both --code base overlap first_in_qkv overlap+first_in_qkv row_norm32 \
-     overlap+first_in_qkv+row_norm32 overlap_mask_first mask_n128 mask_u16 up_a64_nosplit up_a128_nosplit \
+     overlap+first_in_qkv+row_norm32 overlap_mask_first mask_n128 up_a64_nosplit \
      --out "$OUT/variants_priority_b32.json"
   $V --points opt-6.7b:1:2048:both opt-6.7b:8:2048:both --code base overlap overlap_mask_first overlap_st3 \
      first_gemv_b8 overlap+first_gemv_b8 --out "$OUT/variants_priority_b1_b8.json"
   python benchmarks/kernels/overlap_probe.py --out "$OUT" || echo "overlap probe failed"
-  python benchmarks/kernels/gather_probe.py --out "$OUT" || echo "gather probe failed"
 }
 
 mkdir -p /tmp/r
