@@ -5,10 +5,10 @@
   no KV at all (a padded or finished row).
 - `MLPSelection(idx [A], n_active, dense)`: the neurons the whole batch computes (the union over live
   rows): the first `n_active` entries of `idx` are live; `dense` (static) asks for the dense MLP.
-- `UnionRequest`: an MLP selection by the threshold rule before it is computed (the fused kernel's inputs),
-  which the decode step may compute in the same launches as attention.
   A union larger than the static capacity A keeps its A lowest neuron ids (`capped_union_mask` is the
   same rule for masked evaluation); calibration sizes A so that this is rare.
+- `UnionRequest`: an MLP selection by the threshold rule before it is computed (the fused kernel's inputs),
+  which the decode step may compute in the same launches as attention.
 
 The rules are pure `jnp` so the masked (simulated) evaluation and the real decode step choose exactly
 the same units from the same scores. None of them sorts: on the GPU `lax.top_k`/`argsort` over 16k MLP
@@ -33,8 +33,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# the heads' ranking rule lives beside the kernel that computes it on the GPU (one definition for every path)
 from pallas_kernels.union_select import union_select
+# the heads' ranking rule lives beside the kernel that computes it on the GPU (one definition for every path)
 from pallas_kernels.unit_top_k_xla import rank_units, top_units  # noqa: F401 (re-exported)
 
 
