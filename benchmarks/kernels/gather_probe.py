@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import sys
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,24 @@ def kernel_us(fn, sets) -> dict[str, float]:
         return {}
     from profile_kernels import breakdown
     return breakdown(fn, sets)
+
+
+def measure_into(rec: dict, check: Callable[[], None], fn, sets, res: dict, path: str) -> dict:
+    """Fills `rec` with fn's per-kernel CUPTI time over the rotated sets once `check()` passes (it raises on a
+    wrong result), or with the error of a variant the GPU refuses or that computes wrongly; appends it to
+    res["rows"] and rewrites the JSON at `path`, so a call stopped at its time limit keeps what it has."""
+    try:
+        check()
+        per = kernel_us(fn, sets)
+        rec["us_per_kernel"] = per
+        rec["us"] = sum(per.values()) if per else None
+        rec["TBps"] = rec["bytes"] / rec["us"] / 1e6 if rec["us"] else None
+    except Exception as e:  # noqa: BLE001 (a variant the GPU refuses: record it and go on)
+        rec["error"] = repr(e)[:300]
+    res["rows"].append(rec)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    return rec
 
 
 def launch_fit(points: list[tuple[float, float]]) -> dict[str, float]:
@@ -115,19 +134,13 @@ def main() -> int:
 
     def record(op, name, order, fn, sets, ref, nbytes=nbytes):
         rec = dict(op=op, variant=name, order=order, bytes=nbytes)
-        try:
+
+        def check():
             rec["rel_err"] = rel(jax.jit(fn)(*sets[0]), ref)
             if not rec["rel_err"] < 2e-2:
                 raise AssertionError(f"wrong result: rel err {rec['rel_err']:.2e}")
-            per = kernel_us(fn, sets)
-            rec["us_per_kernel"] = per
-            rec["us"] = sum(per.values()) if per else None
-            rec["TBps"] = rec["bytes"] / rec["us"] / 1e6 if rec["us"] else None
-        except Exception as e:  # noqa: BLE001 (a tiling the GPU refuses: record it and go on)
-            rec["error"] = repr(e)[:300]
-        res["rows"].append(rec)
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
+
+        measure_into(rec, check, fn, sets, res, path)
         us = rec.get("us")
         print(f"{op:5s} {name:16s} {order:10s} " + (f"{us:7.2f} us {rec['TBps']:5.2f} TB/s" if us else
               rec.get("error", "ran (CPU)")), flush=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ from pallas_kernels import selective_attention_triton as sa
 from pallas_kernels import union_select_triton as us
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gather_probe import kernel_us  # noqa: E402
+from gather_probe import measure_into  # noqa: E402
 
 
 def inputs(B: int, tiny: bool, seed: int = 0):
@@ -89,20 +88,13 @@ def main() -> int:
                     p["q"], k, v, p["lengths"], p["groups"], p["n_active"], p["u"], w, p["live"], p["threshold"],
                     cap, None, None, U, True, "rn", vcfg))
             rec = dict(batch=B, variant=name, bytes=p["bytes"], kept=int(want[2]), capacity=cap)
-            try:
+
+            def check(fn=fn):
                 got = jax.jit(fn)(*sets[0])
-                same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, want))
-                if not same:
+                if not all(bool(jnp.array_equal(a, b)) for a, b in zip(got, want)):
                     raise AssertionError("the shared launches differ from the ops apart")
-                per = kernel_us(fn, sets)
-                rec["us_per_kernel"] = per
-                rec["us"] = sum(per.values()) if per else None
-                rec["TBps"] = rec["bytes"] / rec["us"] / 1e6 if rec["us"] else None
-            except Exception as e:  # noqa: BLE001 (a variant the GPU refuses: record it and go on)
-                rec["error"] = repr(e)[:300]
-            res["rows"].append(rec)
-            with open(path, "w") as f:
-                json.dump(res, f, indent=1)
+
+            measure_into(rec, check, fn, sets, res, path)
             us_ = rec.get("us")
             print(f"B={B:3d} {name:18s} " + (f"{us_:7.2f} us {rec['TBps']:5.2f} TB/s {rec['us_per_kernel']}" if us_
                                              else rec.get("error", "ran (CPU)")), flush=True)
