@@ -72,6 +72,19 @@ def load_cached(name: str, dtype: str = "float32"):
     return _MODEL_CACHE[key]
 
 
+def bundle_for_rows(cfg, rows: int, rng):
+    """(bundle, inputs): random routers of rank 16 whose MLP tables are calibrated for `rows` rows on random router
+    inputs [L, rows, d] drawn from `rng` (the decode benchmark's way: the default bundle runs a dense MLP at 17-32
+    rows), and those inputs."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from polar_jax.bench.synthetic import calibrate_union, random_bundle
+
+    inputs = rng.standard_normal((cfg.num_layers, rows, cfg.hidden_size)).astype(np.float32)
+    return calibrate_union(random_bundle(cfg, 16, jnp.float32), inputs, rows, 0.3), inputs
+
+
 # ---- the property-based tests' case counts (tests/test_fuzz_cli.py), in the terminal summary ----------
 _FUZZ_CASES: list[str] = []
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import polar_jax
-from conftest import load_cached
+from conftest import bundle_for_rows, load_cached
 from polar_jax.bench.launches import pallas_launches
 from polar_jax.cache import KVCache
 from polar_jax.decode import decode_step, prefill, split_model
@@ -135,13 +135,12 @@ def test_each_switch_takes_its_launches_out_of_the_step(opt_default):
     overlap each sparse layer's attention and MLP selection are two launches instead of four; with the first
     product in the Q/K/V launch the product's own GEMV is gone; both together, both; the logits stay those of
     the step without them."""
-    from polar_jax.bench.synthetic import calibrate_union, random_bundle, random_cache
+    from polar_jax.bench.synthetic import random_cache
 
     model, _ = opt_default
     cfg, rows = model.config, 20
     rng = np.random.default_rng(4)
-    inputs = rng.standard_normal((cfg.num_layers, rows, cfg.hidden_size)).astype(np.float32)
-    bundle = calibrate_union(random_bundle(cfg, 16, jnp.float32), inputs, rows, 0.3)
+    bundle, _ = bundle_for_rows(cfg, rows, rng)
     graphdef, state = split_model(model)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, rows), jnp.int32)
     cache = random_cache(cfg, rows, 24, 12, model.dtype)

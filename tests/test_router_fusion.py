@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 import polar_jax
-from conftest import load_cached
+from conftest import bundle_for_rows, load_cached
 from pallas_kernels.dense_gemv import kernel_name
 from polar_jax.bench.breakdown import part_of
 from polar_jax.routers import router_selector
-from polar_jax.bench.synthetic import calibrate_union, random_bundle
 from polar_jax.routers import sparsify
 from polar_jax.routers.sparsify import fuse_routers_for
 from polar_jax.sparse_decode import sparse_selector
@@ -66,8 +65,7 @@ def test_fused_first_stage_at_20_rows_runs_the_split_k_gemv_and_selects_the_same
     cfg = model.config
     rows = 20
     rng = np.random.default_rng(9)
-    inputs = rng.standard_normal((cfg.num_layers, rows, cfg.hidden_size)).astype(np.float32)
-    bundle = calibrate_union(random_bundle(cfg, 16, jnp.float32), inputs, rows, 0.3)
+    bundle, inputs = bundle_for_rows(cfg, rows, rng)
     calls = []
     real = sparsify.gemv_f32
     monkeypatch.setattr(sparsify, "gemv_f32",
@@ -119,8 +117,7 @@ def test_first_product_in_the_qkv_launch_selects_what_its_own_gemv_selects(opt_d
     cfg = model.config
     rows = 20
     rng = np.random.default_rng(9)
-    inputs = rng.standard_normal((cfg.num_layers, rows, cfg.hidden_size)).astype(np.float32)
-    bundle = calibrate_union(random_bundle(cfg, 16, jnp.float32), inputs, rows, 0.3)
+    bundle, _ = bundle_for_rows(cfg, rows, rng)
     graphdef, state = split_model(model)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, rows), jnp.int32)
 
